@@ -1,0 +1,159 @@
+//! Plain-old-data types shared by the kernel programs (`scopegate-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]`, has no padding holes the verifier could trip on, and
+//! is laid out identically on both sides. Addresses are stored as four 32-bit words in
+//! network byte order, exactly as the kernel presents `user_ip6`; an IPv4 address uses
+//! word 0 only and [`FAMILY_V4`].
+#![no_std]
+#![cfg_attr(not(feature = "user"), forbid(unsafe_code))]
+
+/// `AF_INET`.
+pub const FAMILY_V4: u32 = 2;
+/// `AF_INET6`.
+pub const FAMILY_V6: u32 = 10;
+
+/// Version of the pinned map and link layout. Bump when any type below changes.
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
+/// Names of the pinned maps (bpffs names may not contain '.').
+pub mod maps {
+    /// `Array<Config>` with one entry.
+    pub const CONFIG: &str = "SG_CONFIG";
+    /// `HashMap<u64 cgroup id, ManagedCgroup>`.
+    pub const MANAGED: &str = "SG_MANAGED";
+    /// `HashMap<u64 cgroup id, u8>`: cgroups whose sockets are never redirected.
+    pub const EXEMPT: &str = "SG_EXEMPT";
+    /// `LruHashMap<u64 socket cookie, Origin>`: connect4/6 → sock_ops hand-off.
+    pub const PENDING: &str = "SG_PENDING";
+    /// `LruHashMap<SockKey, Origin>`: client address as the proxy sees it → origin.
+    pub const ORIGINS: &str = "SG_ORIGINS";
+    /// `RingBuf` of [`crate::DenyEvent`].
+    pub const EVENTS: &str = "SG_EVENTS";
+    /// `Array<u64>`: counters, indexed by [`crate::counters`].
+    pub const COUNTERS: &str = "SG_COUNTERS";
+}
+
+/// Indices into the counters array.
+pub mod counters {
+    /// Connects redirected to the proxy.
+    pub const REDIRECTED: u32 = 0;
+    /// Connects and sends denied with EPERM.
+    pub const DENIED: u32 = 1;
+    /// Deny events that could not be written because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 2;
+    /// Redirected connects whose origin could not be stored (map full or error).
+    pub const ORIGIN_STORE_FAILED: u32 = 3;
+    /// Number of counters.
+    pub const LEN: u32 = 8;
+}
+
+/// Global configuration written by the agent (index 0 of [`maps::CONFIG`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Proxy port in network byte order, in the low 16 bits (as `user_port` expects).
+    pub proxy_port_be: u32,
+    /// Non-zero once the agent has written a valid configuration.
+    pub enabled: u32,
+    /// SO_MARK the agent sets on its own upstream sockets; such sockets are never touched.
+    pub agent_mark: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
+}
+
+/// Per managed cgroup entry (value of [`maps::MANAGED`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ManagedCgroup {
+    /// Index of the workload in the agent's policy snapshot (informational for the kernel).
+    pub workload: u32,
+    /// Bit flags, see `MANAGED_*`.
+    pub flags: u32,
+}
+
+/// Where a redirected connection was meant to go, and who opened it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Original destination address, network order words ([`FAMILY_V4`] uses word 0).
+    pub dst_ip: [u32; 4],
+    /// Original destination port, host byte order.
+    pub dst_port: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] of the original destination.
+    pub family: u32,
+    /// cgroup v2 id of the connecting task.
+    pub cgroup_id: u64,
+    /// Thread-group id (the process id) of the connecting task.
+    pub pid: u32,
+    /// Real uid of the connecting task.
+    pub uid: u32,
+}
+
+/// Key of [`maps::ORIGINS`]: the client's local address, as the proxy sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Client local address, network order words ([`FAMILY_V4`] uses word 0, rest zero).
+    pub ip: [u32; 4],
+    /// Client local port, host byte order.
+    pub port: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+}
+
+/// Which hook produced a [`DenyEvent`].
+pub mod hooks {
+    /// cgroup/connect4.
+    pub const CONNECT4: u32 = 1;
+    /// cgroup/connect6.
+    pub const CONNECT6: u32 = 2;
+}
+
+/// Why the kernel denied a connect.
+pub mod deny_reasons {
+    /// A managed cgroup tried a protocol the proxy cannot handle (not TCP, not DNS).
+    pub const PROTOCOL: u32 = 1;
+    /// The agent has not configured the hooks yet, so nothing managed may leave.
+    pub const NOT_CONFIGURED: u32 = 2;
+    /// The redirect could not be recorded, so the proxy could not identify the caller.
+    pub const ORIGIN_STORE_FAILED: u32 = 3;
+}
+
+/// A connect or send the kernel denied, written to [`maps::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// Monotonic kernel time (ns) of the event.
+    pub ts_ns: u64,
+    /// cgroup v2 id of the task.
+    pub cgroup_id: u64,
+    /// Destination address, network order words.
+    pub dst_ip: [u32; 4],
+    /// Destination port, host byte order.
+    pub dst_port: u32,
+    /// Address family of the destination.
+    pub family: u32,
+    /// Process id.
+    pub pid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// One of [`hooks`].
+    pub hook: u32,
+    /// One of [`deny_reasons`].
+    pub reason: u32,
+    /// Socket type (SOCK_STREAM = 1, SOCK_DGRAM = 2).
+    pub sock_type: u32,
+    /// IP protocol of the socket.
+    pub protocol: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, and made only of integers with no padding.
+    #![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::ManagedCgroup {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::DenyEvent {}
+}
