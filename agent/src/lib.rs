@@ -12,3 +12,15 @@
 #![deny(unsafe_code)]
 
 pub mod policy;
+
+pub mod accept;
+pub mod audit;
+pub mod bpf;
+pub mod decide;
+pub mod detect;
+pub mod exec;
+pub mod forward;
+pub mod identify;
+pub mod pipeline;
+pub mod run;
+pub mod workloads;

@@ -1,1 +1,157 @@
-fn main(){}
+//! The `scopegate` binary: argument parsing and error reporting around the library.
+#![forbid(unsafe_code)]
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use scopegate::{
+    audit::Sinks,
+    bpf, exec,
+    run::{self, RunOptions},
+};
+
+/// Host-level least-privilege enforcement for workloads' outbound API calls.
+#[derive(Debug, Parser)]
+#[command(name = "scopegate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: attach the hooks, serve the proxy, enforce the policies.
+    Run {
+        /// Directory of policy files (*.yaml).
+        #[arg(long, default_value = "/etc/scopegate/policies")]
+        policies: PathBuf,
+        /// Proxy port on 127.0.0.1 and [::1].
+        #[arg(long, default_value_t = 15001)]
+        proxy_port: u16,
+        /// bpffs directory for pinned links and maps (a layout version is appended).
+        #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
+        pin_dir: PathBuf,
+        /// cgroup v2 directory to attach the hooks to (default: the cgroup2 mount).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Also append audit records to this file.
+        #[arg(long)]
+        audit_file: Option<PathBuf>,
+        /// Do not write audit records to stdout.
+        #[arg(long)]
+        no_audit_stdout: bool,
+        /// Seconds between cgroup rescans (new cgroups are enforced at the next scan).
+        #[arg(long, default_value_t = 1.0)]
+        rescan_secs: f64,
+    },
+    /// Run a command inside a cgroup (created if needed).
+    Exec {
+        /// cgroup path relative to the cgroup2 mount, e.g. /scopegate-demo/app.
+        #[arg(long)]
+        cgroup: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Remove the pinned hooks and maps: enforcement stops.
+    Uninstall {
+        /// bpffs directory given to `run --pin-dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory; prints every error as file:line:col: message.
+    Check {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SCOPEGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line per error; policy errors are one `file:line:col: message` per line.
+            for line in format!("{e:#}").lines() {
+                eprintln!("scopegate: error: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            policies,
+            proxy_port,
+            pin_dir,
+            cgroup_root,
+            audit_file,
+            no_audit_stdout,
+            rescan_secs,
+        } => {
+            let opts = RunOptions {
+                policies,
+                proxy_port,
+                pin_dir,
+                cgroup_root,
+                audit: Sinks {
+                    stdout: !no_audit_stdout,
+                    file: audit_file,
+                },
+                rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(run::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec { cgroup, command } => match exec::exec(&cgroup, &command) {
+            Ok(never) => match never {},
+            Err(e) => Err(e.into()),
+        },
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => match run::policy_check(&dir) {
+            Ok(count) => {
+                println!("{}: OK, {count} workload(s)", dir.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    println!("{e}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Uninstall { pin_dir } => {
+            let removed = bpf::uninstall(&pin_dir)?;
+            println!(
+                "removed {removed} pin(s) under {}; scopegate enforcement is off",
+                pin_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

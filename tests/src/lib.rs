@@ -1,1 +1,528 @@
-//! e2e harness
+//! Harness for scopegate's privileged end-to-end tests.
+//!
+//! Each test gets its own throwaway cgroup subtree, its own bpffs pin directory, its own
+//! proxy port and its own agent process, all cleaned up by RAII guards (children are
+//! stopped by PID, pins removed, cgroups removed). Clients are real `curl` processes put
+//! into cgroups with `scopegate exec`. Upstreams are tiny HTTP/1.1 servers on loopback
+//! addresses (127.0.0.2 and up) that record every request they receive.
+//!
+//! These tests need root and a kernel with cgroup v2, BTF and bpf. They never skip: when
+//! something is missing they fail, naming it.
+#![forbid(unsafe_code)]
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique name for this process and call: `sgt<pid>x<n>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Marks the start of a privileged test; fails loudly when the test cannot run.
+pub fn privileged_test(name: &str) {
+    assert!(
+        nix_geteuid_is_root(),
+        "privileged test {name} needs root; run it through `cargo xtask test`"
+    );
+    assert!(
+        Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "privileged test {name} needs a kernel with BTF (/sys/kernel/btf/vmlinux)"
+    );
+    let _ = bin();
+    eprintln!("PRIVILEGED-TEST-RAN {name}");
+}
+
+fn nix_geteuid_is_root() -> bool {
+    // /proc/self/status "Uid:" real, effective, saved, fs.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The scopegate binary under test (`SCOPEGATE_BIN`, set by `cargo xtask test`).
+pub fn bin() -> PathBuf {
+    let path = std::env::var_os("SCOPEGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/scopegate")
+        });
+    assert!(
+        path.exists(),
+        "scopegate binary {} not found; build it with `cargo xtask build` or set SCOPEGATE_BIN",
+        path.display()
+    );
+    path
+}
+
+/// The cgroup v2 mount point.
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("no cgroup v2 mount: these tests need cgroup v2")
+}
+
+/// A throwaway cgroup subtree. Dropping it kills every process in it (by PID; they are
+/// this test's own children) and removes the directories, deepest first.
+pub struct CgroupTree {
+    /// Absolute directory of the subtree root.
+    pub dir: PathBuf,
+    /// Path relative to the cgroup2 mount ("/sgt123x0").
+    pub path: String,
+}
+
+impl CgroupTree {
+    /// Creates `/<unique>` under the cgroup2 mount.
+    pub fn new() -> Self {
+        let mount = cgroup2_mount();
+        let name = unique("sgt");
+        let dir = mount.join(&name);
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self {
+            dir,
+            path: format!("/{name}"),
+        }
+    }
+
+    /// Creates a child cgroup and returns its path relative to the mount.
+    pub fn child(&self, name: &str) -> String {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        format!("{}/{name}", self.path)
+    }
+
+    fn dirs_deepest_first(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            if let Ok(entries) = fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk(&e.path(), out);
+                    }
+                }
+            }
+            out.push(dir.to_path_buf());
+        }
+        let mut out = Vec::new();
+        walk(&self.dir, &mut out);
+        out
+    }
+}
+
+impl Default for CgroupTree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let mut alive = false;
+            for dir in self.dirs_deepest_first() {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                    alive = true;
+                    kill(pid, 9);
+                }
+            }
+            if !alive {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        for dir in self.dirs_deepest_first() {
+            let _ = fs::remove_dir(&dir);
+        }
+    }
+}
+
+fn kill(pid: i32, signal: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A bpffs pin directory for one agent, removed (hooks detached) on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/<unique>`.
+    pub fn new() -> Self {
+        Self(PathBuf::from("/sys/fs/bpf").join(unique("sgt")))
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = Command::new(bin())
+                .arg("uninstall")
+                .arg("--pin-dir")
+                .arg(&self.0)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A free TCP port on both 127.0.0.1 and [::1] (best effort).
+pub fn free_port() -> u16 {
+    for _ in 0..50 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on both 127.0.0.1 and ::1");
+}
+
+/// A running agent. Dropping it stops it by PID (SIGTERM, then SIGKILL).
+pub struct Agent {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+    /// Proxy port.
+    pub port: u16,
+    /// Audit file.
+    pub audit: PathBuf,
+}
+
+/// What to start an agent with.
+pub struct AgentConfig<'a> {
+    /// Policy directory.
+    pub policies: &'a Path,
+    /// cgroup subtree to attach to.
+    pub tree: &'a CgroupTree,
+    /// Pin directory.
+    pub pins: &'a PinDir,
+    /// Audit file.
+    pub audit: PathBuf,
+    /// Run the agent itself inside this cgroup (relative to the mount), via `exec`.
+    pub inside: Option<String>,
+}
+
+impl Agent {
+    /// Starts the agent and waits until it prints `scopegate ready` (or fails).
+    pub fn start(cfg: AgentConfig<'_>) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(bin());
+        if let Some(cgroup) = &cfg.inside {
+            cmd.arg("exec")
+                .arg("--cgroup")
+                .arg(cgroup)
+                .arg("--")
+                .arg(bin());
+        }
+        cmd.arg("run")
+            .arg("--policies")
+            .arg(cfg.policies)
+            .arg("--proxy-port")
+            .arg(port.to_string())
+            .arg("--pin-dir")
+            .arg(&cfg.pins.0)
+            .arg("--cgroup-root")
+            .arg(&cfg.tree.dir)
+            .arg("--audit-file")
+            .arg(&cfg.audit)
+            .arg("--no-audit-stdout")
+            .arg("--rescan-secs")
+            .arg("0.2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn scopegate");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let ready = Arc::new(AtomicBool::new(false));
+        {
+            let pipe = child.stderr.take().expect("stderr pipe");
+            let lines = stderr.clone();
+            let ready = ready.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.contains("scopegate ready") {
+                        ready.store(true, Ordering::SeqCst);
+                    }
+                    eprintln!("[agent] {line}");
+                    lines.lock().expect("lock").push(line);
+                }
+            });
+        }
+        let agent = Self {
+            child,
+            stderr,
+            port,
+            audit: cfg.audit,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut agent = agent;
+        while !ready.load(Ordering::SeqCst) {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "scopegate exited with {status} before it was ready:\n{}",
+                    agent.stderr().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scopegate not ready after 20 s:\n{}",
+                agent.stderr().join("\n")
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    /// The agent's stderr so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// The agent's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, signal: i32) {
+        kill(self.child.id() as i32, signal);
+    }
+
+    /// Audit records written so far.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        read_jsonl(&self.audit)
+    }
+
+    /// Waits until at least `n` audit records exist (records are written asynchronously).
+    pub fn wait_audit(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.audit_records();
+            if records.len() >= n || Instant::now() > deadline {
+                return records;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        kill(self.child.id() as i32, 15);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a JSON-lines file (missing file: no records).
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}")))
+        .collect()
+}
+
+/// A request an upstream received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Request target.
+    pub target: String,
+    /// Headers, lowercased names.
+    pub headers: Vec<(String, String)>,
+    /// The client's address (the proxy, for redirected traffic).
+    pub peer: SocketAddr,
+}
+
+/// A loopback HTTP/1.1 upstream that answers 200 and records every request.
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    /// Starts an upstream on `ip` (port chosen by the kernel).
+    pub fn start(ip: &str) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let seen = seen.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            let seen = seen.clone();
+                            thread::spawn(move || serve_upstream(stream, peer, addr, &seen));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        }
+        Self { addr, seen, stop }
+    }
+
+    /// Requests received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// `http://ip:port` for curl.
+    pub fn url(&self, path: &str) -> String {
+        match self.addr {
+            SocketAddr::V4(a) => format!("http://{a}{path}"),
+            SocketAddr::V6(a) => format!("http://[{}]:{}{path}", a.ip(), a.port()),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve_upstream(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    me: SocketAddr,
+    seen: &Mutex<Vec<Seen>>,
+) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let target = parts.next().unwrap_or("").to_owned();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let length: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let close = headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
+        seen.lock().expect("lock").push(Seen {
+            method: method.clone(),
+            target: target.clone(),
+            headers,
+            peer,
+        });
+        let body = format!("upstream {me} says hi: {method} {target}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Runs `curl ARGS` inside `cgroup` (relative to the mount) with a 10 s limit.
+pub fn curl_in(cgroup: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.arg("exec")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--")
+        .arg("curl")
+        .arg("-sS")
+        .arg("--max-time")
+        .arg("10")
+        .arg("--noproxy")
+        .arg("*")
+        .args(args);
+    cmd.stdin(Stdio::null()).output().expect("run curl")
+}
+
+/// `curl -w` format that appends the status code on its own last line.
+pub const STATUS: &str = "\n%{http_code}";
+
+/// Splits curl output made with [`STATUS`] into (status, body).
+pub fn status_and_body(out: &Output) -> (u16, String) {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Writes policy files into a fresh temporary directory.
+pub fn policy_dir(files: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text) in files {
+        fs::write(dir.path().join(name), text).expect("write policy");
+    }
+    dir
+}

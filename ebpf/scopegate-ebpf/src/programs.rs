@@ -6,7 +6,8 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_ktime_get_ns, generated::bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
+        generated::{bpf_get_socket_cookie, bpf_getsockopt},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -17,6 +18,8 @@ use scopegate_common::{
     deny_reasons, hooks,
 };
 
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -95,7 +98,12 @@ fn deny(dest: &Dest, cgroup_id: u64, hook: u32, reason: u32, sock_type: u32, pro
 /// Returns `Some(proxy_port_be)` when the connect must be redirected, `None` when it passes
 /// untouched, or `Err(verdict)` when it is decided here (denied).
 #[inline(always)]
-fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32) -> Result<Option<u32>, i32> {
+fn classify(
+    ctx: &SockAddrContext,
+    dest: &Dest,
+    hook: u32,
+    to_proxy_ip: bool,
+) -> Result<Option<u32>, i32> {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // Fast path: an unmanaged cgroup costs one hash lookup.
     if unsafe { MANAGED.get(&cgroup_id) }.is_none() {
@@ -108,12 +116,48 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32) -> Result<Option<u32>
     let sock_type = unsafe { (*sa).type_ };
     let protocol = unsafe { (*sa).protocol };
     let Some(config) = CONFIG.get(0) else {
-        return Err(deny(dest, cgroup_id, hook, deny_reasons::NOT_CONFIGURED, sock_type, protocol));
+        return Err(deny(
+            dest,
+            cgroup_id,
+            hook,
+            deny_reasons::NOT_CONFIGURED,
+            sock_type,
+            protocol,
+        ));
     };
     if config.enabled == 0 {
-        return Err(deny(dest, cgroup_id, hook, deny_reasons::NOT_CONFIGURED, sock_type, protocol));
+        return Err(deny(
+            dest,
+            cgroup_id,
+            hook,
+            deny_reasons::NOT_CONFIGURED,
+            sock_type,
+            protocol,
+        ));
+    }
+    // The agent's own upstream sockets carry its SO_MARK (setting a mark needs
+    // CAP_NET_ADMIN, which managed workloads must not have).
+    if config.agent_mark != 0 {
+        let mut mark: u32 = 0;
+        let rc = unsafe {
+            bpf_getsockopt(
+                ctx.as_ptr(),
+                SOL_SOCKET,
+                SO_MARK,
+                (&mut mark as *mut u32).cast(),
+                4,
+            )
+        };
+        if rc == 0 && mark == config.agent_mark {
+            return Ok(None);
+        }
     }
     if sock_type == SOCK_STREAM && protocol == IPPROTO_TCP {
+        if to_proxy_ip && dest.port_be == config.proxy_port_be {
+            // Already addressed to the proxy: nothing to record or rewrite. The proxy finds
+            // no origin for it and closes it, with an audit record.
+            return Ok(None);
+        }
         let pid_tgid = bpf_get_current_pid_tgid();
         let origin = Origin {
             dst_ip: dest.ip,
@@ -126,7 +170,14 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32) -> Result<Option<u32>
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if PENDING.insert(&cookie, &origin, 0).is_err() {
             bump(counters::ORIGIN_STORE_FAILED);
-            return Err(deny(dest, cgroup_id, hook, deny_reasons::ORIGIN_STORE_FAILED, sock_type, protocol));
+            return Err(deny(
+                dest,
+                cgroup_id,
+                hook,
+                deny_reasons::ORIGIN_STORE_FAILED,
+                sock_type,
+                protocol,
+            ));
         }
         bump(counters::REDIRECTED);
         return Ok(Some(config.proxy_port_be));
@@ -134,7 +185,14 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32) -> Result<Option<u32>
     if sock_type == SOCK_DGRAM && dest.port_be == DNS_PORT_BE {
         return Ok(None);
     }
-    Err(deny(dest, cgroup_id, hook, deny_reasons::PROTOCOL, sock_type, protocol))
+    Err(deny(
+        dest,
+        cgroup_id,
+        hook,
+        deny_reasons::PROTOCOL,
+        sock_type,
+        protocol,
+    ))
 }
 
 /// cgroup/connect4.
@@ -146,14 +204,9 @@ pub fn sg_connect4(ctx: SockAddrContext) -> i32 {
         port_be: unsafe { (*sa).user_port },
         family: FAMILY_V4,
     };
-    match classify(&ctx, &dest, hooks::CONNECT4) {
+    match classify(&ctx, &dest, hooks::CONNECT4, dest.ip[0] == LOOPBACK4) {
         Ok(None) => ALLOW,
         Ok(Some(port_be)) => {
-            if dest.ip[0] == LOOPBACK4 && dest.port_be == port_be {
-                // Already addressed to the proxy: nothing to rewrite. The proxy finds no
-                // origin for it and closes it, with an audit record.
-                return ALLOW;
-            }
             unsafe {
                 (*sa).user_ip4 = LOOPBACK4;
                 (*sa).user_port = port_be;
@@ -177,18 +230,32 @@ pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
     let port_be = unsafe { (*sa).user_port };
     let mapped = w0 == 0 && w1 == 0 && w2 == V4MAPPED_W2;
     let dest = if mapped {
-        Dest { ip: [w3, 0, 0, 0], port_be, family: FAMILY_V4 }
+        Dest {
+            ip: [w3, 0, 0, 0],
+            port_be,
+            family: FAMILY_V4,
+        }
     } else {
-        Dest { ip: [w0, w1, w2, w3], port_be, family: FAMILY_V6 }
+        Dest {
+            ip: [w0, w1, w2, w3],
+            port_be,
+            family: FAMILY_V6,
+        }
     };
-    let hook = if mapped { hooks::CONNECT4 } else { hooks::CONNECT6 };
-    match classify(&ctx, &dest, hook) {
+    let hook = if mapped {
+        hooks::CONNECT4
+    } else {
+        hooks::CONNECT6
+    };
+    let (n2, n3) = if mapped {
+        (V4MAPPED_W2, LOOPBACK4)
+    } else {
+        (0, LOOPBACK6_W3)
+    };
+    let to_proxy_ip = w0 == 0 && w1 == 0 && w2 == n2 && w3 == n3;
+    match classify(&ctx, &dest, hook, to_proxy_ip) {
         Ok(None) => ALLOW,
         Ok(Some(proxy_port_be)) => {
-            let (n2, n3) = if mapped { (V4MAPPED_W2, LOOPBACK4) } else { (0, LOOPBACK6_W3) };
-            if w0 == 0 && w1 == 0 && w2 == n2 && w3 == n3 && port_be == proxy_port_be {
-                return ALLOW;
-            }
             unsafe {
                 (*sa).user_ip6[0] = 0;
                 (*sa).user_ip6[1] = 0;
@@ -218,12 +285,24 @@ pub fn sg_sock_ops(ctx: SockOpsContext) -> u32 {
     let w3 = unsafe { (*ops).local_ip6[3] };
     let key = if family == FAMILY_V6 {
         if w0 == 0 && w1 == 0 && w2 == V4MAPPED_W2 {
-            SockKey { ip: [w3, 0, 0, 0], port, family: FAMILY_V4 }
+            SockKey {
+                ip: [w3, 0, 0, 0],
+                port,
+                family: FAMILY_V4,
+            }
         } else {
-            SockKey { ip: [w0, w1, w2, w3], port, family: FAMILY_V6 }
+            SockKey {
+                ip: [w0, w1, w2, w3],
+                port,
+                family: FAMILY_V6,
+            }
         }
     } else {
-        SockKey { ip: [v4, 0, 0, 0], port, family: FAMILY_V4 }
+        SockKey {
+            ip: [v4, 0, 0, 0],
+            port,
+            family: FAMILY_V4,
+        }
     };
     let cookie = unsafe { bpf_get_socket_cookie(ops as *mut c_void) };
     match unsafe { PENDING.get(&cookie) } {

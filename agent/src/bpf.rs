@@ -1,0 +1,568 @@
+//! The kernel side, from userspace: load the programs, attach them to the cgroup root, pin
+//! links and maps under a versioned bpffs directory, and keep the maps in sync.
+//!
+//! Pinning is what makes scopegate fail closed: the links stay attached when the agent
+//! exits or dies, so managed connects keep being redirected to the proxy port (refused when
+//! nobody listens) or denied. A restarted agent reuses the pinned maps and replaces each
+//! pinned link atomically (a new link is pinned under a temporary name and renamed over
+//! the old pin), so there is no window without hooks.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use scopegate_common::{
+    Config, DenyEvent, FAMILY_V4, ManagedCgroup, Origin, PIN_LAYOUT_VERSION, SockKey, counters,
+    maps,
+};
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/scopegate"));
+
+/// The programs and the name each link is pinned under.
+const PROGRAMS: [(&str, &str); 3] = [
+    ("sg_connect4", "link_connect4"),
+    ("sg_connect6", "link_connect6"),
+    ("sg_sock_ops", "link_sock_ops"),
+];
+
+/// bpffs magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The binary was built with AYA_BUILD_SKIP and carries no programs.
+    #[error(
+        "this scopegate binary was built without its eBPF programs (AYA_BUILD_SKIP); build it with `cargo xtask build`"
+    )]
+    NoObject,
+    /// The pin directory is not on a bpffs and one could not be mounted.
+    #[error("{dir}: not on a bpf filesystem and mounting bpffs at {mountpoint} failed: {source}")]
+    NoBpffs {
+        /// The pin directory.
+        dir: PathBuf,
+        /// Where a mount was attempted.
+        mountpoint: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A filesystem operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Loading the object failed.
+    #[error(
+        "loading the eBPF programs failed (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN): {source}"
+    )]
+    Load {
+        /// The error.
+        source: Box<aya::EbpfError>,
+    },
+    /// A program failed to load, attach or pin.
+    #[error("program {program}: {action} failed: {source}")]
+    Program {
+        /// The program.
+        program: &'static str,
+        /// What was being done.
+        action: &'static str,
+        /// The error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A map is missing or has the wrong type.
+    #[error("map {map}: {source}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// The error.
+        source: MapError,
+    },
+}
+
+/// Options for [`Kernel::start`].
+#[derive(Clone, Debug)]
+pub struct KernelOptions {
+    /// Base pin directory; the layout version is appended (`<dir>/v1`).
+    pub pin_dir: PathBuf,
+    /// The cgroup v2 directory the programs are attached to.
+    pub cgroup_root: PathBuf,
+    /// Proxy port (the same on 127.0.0.1 and [::1]).
+    pub proxy_port: u16,
+    /// SO_MARK set on the agent's own upstream sockets.
+    pub agent_mark: u32,
+}
+
+/// The loaded, attached and pinned programs and the maps the agent writes or reads.
+pub struct Kernel {
+    _ebpf: Ebpf,
+    managed: Mutex<HashMap<MapData, u64, ManagedCgroup>>,
+    exempt: Mutex<HashMap<MapData, u64, u8>>,
+    origins: Mutex<HashMap<MapData, SockKey, Origin>>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    pin_dir: PathBuf,
+}
+
+/// The versioned pin directory under a base directory.
+pub fn versioned_pin_dir(base: &Path) -> PathBuf {
+    base.join(format!("v{PIN_LAYOUT_VERSION}"))
+}
+
+impl Kernel {
+    /// Loads the programs (reusing pinned maps), attaches them to the cgroup root, pins the
+    /// links (replacing older pins atomically) and writes the configuration.
+    pub fn start(opts: &KernelOptions) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        let pin_dir = versioned_pin_dir(&opts.pin_dir);
+        ensure_bpffs(&opts.pin_dir)?;
+        fs::create_dir_all(&pin_dir).map_err(|source| BpfError::Io {
+            path: pin_dir.clone(),
+            source,
+        })?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(OBJECT)
+            .map_err(|e| BpfError::Load {
+                source: Box::new(e),
+            })?;
+
+        // Configure before attaching, so the first redirected connect sees the right port.
+        {
+            let map = ebpf.map_mut(maps::CONFIG).ok_or(BpfError::Map {
+                map: maps::CONFIG,
+                source: MapError::InvalidName {
+                    name: maps::CONFIG.into(),
+                },
+            })?;
+            let mut config: Array<_, Config> =
+                Array::try_from(map).map_err(|source| BpfError::Map {
+                    map: maps::CONFIG,
+                    source,
+                })?;
+            let value = Config {
+                proxy_port_be: u32::from(opts.proxy_port.to_be()),
+                enabled: 1,
+                agent_mark: opts.agent_mark,
+                _reserved: 0,
+            };
+            config.set(0, value, 0).map_err(|source| BpfError::Map {
+                map: maps::CONFIG,
+                source,
+            })?;
+        }
+        let cgroup = fs::File::open(&opts.cgroup_root).map_err(|source| BpfError::Io {
+            path: opts.cgroup_root.clone(),
+            source,
+        })?;
+        for (name, pin) in PROGRAMS {
+            let link = attach(&mut ebpf, name, &cgroup)?;
+            replace_pin(link, &pin_dir.join(pin), name)?;
+        }
+
+        let managed = take_map(&mut ebpf, maps::MANAGED)?;
+        let exempt = take_map(&mut ebpf, maps::EXEMPT)?;
+        let origins = take_map(&mut ebpf, maps::ORIGINS)?;
+        let counters = take_map(&mut ebpf, maps::COUNTERS)?;
+        let events = take_map(&mut ebpf, maps::EVENTS)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            managed: Mutex::new(managed),
+            exempt: Mutex::new(exempt),
+            origins: Mutex::new(origins),
+            counters,
+            events: Mutex::new(Some(events)),
+            pin_dir,
+        })
+    }
+
+    /// The versioned pin directory in use.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Makes the managed-cgroup map equal to `want`: stale entries are removed, new or
+    /// changed ones written. Each entry changes atomically on its own.
+    pub fn sync_managed(&self, want: &StdHashMap<u64, ManagedCgroup>) -> Result<(), BpfError> {
+        let mut map = self.managed.lock().unwrap_or_else(|p| p.into_inner());
+        let have: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for (id, value) in want {
+            if map.get(id, 0).ok().as_ref() != Some(value) {
+                map.insert(id, value, 0).map_err(|source| BpfError::Map {
+                    map: maps::MANAGED,
+                    source,
+                })?;
+            }
+        }
+        for id in have {
+            if !want.contains_key(&id) {
+                match map.remove(&id) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(source) => {
+                        return Err(BpfError::Map {
+                            map: maps::MANAGED,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the set of exempt cgroups (never redirected) equal to `want`.
+    pub fn sync_exempt(&self, want: &[u64]) -> Result<(), BpfError> {
+        let mut map = self.exempt.lock().unwrap_or_else(|p| p.into_inner());
+        let have: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for id in want {
+            map.insert(id, 1, 0).map_err(|source| BpfError::Map {
+                map: maps::EXEMPT,
+                source,
+            })?;
+        }
+        for id in have.iter().filter(|id| !want.contains(id)) {
+            match map.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(BpfError::Map {
+                        map: maps::EXEMPT,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the origin of an accepted connection (the client's address as the proxy sees
+    /// it). The entry is removed, so one origin identifies exactly one connection.
+    pub fn take_origin(&self, peer: std::net::SocketAddr) -> Option<Origin> {
+        let key = sock_key(peer);
+        let mut map = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        let origin = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(origin)
+    }
+
+    /// Sum over CPUs of one kernel counter (see `scopegate_common::counters`).
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Hands out the deny-event ring buffer (once).
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Number of connects the kernel redirected so far.
+    pub fn redirected(&self) -> u64 {
+        self.counter(counters::REDIRECTED)
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(BpfError::Map {
+        map: name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| BpfError::Map { map: name, source })
+}
+
+fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, BpfError> {
+    let err = |action: &'static str| {
+        move |e: ProgramError| BpfError::Program {
+            program: name,
+            action,
+            source: Box::new(e),
+        }
+    };
+    let program = ebpf.program_mut(name).ok_or_else(|| BpfError::Program {
+        program: name,
+        action: "lookup",
+        source: "not in the object".into(),
+    })?;
+    if name == "sg_sock_ops" {
+        let prog: &mut SockOps = program.try_into().map_err(err("type check"))?;
+        prog.load().map_err(err("load"))?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(err("attach"))?;
+        let link = prog.take_link(id).map_err(err("take link"))?;
+        FdLink::try_from(link).map_err(|e| BpfError::Program {
+            program: name,
+            action: "convert link",
+            source: Box::new(e),
+        })
+    } else {
+        let prog: &mut CgroupSockAddr = program.try_into().map_err(err("type check"))?;
+        prog.load().map_err(err("load"))?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(err("attach"))?;
+        let link = prog.take_link(id).map_err(err("take link"))?;
+        FdLink::try_from(link).map_err(|e| BpfError::Program {
+            program: name,
+            action: "convert link",
+            source: Box::new(e),
+        })
+    }
+}
+
+/// Pins `link` at `path`, atomically replacing (and so detaching) any older link pinned
+/// there. The new link is attached before the old one goes: no gap.
+fn replace_pin(link: FdLink, path: &Path, program: &'static str) -> Result<(), BpfError> {
+    let tmp = path.with_file_name(format!(
+        "{}_new",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("link")
+    ));
+    let _ = fs::remove_file(&tmp);
+    let pinned: PinnedLink = link.pin(&tmp).map_err(|e| BpfError::Program {
+        program,
+        action: "pin",
+        source: Box::new(e),
+    })?;
+    fs::rename(&tmp, path).map_err(|source| BpfError::Io {
+        path: path.into(),
+        source,
+    })?;
+    // Our fd closes here; the pin keeps the link attached.
+    drop(pinned);
+    Ok(())
+}
+
+/// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf when that is missing.
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => break,
+        }
+    }
+    if is_bpffs(probe) {
+        return Ok(());
+    }
+    let mountpoint = PathBuf::from("/sys/fs/bpf");
+    if !dir.starts_with(&mountpoint) {
+        return Err(BpfError::NoBpffs {
+            dir: dir.into(),
+            mountpoint,
+            source: io::Error::other(
+                "the pin directory must be on a bpffs (e.g. under /sys/fs/bpf)",
+            ),
+        });
+    }
+    fs::create_dir_all(&mountpoint).map_err(|source| BpfError::Io {
+        path: mountpoint.clone(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("bpffs"),
+        &mountpoint,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| BpfError::NoBpffs {
+        dir: dir.into(),
+        mountpoint: mountpoint.clone(),
+        source: io::Error::from(e),
+    })?;
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted bpffs");
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Removes scopegate's pins under `base` (all layout versions): the links detach and the
+/// maps are freed. Enforcement stops; this is the deliberate way to uninstall.
+pub fn uninstall(base: &Path) -> Result<usize, BpfError> {
+    let mut removed = 0;
+    let entries = match fs::read_dir(base) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(BpfError::Io {
+                path: base.into(),
+                source,
+            });
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            for pin in fs::read_dir(&path)
+                .map_err(|source| BpfError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+                .flatten()
+            {
+                fs::remove_file(pin.path()).map_err(|source| BpfError::Io {
+                    path: pin.path(),
+                    source,
+                })?;
+                removed += 1;
+            }
+            fs::remove_dir(&path).map_err(|source| BpfError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    fs::remove_dir(base).map_err(|source| BpfError::Io {
+        path: base.into(),
+        source,
+    })?;
+    Ok(removed)
+}
+
+/// The map key for a peer address as the proxy sees it.
+pub fn sock_key(peer: std::net::SocketAddr) -> SockKey {
+    match peer {
+        std::net::SocketAddr::V4(v4) => SockKey {
+            ip: [u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0],
+            port: u32::from(v4.port()),
+            family: FAMILY_V4,
+        },
+        std::net::SocketAddr::V6(v6) => {
+            if let Some(v4) = v6.ip().to_ipv4_mapped() {
+                return sock_key(std::net::SocketAddr::from((v4, v6.port())));
+            }
+            let o = v6.ip().octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            SockKey {
+                ip: [w(0), w(4), w(8), w(12)],
+                port: u32::from(v6.port()),
+                family: scopegate_common::FAMILY_V6,
+            }
+        }
+    }
+}
+
+/// The original destination of an [`Origin`] (or a [`DenyEvent`]) as a socket address.
+pub fn origin_addr(ip: [u32; 4], port: u32, family: u32) -> std::net::SocketAddr {
+    let port = port as u16;
+    if family == FAMILY_V4 {
+        std::net::SocketAddr::from((ip[0].to_ne_bytes(), port))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in ip.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        std::net::SocketAddr::from((std::net::Ipv6Addr::from(octets), port))
+    }
+}
+
+/// Decodes a deny event from the ring buffer.
+pub fn parse_deny_event(bytes: &[u8]) -> Option<DenyEvent> {
+    if bytes.len() < std::mem::size_of::<DenyEvent>() {
+        return None;
+    }
+    let word = |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let dword = |i: usize| u64::from(word(i)) | (u64::from(word(i + 4)) << 32);
+    Some(DenyEvent {
+        ts_ns: dword(0),
+        cgroup_id: dword(8),
+        dst_ip: [word(16), word(20), word(24), word(28)],
+        dst_port: word(32),
+        family: word(36),
+        pid: word(40),
+        uid: word(44),
+        hook: word(48),
+        reason: word(52),
+        sock_type: word(56),
+        protocol: word(60),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn sock_keys_match_the_kernel_layout() {
+        let k = sock_key("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.family, FAMILY_V4);
+        assert_eq!(k.port, 40000);
+        // 127.0.0.1 in network order, read as a native u32, as the kernel stores it.
+        assert_eq!(k.ip, [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]);
+        // A v4-mapped peer is keyed as its IPv4 form, as the sock_ops program does.
+        assert_eq!(sock_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
+        let v6 = sock_key("[::1]:5".parse().unwrap());
+        assert_eq!(v6.family, scopegate_common::FAMILY_V6);
+        assert_eq!(v6.ip, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn origin_addresses_round_trip() {
+        for text in ["192.0.2.7:443", "[2001:db8::7]:8443"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let key = sock_key(addr);
+            assert_eq!(origin_addr(key.ip, key.port, key.family), addr);
+        }
+    }
+
+    #[test]
+    fn deny_events_decode() {
+        let event = DenyEvent {
+            ts_ns: 1 << 40,
+            cgroup_id: 77,
+            dst_ip: [1, 2, 3, 4],
+            dst_port: 5432,
+            family: FAMILY_V4,
+            pid: 42,
+            uid: 1001,
+            hook: 1,
+            reason: 1,
+            sock_type: 2,
+            protocol: 17,
+        };
+        let mut bytes = Vec::new();
+        for v in [event.ts_ns, event.cgroup_id] {
+            bytes.extend_from_slice(&v.to_ne_bytes());
+        }
+        for v in event.dst_ip.iter().chain(&[
+            event.dst_port,
+            event.family,
+            event.pid,
+            event.uid,
+            event.hook,
+            event.reason,
+            event.sock_type,
+            event.protocol,
+        ]) {
+            bytes.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(parse_deny_event(&bytes), Some(event));
+        assert_eq!(parse_deny_event(&bytes[..10]), None);
+    }
+}

@@ -1,0 +1,816 @@
+//! Policy: a directory of YAML files → one immutable [`Snapshot`] → [`decide()`].
+//!
+//! Pure apart from reading the directory: no clock, no network, no global state. The
+//! caller shares a snapshot in an `Arc` and swaps it atomically; an invalid directory
+//! yields [`PolicyErrors`] and never a partial snapshot.
+//!
+//! Stages, one module each:
+//! - `raw`: the file format as serde types (unknown fields are errors);
+//! - `model`: validated domain types, built with `TryFrom<raw::…>`;
+//! - `routes`: each destination's path patterns compiled into a segment trie;
+//! - [`canonical`]: the one request-path normalisation, shared by matching and forwarding;
+//! - `decide`: the pure decision;
+//! - `position` and `error`: errors that name file, line and column.
+//!
+//! # Policy files
+//!
+//! Only `*.yaml` and `*.yml` files directly in the directory are read, in sorted order;
+//! hidden files and editor leftovers (`*~`, `*.swp`) are ignored. A file holds one
+//! workload document or a YAML list of them:
+//!
+//! ```yaml
+//! workload: billing                 # [a-z0-9][a-z0-9_-]*, unique across the directory
+//! select:                           # exactly one of:
+//!   cgroup: /system.slice/billing.service   # cgroup v2 path below the cgroup2 mount
+//!   # systemd_unit: billing.service         # .service, .scope or .slice
+//! egress:                           # required; [] denies everything
+//!   - host: api.example.com         # DNS name or IP literal ("::1" or "[::1]", quoted)
+//!     port: 443
+//!     rules:                        # a request passes if ONE rule allows it
+//!       - id: create-charge         # [A-Za-z0-9_.-]+, unique within the workload
+//!         methods: [POST]           # uppercase method tokens
+//!         path: /v1/charges         # literals, {param} (one segment), ** (last: the tail)
+//! ```
+//!
+//! An empty directory is valid: its snapshot has no workloads and denies everything.
+
+pub mod canonical;
+mod decide;
+mod error;
+mod model;
+mod position;
+mod raw;
+mod routes;
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub use canonical::{CanonicalPath, PathError, normalize};
+pub use decide::{Decision, DenyReason, Request, RuleRef, decide};
+pub use error::{PolicyError, PolicyErrors};
+pub use model::{
+    Destination, Host, PathPattern, PatternSegment, Rule, Selector, Workload, WorkloadId,
+};
+
+use position::{Pos, PositionIndex, RootKind, join};
+
+/// One immutable, validated policy: every workload and its compiled rules.
+///
+/// Cheap to share in an `Arc`; a reload builds a new snapshot and swaps it.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    workloads: Vec<Workload>,
+    by_name: HashMap<String, WorkloadId>,
+}
+
+impl Snapshot {
+    /// The deny-all snapshot: no workloads.
+    pub fn empty() -> Self {
+        Snapshot::default()
+    }
+
+    /// Loads, validates and compiles every policy file of `dir`.
+    ///
+    /// Returns all errors of the whole directory at once, sorted by file, line and
+    /// column; never a partial snapshot.
+    pub fn load_dir(dir: &Path) -> Result<Self, PolicyErrors> {
+        let files = policy_files(dir).map_err(|source| {
+            PolicyErrors(vec![PolicyError::ReadDir {
+                dir: dir.to_owned(),
+                source,
+            }])
+        })?;
+
+        let mut errors = Vec::new();
+        let mut documents = Vec::new();
+        for file in &files {
+            load_file(file, &mut documents, &mut errors);
+        }
+        check_unique(&documents, &mut errors);
+
+        let workloads: Vec<Workload> = documents.into_iter().filter_map(|d| d.workload).collect();
+        let mut by_name = HashMap::with_capacity(workloads.len());
+        for (i, w) in workloads.iter().enumerate() {
+            match u32::try_from(i) {
+                Ok(i) => {
+                    by_name.insert(w.name.clone(), WorkloadId(i));
+                }
+                Err(_) => {
+                    errors.push(PolicyError::TooManyWorkloads {
+                        dir: dir.to_owned(),
+                        count: workloads.len(),
+                    });
+                    break;
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyErrors::sorted(errors));
+        }
+        Ok(Snapshot { workloads, by_name })
+    }
+
+    /// All workloads; a [`WorkloadId`] indexes this slice.
+    pub fn workloads(&self) -> &[Workload] {
+        &self.workloads
+    }
+
+    /// The workload with this id.
+    pub fn workload(&self, id: WorkloadId) -> Option<&Workload> {
+        self.workloads.get(usize::try_from(id.0).ok()?)
+    }
+
+    /// The id of the workload with this name.
+    pub fn workload_by_name(&self, name: &str) -> Option<WorkloadId> {
+        self.by_name.get(name).copied()
+    }
+}
+
+/// The policy files of `dir`, sorted.
+fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if is_policy_file(&name.to_string_lossy()) {
+            files.push(dir.join(name));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn is_policy_file(name: &str) -> bool {
+    !name.starts_with('.')
+        && !name.ends_with('~')
+        && !name.ends_with(".swp")
+        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// A value's place in the directory, for cross-file errors.
+#[derive(Clone)]
+struct Place {
+    file: PathBuf,
+    path: String,
+    pos: Pos,
+}
+
+/// One workload document of a file, with what the cross-file checks need.
+struct Document {
+    name: String,
+    name_at: Place,
+    /// The selector as written, if exactly one was given.
+    selector: Option<(Selector, Place)>,
+    /// The validated workload, if the document is valid.
+    workload: Option<Workload>,
+}
+
+/// Reads one file: its documents go to `documents`, its problems to `errors`.
+fn load_file(file: &Path, documents: &mut Vec<Document>, errors: &mut Vec<PolicyError>) {
+    let text = match fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(source) => {
+            errors.push(PolicyError::ReadFile {
+                file: file.to_owned(),
+                source,
+            });
+            return;
+        }
+    };
+    let index = match PositionIndex::build(&text) {
+        Ok(index) => index,
+        Err(e) => {
+            errors.push(PolicyError::Syntax {
+                file: file.to_owned(),
+                line: e.pos.line,
+                col: e.pos.col,
+                message: e.message,
+            });
+            return;
+        }
+    };
+    if let Some(pos) = index.second_document() {
+        errors.push(PolicyError::MultipleDocuments {
+            file: file.to_owned(),
+            line: pos.line,
+            col: pos.col,
+        });
+        return;
+    }
+    let raws: Vec<(String, raw::Workload)> = match index.root() {
+        RootKind::Empty => {
+            errors.push(PolicyError::EmptyFile {
+                file: file.to_owned(),
+                line: 1,
+                col: 1,
+            });
+            return;
+        }
+        RootKind::Sequence => match serde_yaml::from_str::<Vec<raw::Workload>>(&text) {
+            Ok(list) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, w)| (format!("[{i}]"), w))
+                .collect(),
+            Err(e) => return errors.push(schema_error(file, &e)),
+        },
+        RootKind::Mapping | RootKind::Scalar => match serde_yaml::from_str(&text) {
+            Ok(w) => vec![(String::new(), w)],
+            Err(e) => return errors.push(schema_error(file, &e)),
+        },
+    };
+
+    for (prefix, raw) in raws {
+        let place = |rel: &str| {
+            let path = join(&prefix, rel);
+            Place {
+                file: file.to_owned(),
+                pos: index.locate(&path),
+                path,
+            }
+        };
+        let selector = match (&raw.select.cgroup, &raw.select.systemd_unit) {
+            (Some(c), None) => Some((Selector::Cgroup(c.clone()), place("select.cgroup"))),
+            (None, Some(u)) => Some((
+                Selector::SystemdUnit(u.clone()),
+                place("select.systemd_unit"),
+            )),
+            _ => None,
+        };
+        let name = raw.workload.clone();
+        let name_at = place("workload");
+        let workload = match Workload::try_from(raw) {
+            Ok(mut w) => {
+                w.source = file.to_owned();
+                Some(w)
+            }
+            Err(errs) => {
+                errors.extend(errs.into_iter().map(|e| e.located(file, &prefix, &index)));
+                None
+            }
+        };
+        documents.push(Document {
+            name,
+            name_at,
+            selector,
+            workload,
+        });
+    }
+}
+
+/// Workload names and selectors are unique across the directory; the second occurrence
+/// is the error, and names the first.
+fn check_unique(documents: &[Document], errors: &mut Vec<PolicyError>) {
+    let mut names: HashMap<&str, &Place> = HashMap::new();
+    let mut selectors: HashMap<&Selector, (&str, &Place)> = HashMap::new();
+    for doc in documents {
+        match names.entry(&doc.name) {
+            Entry::Occupied(first) => {
+                let first = *first.get();
+                errors.push(PolicyError::DuplicateWorkload {
+                    file: doc.name_at.file.clone(),
+                    line: doc.name_at.pos.line,
+                    col: doc.name_at.pos.col,
+                    path: doc.name_at.path.clone(),
+                    name: doc.name.clone(),
+                    first_file: first.file.clone(),
+                    first_line: first.pos.line,
+                    first_col: first.pos.col,
+                });
+            }
+            Entry::Vacant(v) => {
+                v.insert(&doc.name_at);
+            }
+        }
+        let Some((selector, at)) = &doc.selector else {
+            continue;
+        };
+        match selectors.entry(selector) {
+            Entry::Occupied(first) => {
+                let (first_workload, first) = *first.get();
+                errors.push(PolicyError::DuplicateSelector {
+                    file: at.file.clone(),
+                    line: at.pos.line,
+                    col: at.pos.col,
+                    path: at.path.clone(),
+                    selector: selector.to_string(),
+                    first_workload: first_workload.to_owned(),
+                    first_file: first.file.clone(),
+                    first_line: first.pos.line,
+                    first_col: first.pos.col,
+                });
+            }
+            Entry::Vacant(v) => {
+                v.insert((&doc.name, at));
+            }
+        }
+    }
+}
+
+/// A serde_yaml error (unknown field, missing field, wrong type, or a YAML problem the
+/// indexer accepted) with its own position, and without the position in the message.
+fn schema_error(file: &Path, e: &serde_yaml::Error) -> PolicyError {
+    let mut message = e.to_string();
+    let (line, col) = match e.location() {
+        Some(loc) => {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if let Some(at) = message.find(&suffix) {
+                message.replace_range(at..at + suffix.len(), "");
+            }
+            (loc.line(), loc.column())
+        }
+        None => (1, 1),
+    };
+    // serde_yaml writes the path of a list item as `.[0].field`; we write `[0].field`.
+    if message.starts_with(".[") {
+        message.remove(0);
+    }
+    PolicyError::Schema {
+        file: file.to_owned(),
+        line,
+        col,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    const BASE: &str = "\
+workload: billing
+select:
+  cgroup: /system.slice/billing.service
+egress:
+  - host: api.example.com
+    port: 443
+    rules:
+      - id: create-charge
+        methods: [POST, GET]
+        path: /v1/charges
+";
+
+    /// Loads `files` from a fresh directory; errors are displayed with the directory
+    /// prefix removed.
+    fn load(files: &[(&str, &str)]) -> Result<Snapshot, Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        let prefix = format!("{}/", dir.path().display());
+        Snapshot::load_dir(dir.path()).map_err(|e| {
+            e.iter()
+                .map(|e| e.to_string().replace(&prefix, ""))
+                .collect()
+        })
+    }
+
+    fn errors(files: &[(&str, &str)]) -> Vec<String> {
+        match load(files) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e,
+        }
+    }
+
+    /// BASE with `from` replaced by `to`, loaded as `p.yaml`: the single error.
+    fn error_with(from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from}");
+        let errs = errors(&[("p.yaml", &BASE.replacen(from, to, 1))]);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        errs.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn valid_file_loads() {
+        let snap = load(&[("billing.yaml", BASE)]).unwrap();
+        assert_eq!(snap.workloads().len(), 1);
+        let id = snap.workload_by_name("billing").unwrap();
+        assert_eq!(id, WorkloadId(0));
+        let w = snap.workload(id).unwrap();
+        assert_eq!(w.name, "billing");
+        assert_eq!(
+            w.selector,
+            Selector::Cgroup("/system.slice/billing.service".into())
+        );
+        assert!(w.source.ends_with("billing.yaml"));
+        let d = &w.destinations[0];
+        assert_eq!(d.host, Host::Name("api.example.com".into()));
+        assert_eq!(d.port, 443);
+        assert_eq!(d.rules()[0].id(), "create-charge");
+        assert_eq!(d.rules()[0].methods().collect::<Vec<_>>(), ["POST", "GET"]);
+        assert_eq!(d.rules()[0].path().as_str(), "/v1/charges");
+        assert!(snap.workload(WorkloadId(1)).is_none());
+        assert!(snap.workload_by_name("nope").is_none());
+    }
+
+    #[test]
+    fn empty_directory_is_deny_all() {
+        let snap = load(&[]).unwrap();
+        assert!(snap.workloads().is_empty());
+        assert!(Snapshot::empty().workloads().is_empty());
+    }
+
+    #[test]
+    fn missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let errs = Snapshot::load_dir(&missing).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let msg = errs.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "{}: cannot read policy directory: ",
+                missing.display()
+            )),
+            "{msg}"
+        );
+        assert!(matches!(&errs.0[0], PolicyError::ReadDir { dir, .. } if *dir == missing));
+    }
+
+    #[test]
+    fn only_policy_files_are_read() {
+        let snap = load(&[
+            ("a.yaml", BASE),
+            ("b.yml", &BASE.replace("billing", "b")),
+            (".hidden.yaml", "garbage: ["),
+            ("c.yaml~", "garbage: ["),
+            (".c.yaml.swp", "garbage: ["),
+            ("notes.txt", "garbage: ["),
+            ("d.json", "{"),
+        ])
+        .unwrap();
+        let names: Vec<_> = snap.workloads().iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["billing", "b"]);
+    }
+
+    #[test]
+    fn list_file() {
+        let text = "\
+- workload: a
+  select: {systemd_unit: a.service}
+  egress: []
+- workload: b
+  select: {systemd_unit: b.service}
+  egress:
+    - host: \"::1\"
+      port: 8080
+      rules: [{id: r, methods: [GET], path: /}]
+";
+        let snap = load(&[("list.yaml", text)]).unwrap();
+        let names: Vec<_> = snap.workloads().iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let b = snap.workload(WorkloadId(1)).unwrap();
+        assert_eq!(b.destinations[0].host.to_string(), "::1");
+
+        let bad = text.replace("b.service", "b.socket");
+        assert_eq!(
+            errors(&[("list.yaml", &bad)]),
+            [
+                "list.yaml:5:26: [1].select.systemd_unit: \"b.socket\" is not a valid systemd \
+                 unit: must end in .service, .scope or .slice"
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_yaml() {
+        let errs = errors(&[("p.yaml", "workload: [billing\nselect: x\n")]);
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("p.yaml:2:7: malformed YAML: "),
+            "{errs:?}"
+        );
+        let errs = errors(&[("p.yaml", "a: b\n  c: d\n")]);
+        assert!(
+            errs[0].starts_with("p.yaml:2:4: malformed YAML: "),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn empty_and_multi_document_files() {
+        assert_eq!(
+            errors(&[("p.yaml", "# nothing yet\n")]),
+            ["p.yaml:1:1: the file defines no workload"]
+        );
+        assert_eq!(
+            errors(&[("p.yaml", &format!("{BASE}---\n{BASE}"))]),
+            [
+                "p.yaml:11:1: a second YAML document; write several workloads as a YAML list \
+                 instead"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_field() {
+        assert_eq!(
+            error_with("    port: 443\n", "    port: 443\n    tls: intercept\n"),
+            "p.yaml:7:5: egress[0]: unknown field `tls`, expected one of `host`, `port`, `rules`"
+        );
+        assert_eq!(
+            error_with("workload: billing\n", "workload: billing\nmode: audit\n"),
+            "p.yaml:2:1: unknown field `mode`, expected one of `workload`, `select`, `egress`"
+        );
+    }
+
+    #[test]
+    fn wrong_type_and_missing_field() {
+        assert_eq!(
+            error_with("port: 443", "port: \"443\""),
+            "p.yaml:6:11: egress[0].port: invalid type: string \"443\", expected i64"
+        );
+        assert_eq!(
+            error_with("methods: [POST, GET]", "methods: POST"),
+            "p.yaml:9:18: egress[0].rules[0].methods: invalid type: string \"POST\", \
+             expected a sequence"
+        );
+        assert_eq!(
+            error_with("        path: /v1/charges\n", ""),
+            "p.yaml:8:9: egress[0].rules[0]: missing field `path`"
+        );
+    }
+
+    #[test]
+    fn one_error_per_kind_with_position() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "workload: billing",
+                "workload: Billing",
+                "p.yaml:1:11: workload: \"Billing\" is not a valid workload name \
+                 (expected [a-z0-9][a-z0-9_-]*)",
+            ),
+            (
+                "  cgroup: /system.slice/billing.service",
+                "  cgroup: /system.slice/billing.service\n  systemd_unit: billing.service",
+                "p.yaml:4:17: select.systemd_unit: select exactly one of `cgroup` or \
+                 `systemd_unit`, not both",
+            ),
+            (
+                "select:\n  cgroup: /system.slice/billing.service",
+                "select: {}",
+                "p.yaml:2:9: select: select needs one of `cgroup` or `systemd_unit`",
+            ),
+            (
+                "/system.slice/billing.service",
+                "/system.slice/../billing.service",
+                "p.yaml:3:11: select.cgroup: \"/system.slice/../billing.service\" is not a \
+                 valid cgroup path: must not contain '.' or '..' segments",
+            ),
+            (
+                "/system.slice/billing.service",
+                "/system.slice//billing.service",
+                "p.yaml:3:11: select.cgroup: \"/system.slice//billing.service\" is not a \
+                 valid cgroup path: must not contain empty segments ('//')",
+            ),
+            (
+                "/system.slice/billing.service",
+                "/system.slice/",
+                "p.yaml:3:11: select.cgroup: \"/system.slice/\" is not a valid cgroup path: \
+                 must not end with '/'",
+            ),
+            (
+                "/system.slice/billing.service",
+                "\"/\"",
+                "p.yaml:3:11: select.cgroup: \"/\" is not a valid cgroup path: the root \
+                 cgroup cannot be a workload",
+            ),
+            (
+                "/system.slice/billing.service",
+                "system.slice/billing.service",
+                "p.yaml:3:11: select.cgroup: \"system.slice/billing.service\" is not a valid \
+                 cgroup path: must be an absolute path starting with '/'",
+            ),
+            (
+                "cgroup: /system.slice/billing.service",
+                "systemd_unit: billing",
+                "p.yaml:3:17: select.systemd_unit: \"billing\" is not a valid systemd unit: \
+                 must end in .service, .scope or .slice",
+            ),
+            (
+                "cgroup: /system.slice/billing.service",
+                "systemd_unit: /x/billing.service",
+                "p.yaml:3:17: select.systemd_unit: \"/x/billing.service\" is not a valid \
+                 systemd unit: must be a unit name, not a path",
+            ),
+            (
+                "host: api.example.com",
+                "host: api.example.com:443",
+                "p.yaml:5:11: egress[0].host: \"api.example.com:443\" is not a valid host: is \
+                 neither a DNS name nor an IP address (write the port in `port:`)",
+            ),
+            (
+                "host: api.example.com",
+                "host: api..example.com",
+                "p.yaml:5:11: egress[0].host: \"api..example.com\" is not a valid host: a DNS \
+                 name has no empty labels (and no trailing '.')",
+            ),
+            (
+                "host: api.example.com",
+                "host: \"[::1\"",
+                "p.yaml:5:11: egress[0].host: \"[::1\" is not a valid host: is not a valid \
+                 bracketed IPv6 address",
+            ),
+            (
+                "port: 443",
+                "port: 0",
+                "p.yaml:6:11: egress[0].port: 0 is not a port (expected 1..=65535)",
+            ),
+            (
+                "port: 443",
+                "port: 70000",
+                "p.yaml:6:11: egress[0].port: 70000 is not a port (expected 1..=65535)",
+            ),
+            (
+                "    rules:\n      - id: create-charge\n        methods: [POST, GET]\n        \
+                 path: /v1/charges\n",
+                "    rules: []\n",
+                "p.yaml:7:12: egress[0].rules: a destination needs at least one rule",
+            ),
+            (
+                "id: create-charge",
+                "id: create charge",
+                "p.yaml:8:13: egress[0].rules[0].id: \"create charge\" is not a valid rule id \
+                 (expected [A-Za-z0-9_.-]+)",
+            ),
+            (
+                "methods: [POST, GET]",
+                "methods: []",
+                "p.yaml:9:18: egress[0].rules[0].methods: a rule needs at least one method",
+            ),
+            (
+                "methods: [POST, GET]",
+                "methods: [POST, get]",
+                "p.yaml:9:25: egress[0].rules[0].methods[1]: \"get\" is not an uppercase HTTP \
+                 method",
+            ),
+            (
+                "methods: [POST, GET]",
+                "methods: [\"*\"]",
+                "p.yaml:9:19: egress[0].rules[0].methods[0]: \"*\" is not allowed: list the \
+                 methods explicitly",
+            ),
+            (
+                "methods: [POST, GET]",
+                "methods: [POST, POST]",
+                "p.yaml:9:25: egress[0].rules[0].methods[1]: \"POST\" is listed twice",
+            ),
+            (
+                "path: /v1/charges",
+                "path: v1/charges",
+                "p.yaml:10:15: egress[0].rules[0].path: \"v1/charges\" is not a valid path \
+                 pattern: must start with '/'",
+            ),
+            (
+                "path: /v1/charges",
+                "path: /**/charges",
+                "p.yaml:10:15: egress[0].rules[0].path: \"/**/charges\" is not a valid path \
+                 pattern: '**' is allowed only as the last segment",
+            ),
+            (
+                "path: /v1/charges",
+                "path: /v1//charges",
+                "p.yaml:10:15: egress[0].rules[0].path: \"/v1//charges\" is not a valid path \
+                 pattern: empty segment ('//'): requests with empty segments are always \
+                 rejected",
+            ),
+            (
+                "path: /v1/charges",
+                "path: /v1/ch{x}",
+                "p.yaml:10:15: egress[0].rules[0].path: \"/v1/ch{x}\" is not a valid path \
+                 pattern: segment \"ch{x}\": a parameter is written {name}, with a name of \
+                 [A-Za-z_][A-Za-z0-9_]*, and spans a whole segment",
+            ),
+            (
+                "path: /v1/charges",
+                "path: /v1/a%2fb",
+                "p.yaml:10:15: egress[0].rules[0].path: \"/v1/a%2fb\" is not a valid path \
+                 pattern: segment \"a%2fb\": an encoded '/' is not allowed",
+            ),
+            (
+                "path: /v1/charges",
+                "path: /v1/../charges",
+                "p.yaml:10:15: egress[0].rules[0].path: \"/v1/../charges\" is not a valid \
+                 path pattern: segment \"..\": dot-segments ('.' and '..') are not allowed",
+            ),
+            (
+                "path: /v1/charges",
+                "path: /v1/%63harges/",
+                "p.yaml:10:15: egress[0].rules[0].path: \"/v1/%63harges/\" is not in canonical \
+                 form (requests are matched as \"/v1/charges\"); write \"/v1/charges\"",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            assert_eq!(error_with(from, to), *expected, "{from:?} -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_within_a_workload() {
+        let text = format!(
+            "{BASE}      - id: create-charge\n        methods: [GET]\n        path: /x\n  \
+             - host: API.example.com\n    port: 443\n    rules:\n      - id: other\n        \
+             methods: [GET]\n        path: /\n"
+        );
+        assert_eq!(
+            errors(&[("p.yaml", &text)]),
+            [
+                "p.yaml:11:13: egress[0].rules[1].id: rule id \"create-charge\" is already used \
+                 at egress[0].rules[0].id",
+                "p.yaml:14:11: egress[1].host: destination API.example.com:443 is already \
+                 defined at egress[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_workload_across_files() {
+        assert_eq!(
+            errors(&[
+                ("a.yaml", BASE),
+                (
+                    "b.yaml",
+                    &BASE.replace("cgroup: /system.slice/billing.service", "cgroup: /b")
+                ),
+            ]),
+            ["b.yaml:1:11: workload: workload \"billing\" is already defined at a.yaml:1:11"]
+        );
+    }
+
+    #[test]
+    fn duplicate_selector() {
+        assert_eq!(
+            errors(&[
+                ("a.yaml", BASE),
+                ("b.yaml", &BASE.replace("workload: billing", "workload: b"))
+            ]),
+            [
+                "b.yaml:3:11: select.cgroup: cgroup /system.slice/billing.service is already \
+                 selected by workload \"billing\" at a.yaml:3:11"
+            ]
+        );
+        let unit = "- workload: x\n  select: {systemd_unit: x.service}\n  egress: []\n\
+                    - workload: y\n  select: {systemd_unit: x.service}\n  egress: []\n";
+        assert_eq!(
+            errors(&[("u.yaml", unit)]),
+            [
+                "u.yaml:5:26: [1].select.systemd_unit: systemd_unit x.service is already \
+                 selected by workload \"x\" at u.yaml:2:26"
+            ]
+        );
+    }
+
+    #[test]
+    fn all_errors_at_once_sorted() {
+        let bad_b = BASE
+            .replace("workload: billing", "workload: B")
+            .replace("port: 443", "port: 0")
+            .replace("[POST, GET]", "[post, GET]");
+        let errs = errors(&[
+            ("c.yaml", "workload: [\n"),
+            (
+                "a.yaml",
+                &BASE.replace("api.example.com", "-api.example.com"),
+            ),
+            ("b.yaml", &bad_b),
+            (
+                "d.yaml",
+                "workload: d\nselect: {cgroup: /d}\negress: []\nextra: 1\n",
+            ),
+        ]);
+        let at: Vec<&str> = errs.iter().map(|e| e.split(": ").next().unwrap()).collect();
+        assert_eq!(
+            at,
+            [
+                "a.yaml:5:11",
+                "b.yaml:1:11",
+                "b.yaml:3:11",
+                "b.yaml:6:11",
+                "b.yaml:9:19",
+                "c.yaml:2:1",
+                "d.yaml:4:1"
+            ],
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn error_accessors() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("p.yaml"),
+            BASE.replace("port: 443", "port: 0"),
+        )
+        .unwrap();
+        let errs = Snapshot::load_dir(dir.path()).unwrap_err();
+        let e = &errs.0[0];
+        assert_eq!(e.file(), Some(dir.path().join("p.yaml").as_path()));
+        assert_eq!(e.position(), Some((6, 11)));
+        assert_eq!(e.path(), Some("egress[0].port"));
+        assert!(matches!(e, PolicyError::InvalidPort { value: 0, .. }));
+        assert!(!errs.is_empty());
+    }
+}

@@ -1,0 +1,150 @@
+//! A destination's path patterns compiled into a segment trie.
+//!
+//! Each node has literal children (sorted, binary-searched), at most one `{param}` child,
+//! the rules whose pattern ends at the node, and the rules whose pattern ends with `**`
+//! there. Matching walks the request's canonical segments once; every trie node is
+//! visited at most once, so the cost is bounded by the path length and the trie, not by
+//! the number of rules. Matching allocates nothing.
+
+use super::model::{PathPattern, PatternSegment};
+
+/// Index of a rule in its destination's rule list.
+pub(crate) type RuleIndex = usize;
+
+/// The compiled path patterns of one destination.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    root: Node,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    /// Literal children, sorted by segment.
+    literals: Vec<(Box<str>, Node)>,
+    /// The `{param}` child; parameter names do not matter for matching.
+    param: Option<Box<Node>>,
+    /// Rules whose pattern ends exactly here, ascending.
+    exact: Vec<RuleIndex>,
+    /// Rules whose pattern ends with `**` here, ascending.
+    tail: Vec<RuleIndex>,
+}
+
+impl RouteTable {
+    /// Compiles the patterns; the n-th pattern belongs to rule n.
+    pub fn build<'a>(patterns: impl IntoIterator<Item = &'a PathPattern>) -> Self {
+        let mut table = RouteTable::default();
+        for (rule, pattern) in patterns.into_iter().enumerate() {
+            table.insert(pattern, rule);
+        }
+        table
+    }
+
+    fn insert(&mut self, pattern: &PathPattern, rule: RuleIndex) {
+        let mut node = &mut self.root;
+        for segment in pattern.segments() {
+            node = match segment {
+                PatternSegment::Literal(lit) => {
+                    let at = match node
+                        .literals
+                        .binary_search_by(|(k, _)| (**k).cmp(lit.as_str()))
+                    {
+                        Ok(at) => at,
+                        Err(at) => {
+                            node.literals
+                                .insert(at, (lit.as_str().into(), Node::default()));
+                            at
+                        }
+                    };
+                    &mut node.literals[at].1
+                }
+                PatternSegment::Param(_) => node.param.get_or_insert_with(Box::default),
+                PatternSegment::Tail => {
+                    node.tail.push(rule);
+                    return;
+                }
+            };
+        }
+        node.exact.push(rule);
+    }
+
+    /// Calls `each` with every rule whose pattern matches `path`, a canonical path
+    /// (see [`CanonicalPath::path`](super::CanonicalPath::path)). Rules may come in any
+    /// order.
+    pub fn for_each_match(&self, path: &str, each: &mut impl FnMut(RuleIndex)) {
+        let rest = path.strip_prefix('/').unwrap_or(path);
+        self.root.walk(rest, each);
+    }
+}
+
+impl Node {
+    /// `rest` is the part of the path below this node, without a leading '/'.
+    fn walk(&self, rest: &str, each: &mut impl FnMut(RuleIndex)) {
+        for &rule in &self.tail {
+            each(rule);
+        }
+        if rest.is_empty() {
+            for &rule in &self.exact {
+                each(rule);
+            }
+            return;
+        }
+        let (segment, next) = rest.split_once('/').unwrap_or((rest, ""));
+        if let Ok(at) = self.literals.binary_search_by(|(k, _)| (**k).cmp(segment)) {
+            self.literals[at].1.walk(next, each);
+        }
+        if let Some(param) = &self.param {
+            param.walk(next, each);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(patterns: &[&str]) -> RouteTable {
+        let patterns: Vec<PathPattern> = patterns
+            .iter()
+            .map(|p| PathPattern::try_from((*p).to_owned()).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        RouteTable::build(&patterns)
+    }
+
+    fn matches(t: &RouteTable, path: &str) -> Vec<RuleIndex> {
+        let mut out = Vec::new();
+        t.for_each_match(path, &mut |r| out.push(r));
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn trie_matching() {
+        let t = table(&[
+            "/",             // 0
+            "/a",            // 1
+            "/a/{x}",        // 2
+            "/a/b",          // 3
+            "/a/**",         // 4
+            "/**",           // 5
+            "/{x}/b",        // 6
+            "/a/{x}/c",      // 7
+            "/z/{x}/{y}/**", // 8
+        ]);
+        assert_eq!(matches(&t, "/"), [0, 5]);
+        assert_eq!(matches(&t, "/a"), [1, 4, 5]);
+        assert_eq!(matches(&t, "/a/b"), [2, 3, 4, 5, 6]);
+        assert_eq!(matches(&t, "/a/q"), [2, 4, 5]);
+        assert_eq!(matches(&t, "/a/q/c"), [4, 5, 7]);
+        assert_eq!(matches(&t, "/q/b"), [5, 6]);
+        assert_eq!(matches(&t, "/q"), [5]);
+        assert_eq!(matches(&t, "/z/1"), [5]);
+        assert_eq!(matches(&t, "/z/1/2"), [5, 8]);
+        assert_eq!(matches(&t, "/z/1/2/3/4"), [5, 8]);
+        let t = table(&["/v1/charges"]);
+        assert!(matches(&t, "/").is_empty());
+        assert!(matches(&t, "/v1").is_empty());
+        assert!(matches(&t, "/V1/charges").is_empty());
+        assert!(matches(&t, "/v1/charges/x").is_empty());
+        assert_eq!(matches(&t, "/v1/charges"), [0]);
+    }
+}

@@ -1,0 +1,347 @@
+//! `scopegate run`: the control plane, composed in start-up order.
+//!
+//! 1. load and validate the policy directory (an invalid policy refuses to start);
+//! 2. check privileges, find the cgroup2 mount and the cgroup root;
+//! 3. bind the proxy listeners (before any hook redirects to them);
+//! 4. start the audit writer;
+//! 5. load, attach and pin the kernel programs, exempting the agent's own cgroup;
+//! 6. resolve selectors to cgroups, publish the snapshot, sync the managed-cgroup map;
+//! 7. serve; rescan cgroups periodically; reload on SIGHUP; turn kernel deny events into
+//!    audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail closed).
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use scopegate_common::{ManagedCgroup, deny_reasons};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    accept::{AcceptError, Listeners},
+    audit::{AuditError, Auditor, Decision, Fault, Record, Sinks},
+    bpf::{self, BpfError, Kernel, KernelOptions},
+    decide::Resolver,
+    forward::Upstream,
+    pipeline::{Enforcement, Shared},
+    policy::{PolicyErrors, Snapshot},
+    workloads::{self, WorkloadsError},
+};
+
+/// The SO_MARK on the agent's own upstream sockets ("SG" in ASCII, plus a version nibble).
+pub const AGENT_MARK: u32 = 0x5347_0001;
+
+/// Options of `scopegate run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Policy directory.
+    pub policies: PathBuf,
+    /// Proxy port on 127.0.0.1 and [::1].
+    pub proxy_port: u16,
+    /// Base bpffs pin directory.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory to attach to (default: the cgroup2 mount).
+    pub cgroup_root: Option<PathBuf>,
+    /// Audit sinks.
+    pub audit: Sinks,
+    /// How often the cgroup tree is rescanned for new cgroups.
+    pub rescan: Duration,
+}
+
+/// Errors of `run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The policy directory is invalid.
+    #[error("{0}")]
+    Policy(#[from] PolicyErrors),
+    /// Missing capabilities.
+    #[error("scopegate run needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN; missing: {}", missing.join(", "))]
+    NotPrivileged {
+        /// The missing capabilities.
+        missing: Vec<&'static str>,
+    },
+    /// cgroup problems.
+    #[error(transparent)]
+    Workloads(#[from] WorkloadsError),
+    /// The cgroup root is not under the cgroup2 mount.
+    #[error("--cgroup-root {root}: not a cgroup v2 directory under {mount}")]
+    CgroupRoot {
+        /// The root given.
+        root: PathBuf,
+        /// The cgroup2 mount.
+        mount: PathBuf,
+    },
+    /// Listening failed.
+    #[error(transparent)]
+    Accept(#[from] AcceptError),
+    /// Audit sink problems.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Kernel program problems.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// Signal handlers or threads could not be set up.
+    #[error("starting the agent's signal handlers and threads: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    // 1. policy
+    let snapshot = Arc::new(Snapshot::load_dir(&opts.policies)?);
+    tracing::info!(
+        dir = %opts.policies.display(),
+        workloads = snapshot.workloads().len(),
+        "policy loaded"
+    );
+    // 2. privileges and cgroups
+    check_privileges()?;
+    let mount = workloads::cgroup2_mount()?;
+    let root = opts.cgroup_root.clone().unwrap_or_else(|| mount.clone());
+    if !root.starts_with(&mount) || !root.join("cgroup.procs").exists() {
+        return Err(RunError::CgroupRoot { root, mount });
+    }
+    // 3. listeners
+    let listeners = Listeners::bind(opts.proxy_port)?;
+    let port = listeners.port();
+    // 4. audit
+    let (auditor, _writer) = Auditor::start(&opts.audit)?;
+    // 5. kernel
+    let own_cgroup = workloads::cgroup_of_pid("self")?;
+    let own_id = workloads::cgroup_id(&mount.join(own_cgroup.trim_start_matches('/')))?;
+    let kernel = Arc::new(Kernel::start(&KernelOptions {
+        pin_dir: opts.pin_dir.clone(),
+        cgroup_root: root.clone(),
+        proxy_port: port,
+        agent_mark: AGENT_MARK,
+    })?);
+    // 6. snapshot
+    let shared = Arc::new(Shared {
+        enforcement: ArcSwap::from_pointee(Enforcement::empty()),
+        origins: kernel.clone(),
+        auditor: auditor.clone(),
+        upstream: Upstream::new(AGENT_MARK),
+        resolver: Resolver::default(),
+        detect_timeout: Duration::from_secs(10),
+    });
+    let control = Control {
+        shared: shared.clone(),
+        kernel: kernel.clone(),
+        mount,
+        root,
+        policies: opts.policies.clone(),
+        own_cgroup: own_id,
+    };
+    control.publish(snapshot, true)?;
+    // 7. serve
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    tokio::spawn(listeners.serve(shared.clone()));
+    if let Some(events) = kernel.take_events() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("deny-events".into())
+            .spawn(move || deny_events(events, shared))
+            .map_err(RunError::Signal)?;
+    }
+    tracing::info!(
+        port,
+        pin_dir = %kernel.pin_dir().display(),
+        cgroup_root = %control.root.display(),
+        "scopegate ready"
+    );
+    let mut rescan = tokio::time::interval(opts.rescan);
+    loop {
+        tokio::select! {
+            _ = rescan.tick() => {
+                let current = shared.enforcement.load().policy.clone();
+                if let Err(e) = control.publish(current, false) {
+                    tracing::error!(error = %e, "cgroup rescan failed");
+                }
+            }
+            _ = hup.recv() => control.reload(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!(
+        "scopegate stopping; the pinned hooks stay attached (managed connects are refused until restart; `scopegate uninstall` removes them)"
+    );
+    Ok(())
+}
+
+/// The control-plane handle: publishes snapshots and keeps the kernel in step.
+struct Control {
+    shared: Arc<Shared>,
+    kernel: Arc<Kernel>,
+    mount: PathBuf,
+    root: PathBuf,
+    policies: PathBuf,
+    /// The agent's own cgroup id.
+    own_cgroup: u64,
+}
+
+impl Control {
+    /// Resolves `policy` against the cgroup tree and, if anything changed, publishes the new
+    /// snapshot (one swap) and then syncs the kernel's managed-cgroup map.
+    fn publish(&self, policy: Arc<Snapshot>, announce: bool) -> Result<(), BpfError> {
+        let resolution = workloads::resolve(&policy, &self.mount, &self.root);
+        let current = self.shared.enforcement.load();
+        if Arc::ptr_eq(&current.policy, &policy) && *current.cgroups == resolution {
+            return Ok(());
+        }
+        if announce {
+            for id in &resolution.unmatched {
+                if let Some(w) = policy.workload(*id) {
+                    tracing::warn!(
+                        workload = %w.name,
+                        file = %w.source.display(),
+                        selector = ?w.selector,
+                        "selector matches no cgroup yet; it is enforced as soon as the cgroup exists"
+                    );
+                }
+            }
+        }
+        let want: HashMap<u64, ManagedCgroup> = resolution
+            .managed
+            .iter()
+            .map(|(id, info)| {
+                let workload = info.workload.map_or(u32::MAX, |w| w.0);
+                (*id, ManagedCgroup { workload, flags: 0 })
+            })
+            .collect();
+        // The agent's own cgroup is exempt, unless a policy selects it by name: then
+        // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
+        let shared_with_workloads = resolution
+            .lookup(self.own_cgroup)
+            .is_some_and(|info| info.selected);
+        if shared_with_workloads && announce {
+            tracing::warn!(
+                "a policy selects the agent's own cgroup; its upstream sockets are exempted by SO_MARK only"
+            );
+        }
+        let exempt: &[u64] = if shared_with_workloads {
+            &[]
+        } else {
+            &[self.own_cgroup]
+        };
+        // Publish first: the proxy knows a workload before the kernel redirects it, and a
+        // cgroup dropped from policy is denied by the proxy until the map forgets it.
+        self.shared.enforcement.store(Arc::new(Enforcement {
+            policy,
+            cgroups: Arc::new(resolution),
+        }));
+        self.kernel.sync_exempt(exempt)?;
+        self.kernel.sync_managed(&want)
+    }
+
+    /// Reloads the policy directory; an invalid policy keeps the last good snapshot.
+    fn reload(&self) {
+        match Snapshot::load_dir(&self.policies) {
+            Ok(snapshot) => {
+                let count = snapshot.workloads().len();
+                match self.publish(Arc::new(snapshot), true) {
+                    Ok(()) => tracing::info!(workloads = count, "policy reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy reloaded but the kernel map sync failed")
+                    }
+                }
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!("{e}");
+                }
+                tracing::error!("policy reload rejected; keeping the last good policy");
+            }
+        }
+    }
+}
+
+/// Reads deny events from the kernel ring buffer (on its own thread, woken by poll(2)) and
+/// records each one.
+fn deny_events(mut events: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
+    loop {
+        while let Some(item) = events.next() {
+            if let Some(event) = bpf::parse_deny_event(&item) {
+                record_deny_event(&shared, &event);
+            }
+        }
+        let mut fds = [PollFd::new(events.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "polling the deny-event ring buffer failed");
+                return;
+            }
+        }
+    }
+}
+
+fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
+    let enforcement = shared.enforcement.load();
+    let proto = match event.sock_type {
+        1 => "tcp",
+        2 => "udp",
+        _ => "other",
+    };
+    let mut record = Record::new(proto).with_dst_addr(bpf::origin_addr(
+        event.dst_ip,
+        event.dst_port,
+        event.family,
+    ));
+    record.pid = Some(event.pid);
+    record.uid = Some(event.uid);
+    if let Some(info) = enforcement.cgroups.lookup(event.cgroup_id) {
+        record.cgroup = Some(info.path.clone());
+        record.workload = info
+            .workload
+            .and_then(|w| enforcement.policy.workload(w))
+            .map(|w| w.name.clone());
+    }
+    let reason = match event.reason {
+        deny_reasons::PROTOCOL => "protocol_not_allowed",
+        deny_reasons::NOT_CONFIGURED => "agent_not_configured",
+        deny_reasons::ORIGIN_STORE_FAILED => "origin_store_failed",
+        _ => "kernel_deny",
+    };
+    shared
+        .auditor
+        .guard(record)
+        .finish(Decision::Deny, None, Some(reason), Some(Fault::Policy));
+}
+
+/// Checks the effective capabilities the agent needs.
+fn check_privileges() -> Result<(), RunError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&'static str> = [
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| caps & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::NotPrivileged { missing })
+    }
+}
+
+/// `scopegate policy check DIR`: prints every error as `file:line:col: message`.
+pub fn policy_check(dir: &Path) -> Result<usize, PolicyErrors> {
+    Snapshot::load_dir(dir).map(|s| s.workloads().len())
+}
