@@ -54,25 +54,21 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Policy tools.
+    /// Policy tools: check, explain.
     Policy {
         #[command(subcommand)]
-        command: PolicyCommand,
+        command: scopegate::policy::cli::PolicyCommand,
+    },
+    /// Audit tools: verify, tail, query.
+    Audit {
+        #[command(subcommand)]
+        command: scopegate::audit::cli::AuditCommand,
     },
     /// Remove the pinned hooks and maps: enforcement stops.
     Uninstall {
         /// bpffs directory given to `run --pin-dir`.
         #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
         pin_dir: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum PolicyCommand {
-    /// Validate a policy directory; prints every error as file:line:col: message.
-    Check {
-        /// The directory.
-        dir: PathBuf,
     },
 }
 
@@ -131,20 +127,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(never) => match never {},
             Err(e) => Err(e.into()),
         },
-        Command::Policy {
-            command: PolicyCommand::Check { dir },
-        } => match run::policy_check(&dir) {
-            Ok(count) => {
-                println!("{}: OK, {count} workload(s)", dir.display());
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(errors) => {
-                for e in &errors.0 {
-                    println!("{e}");
-                }
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Policy { command } => Ok(exit(scopegate::policy::cli::run(command)?)),
+        Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Uninstall { pin_dir } => {
             let removed = bpf::uninstall(&pin_dir)?;
             println!(
@@ -153,5 +137,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Maps a subcommand's verdict (true: success) to the process exit code.
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

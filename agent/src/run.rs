@@ -10,12 +10,7 @@
 //!    audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail closed).
 #![forbid(unsafe_code)]
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use scopegate_common::{ManagedCgroup, deny_reasons};
@@ -339,9 +334,4 @@ fn check_privileges() -> Result<(), RunError> {
     } else {
         Err(RunError::NotPrivileged { missing })
     }
-}
-
-/// `scopegate policy check DIR`: prints every error as `file:line:col: message`.
-pub fn policy_check(dir: &Path) -> Result<usize, PolicyErrors> {
-    Snapshot::load_dir(dir).map(|s| s.workloads().len())
 }

@@ -35,6 +35,7 @@
 //! An empty directory is valid: its snapshot has no workloads and denies everything.
 
 pub mod canonical;
+pub mod cli;
 mod decide;
 mod error;
 mod model;

@@ -8,6 +8,8 @@
 //! writes each batch to the configured sinks (stdout and/or a file).
 #![forbid(unsafe_code)]
 
+pub mod cli;
+
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
