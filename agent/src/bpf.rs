@@ -3,38 +3,49 @@
 //!
 //! Pinning is what makes scopegate fail closed: the links stay attached when the agent
 //! exits or dies, so managed connects keep being redirected to the proxy port (refused when
-//! nobody listens) or denied. A restarted agent reuses the pinned maps and replaces each
-//! pinned link atomically (a new link is pinned under a temporary name and renamed over
-//! the old pin), so there is no window without hooks.
+//! nobody listens) or denied. A restarted or upgraded agent reuses the pinned maps and swaps
+//! the program behind each pinned link with `BPF_LINK_UPDATE`: one atomic replacement, no
+//! window without hooks and no double attachment. Only when there is no usable pinned link
+//! (first start, or a new pin layout version) is a new link attached and pinned; pins of
+//! older layout versions are then removed, after the new links are in place.
 #![forbid(unsafe_code)]
 
 use std::{
     collections::HashMap as StdHashMap,
     fs, io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use scopegate_common::{
-    Config, DenyEvent, FAMILY_V4, ManagedCgroup, Origin, PIN_LAYOUT_VERSION, SockKey, counters,
-    maps,
+    Config, DenyEvent, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH, ManagedCgroup, Origin,
+    PIN_LAYOUT_VERSION, PortKey, SockKey, counters, maps,
 };
+
+use crate::sys;
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/scopegate"));
 
 /// The programs and the name each link is pinned under.
-const PROGRAMS: [(&str, &str); 3] = [
+const PROGRAMS: [(&str, &str); 6] = [
     ("sg_connect4", "link_connect4"),
     ("sg_connect6", "link_connect6"),
+    ("sg_sendmsg4", "link_sendmsg4"),
+    ("sg_sendmsg6", "link_sendmsg6"),
+    ("sg_sock_create", "link_sock_create"),
     ("sg_sock_ops", "link_sock_ops"),
 ];
 
@@ -113,6 +124,10 @@ pub struct Kernel {
     _ebpf: Ebpf,
     managed: Mutex<HashMap<MapData, u64, ManagedCgroup>>,
     exempt: Mutex<HashMap<MapData, u64, u8>>,
+    ports: Mutex<HashMap<MapData, PortKey, u8>>,
+    l4: Mutex<LpmTrie<MapData, L4Key, L4Allow>>,
+    config: Mutex<Array<MapData, Config>>,
+    base_config: Config,
     origins: Mutex<HashMap<MapData, SockKey, Origin>>,
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -146,6 +161,17 @@ impl Kernel {
             })?;
 
         // Configure before attaching, so the first redirected connect sees the right port.
+        // Until the first sync, every ancestor level is looked at.
+        let base_config = Config {
+            proxy_port_be: u32::from(opts.proxy_port.to_be()),
+            enabled: 1,
+            agent_mark: opts.agent_mark,
+            max_depth: MAX_CGROUP_DEPTH,
+            netns_cookie: sys::netns_cookie().map_err(|source| BpfError::Io {
+                path: "SO_NETNS_COOKIE".into(),
+                source,
+            })?,
+        };
         {
             let map = ebpf.map_mut(maps::CONFIG).ok_or(BpfError::Map {
                 map: maps::CONFIG,
@@ -158,28 +184,28 @@ impl Kernel {
                     map: maps::CONFIG,
                     source,
                 })?;
-            let value = Config {
-                proxy_port_be: u32::from(opts.proxy_port.to_be()),
-                enabled: 1,
-                agent_mark: opts.agent_mark,
-                _reserved: 0,
-            };
-            config.set(0, value, 0).map_err(|source| BpfError::Map {
-                map: maps::CONFIG,
-                source,
-            })?;
+            config
+                .set(0, base_config, 0)
+                .map_err(|source| BpfError::Map {
+                    map: maps::CONFIG,
+                    source,
+                })?;
         }
+
         let cgroup = fs::File::open(&opts.cgroup_root).map_err(|source| BpfError::Io {
             path: opts.cgroup_root.clone(),
             source,
         })?;
         for (name, pin) in PROGRAMS {
-            let link = attach(&mut ebpf, name, &cgroup)?;
-            replace_pin(link, &pin_dir.join(pin), name)?;
+            install(&mut ebpf, name, &cgroup, &pin_dir.join(pin))?;
         }
+        retire_old_layouts(&opts.pin_dir);
 
         let managed = take_map(&mut ebpf, maps::MANAGED)?;
         let exempt = take_map(&mut ebpf, maps::EXEMPT)?;
+        let ports = take_map(&mut ebpf, maps::PORTS)?;
+        let l4 = take_map(&mut ebpf, maps::L4)?;
+        let config = take_map(&mut ebpf, maps::CONFIG)?;
         let origins = take_map(&mut ebpf, maps::ORIGINS)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let events = take_map(&mut ebpf, maps::EVENTS)?;
@@ -187,6 +213,10 @@ impl Kernel {
             _ebpf: ebpf,
             managed: Mutex::new(managed),
             exempt: Mutex::new(exempt),
+            ports: Mutex::new(ports),
+            l4: Mutex::new(l4),
+            config: Mutex::new(config),
+            base_config,
             origins: Mutex::new(origins),
             counters,
             events: Mutex::new(Some(events)),
@@ -219,6 +249,73 @@ impl Kernel {
                     Err(source) => {
                         return Err(BpfError::Map {
                             map: maps::MANAGED,
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets how deep the hooks look for a managed ancestor.
+    pub fn set_max_depth(&self, depth: u32) -> Result<(), BpfError> {
+        let value = Config {
+            max_depth: depth.min(MAX_CGROUP_DEPTH),
+            ..self.base_config
+        };
+        let mut map = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        map.set(0, value, 0).map_err(|source| BpfError::Map {
+            map: maps::CONFIG,
+            source,
+        })
+    }
+
+    /// Makes the (workload, TCP port) set equal to `want`.
+    pub fn sync_ports(&self, want: &std::collections::HashSet<PortKey>) -> Result<(), BpfError> {
+        let mut map = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let have: Vec<PortKey> = map.keys().filter_map(Result::ok).collect();
+        for key in want {
+            if !have.contains(key) {
+                map.insert(key, 1, 0).map_err(|source| BpfError::Map {
+                    map: maps::PORTS,
+                    source,
+                })?;
+            }
+        }
+        for key in have.iter().filter(|k| !want.contains(k)) {
+            match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(BpfError::Map {
+                        map: maps::PORTS,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the L4 exception trie equal to `want` (prefix length, key) → allow.
+    pub fn sync_l4(&self, want: &StdHashMap<(u32, L4Key), L4Allow>) -> Result<(), BpfError> {
+        let mut map = self.l4.lock().unwrap_or_else(|p| p.into_inner());
+        let have: Vec<Key<L4Key>> = map.keys().filter_map(Result::ok).collect();
+        for ((prefix, data), value) in want {
+            map.insert(&Key::new(*prefix, *data), value, 0)
+                .map_err(|source| BpfError::Map {
+                    map: maps::L4,
+                    source,
+                })?;
+        }
+        for key in have {
+            let (prefix, data) = (key.prefix_len(), key.data());
+            if !want.contains_key(&(prefix, data)) {
+                match map.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(source) => {
+                        return Err(BpfError::Map {
+                            map: maps::L4,
                             source,
                         });
                     }
@@ -292,7 +389,15 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { map: name, source })
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLink, BpfError> {
+/// Loads program `name` and puts it behind the link pinned at `pin`: by `BPF_LINK_UPDATE`
+/// when such a link exists (atomic, no gap, no double attachment), otherwise by attaching a
+/// new link to `cgroup` and pinning it.
+fn install(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> Result<(), BpfError> {
     let err = |action: &'static str| {
         move |e: ProgramError| BpfError::Program {
             program: name,
@@ -305,31 +410,76 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &fs::File) -> Result<FdLi
         action: "lookup",
         source: "not in the object".into(),
     })?;
-    if name == "sg_sock_ops" {
-        let prog: &mut SockOps = program.try_into().map_err(err("type check"))?;
-        prog.load().map_err(err("load"))?;
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(err("attach"))?;
-        let link = prog.take_link(id).map_err(err("take link"))?;
-        FdLink::try_from(link).map_err(|e| BpfError::Program {
-            program: name,
-            action: "convert link",
-            source: Box::new(e),
-        })
-    } else {
-        let prog: &mut CgroupSockAddr = program.try_into().map_err(err("type check"))?;
-        prog.load().map_err(err("load"))?;
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(err("attach"))?;
-        let link = prog.take_link(id).map_err(err("take link"))?;
-        FdLink::try_from(link).map_err(|e| BpfError::Program {
-            program: name,
-            action: "convert link",
-            source: Box::new(e),
-        })
+    enum Loaded<'a> {
+        SockOps(&'a mut SockOps),
+        SockAddr(&'a mut CgroupSockAddr),
+        Sock(&'a mut CgroupSock),
     }
+    let loaded = match name {
+        "sg_sock_ops" => {
+            let prog: &mut SockOps = program.try_into().map_err(err("type check"))?;
+            prog.load().map_err(err("load"))?;
+            Loaded::SockOps(prog)
+        }
+        "sg_sock_create" => {
+            let prog: &mut CgroupSock = program.try_into().map_err(err("type check"))?;
+            prog.load().map_err(err("load"))?;
+            Loaded::Sock(prog)
+        }
+        _ => {
+            let prog: &mut CgroupSockAddr = program.try_into().map_err(err("type check"))?;
+            prog.load().map_err(err("load"))?;
+            Loaded::SockAddr(prog)
+        }
+    };
+    if pin.exists() {
+        let prog_fd = match &loaded {
+            Loaded::SockOps(p) => p.fd(),
+            Loaded::SockAddr(p) => p.fd(),
+            Loaded::Sock(p) => p.fd(),
+        }
+        .map_err(err("program fd"))?;
+        let updated = sys::bpf_obj_get(pin)
+            .and_then(|link| sys::bpf_link_update(link.as_fd(), prog_fd.as_fd()));
+        match updated {
+            Ok(()) => {
+                tracing::debug!(program = name, pin = %pin.display(), "program replaced behind pinned link");
+                return Ok(());
+            }
+            Err(e) => tracing::warn!(
+                program = name,
+                pin = %pin.display(),
+                error = %e,
+                "cannot update the pinned link; attaching a new one"
+            ),
+        }
+    }
+    let convert = |e: aya::programs::links::LinkError| BpfError::Program {
+        program: name,
+        action: "convert link",
+        source: Box::new(e),
+    };
+    let link: FdLink = match loaded {
+        Loaded::SockOps(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err("attach"))?;
+            FdLink::try_from(p.take_link(id).map_err(err("take link"))?).map_err(convert)?
+        }
+        Loaded::SockAddr(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err("attach"))?;
+            FdLink::try_from(p.take_link(id).map_err(err("take link"))?).map_err(convert)?
+        }
+        Loaded::Sock(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(err("attach"))?;
+            FdLink::try_from(p.take_link(id).map_err(err("take link"))?).map_err(convert)?
+        }
+    };
+    replace_pin(link, pin, name)
 }
 
 /// Pins `link` at `path`, atomically replacing (and so detaching) any older link pinned
@@ -352,6 +502,33 @@ fn replace_pin(link: FdLink, path: &Path, program: &'static str) -> Result<(), B
     // Our fd closes here; the pin keeps the link attached.
     drop(pinned);
     Ok(())
+}
+
+/// Removes the pins of older layout versions under `base`, once the current links are in
+/// place: their links detach, their maps are freed.
+fn retire_old_layouts(base: &Path) {
+    let current = versioned_pin_dir(base);
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let old_layout = path != current
+            && path.is_dir()
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok());
+        if old_layout {
+            if let Ok(pins) = fs::read_dir(&path) {
+                for pin in pins.flatten() {
+                    let _ = fs::remove_file(pin.path());
+                }
+            }
+            let _ = fs::remove_dir(&path);
+            tracing::info!(dir = %path.display(), "removed pins of an older layout version");
+        }
+    }
 }
 
 /// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf when that is missing.

@@ -77,13 +77,21 @@ pub struct Identity {
     pub pid: u32,
     /// Real uid of the caller.
     pub uid: u32,
+    /// The managed cgroup whose policy the kernel applied (the caller's own cgroup or its
+    /// nearest managed ancestor).
+    pub policy_cgroup: u64,
 }
 
 impl Identity {
-    /// The caller's workload and cgroup path in a resolution, if the cgroup is managed.
+    /// The caller's workload and cgroup path in a resolution, if the cgroup is managed. A
+    /// cgroup created since the last scan is found through the managed ancestor the kernel
+    /// recorded; its path is then that ancestor's path followed by `/…`.
     pub fn workload(&self, resolution: &Resolution) -> (Option<WorkloadId>, Option<String>) {
-        match resolution.lookup(self.cgroup_id) {
-            Some(info) => (info.workload, Some(info.path.clone())),
+        if let Some(info) = resolution.lookup(self.cgroup_id) {
+            return (info.workload, Some(info.path.clone()));
+        }
+        match resolution.lookup(self.policy_cgroup) {
+            Some(info) => (info.workload, Some(format!("{}/…", info.path))),
             None => (None, None),
         }
     }
@@ -104,6 +112,7 @@ pub fn identify(table: &dyn OriginTable, peer: SocketAddr) -> Result<Identity, I
         cgroup_id: origin.cgroup_id,
         pid: origin.pid,
         uid: origin.uid,
+        policy_cgroup: origin.policy_cgroup,
     })
 }
 
@@ -138,6 +147,9 @@ mod tests {
                 cgroup_id: 99,
                 pid: 4242,
                 uid: 1001,
+                policy_cgroup: 98,
+                workload: 0,
+                _reserved: 0,
             },
         );
         let id = identify(&table, peer).unwrap();

@@ -23,4 +23,5 @@ pub mod forward;
 pub mod identify;
 pub mod pipeline;
 pub mod run;
+pub mod sys;
 pub mod workloads;

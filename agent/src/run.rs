@@ -10,10 +10,15 @@
 //!    audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail closed).
 #![forbid(unsafe_code)]
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
-use scopegate_common::{ManagedCgroup, deny_reasons};
+use scopegate_common::{ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -202,14 +207,7 @@ impl Control {
                 }
             }
         }
-        let want: HashMap<u64, ManagedCgroup> = resolution
-            .managed
-            .iter()
-            .map(|(id, info)| {
-                let workload = info.workload.map_or(u32::MAX, |w| w.0);
-                (*id, ManagedCgroup { workload, flags: 0 })
-            })
-            .collect();
+        let kernel_state = KernelState::from_policy(&policy, &resolution);
         // The agent's own cgroup is exempt, unless a policy selects it by name: then
         // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
         let shared_with_workloads = resolution
@@ -232,7 +230,7 @@ impl Control {
             cgroups: Arc::new(resolution),
         }));
         self.kernel.sync_exempt(exempt)?;
-        self.kernel.sync_managed(&want)
+        kernel_state.apply(&self.kernel)
     }
 
     /// Reloads the policy directory; an invalid policy keeps the last good snapshot.
@@ -254,6 +252,51 @@ impl Control {
                 tracing::error!("policy reload rejected; keeping the last good policy");
             }
         }
+    }
+}
+
+/// What the kernel maps must hold for a snapshot.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct KernelState {
+    /// Selected cgroups (the kernel applies them to descendants itself).
+    managed: HashMap<u64, ManagedCgroup>,
+    /// Deepest level among them.
+    max_depth: u32,
+    /// (workload, TCP port) pairs with proxied destinations.
+    ports: HashSet<PortKey>,
+}
+
+impl KernelState {
+    fn from_policy(policy: &Snapshot, resolution: &workloads::Resolution) -> Self {
+        let mut state = Self::default();
+        for (id, info) in &resolution.managed {
+            if !info.selected {
+                continue;
+            }
+            let workload = info.workload.map_or(NO_WORKLOAD, |w| w.0);
+            state
+                .managed
+                .insert(*id, ManagedCgroup { workload, flags: 0 });
+            let depth = info.path.split('/').filter(|c| !c.is_empty()).count() as u32;
+            state.max_depth = state.max_depth.max(depth);
+        }
+        for (index, workload) in policy.workloads().iter().enumerate() {
+            for destination in &workload.destinations {
+                state.ports.insert(PortKey {
+                    workload: index as u32,
+                    port: u32::from(destination.port),
+                });
+            }
+        }
+        state
+    }
+
+    /// Writes the state. Ports first, then depth, then the managed set: a cgroup becomes
+    /// managed only once its destinations are known to the kernel.
+    fn apply(&self, kernel: &Kernel) -> Result<(), BpfError> {
+        kernel.sync_ports(&self.ports)?;
+        kernel.set_max_depth(self.max_depth)?;
+        kernel.sync_managed(&self.managed)
     }
 }
 
@@ -281,9 +324,11 @@ fn deny_events(mut events: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
 
 fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
     let enforcement = shared.enforcement.load();
-    let proto = match event.sock_type {
-        1 => "tcp",
-        2 => "udp",
+    let proto = match (event.sock_type, event.protocol) {
+        (1, _) => "tcp",
+        (2, 17) => "udp",
+        (2, 1 | 58) => "icmp",
+        (3, _) => "raw",
         _ => "other",
     };
     let mut record = Record::new(proto).with_dst_addr(bpf::origin_addr(
@@ -293,6 +338,7 @@ fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
     ));
     record.pid = Some(event.pid);
     record.uid = Some(event.uid);
+    record.rule = None;
     if let Some(info) = enforcement.cgroups.lookup(event.cgroup_id) {
         record.cgroup = Some(info.path.clone());
         record.workload = info
@@ -304,6 +350,11 @@ fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
         deny_reasons::PROTOCOL => "protocol_not_allowed",
         deny_reasons::NOT_CONFIGURED => "agent_not_configured",
         deny_reasons::ORIGIN_STORE_FAILED => "origin_store_failed",
+        deny_reasons::NO_DESTINATION_PORT => "port_not_allowed",
+        deny_reasons::UDP_NOT_ALLOWED => "udp_not_allowed",
+        deny_reasons::RAW_SOCKET => "raw_socket_not_allowed",
+        deny_reasons::FOREIGN_NETNS => "foreign_network_namespace",
+        deny_reasons::NO_POLICY => "no_policy",
         _ => "kernel_deny",
     };
     shared

@@ -53,13 +53,14 @@ impl Fixture {
         let policies = policy_dir(&[("web.yaml", policy(&managed, &upstream))]);
         let pins = PinDir::new();
         let audit_dir = tempfile::tempdir().unwrap();
-        let agent = Agent::start(AgentConfig {
-            policies: policies.path(),
-            tree: &tree,
-            pins: &pins,
-            audit: audit_dir.path().join("audit.jsonl"),
-            inside: agent_inside_managed.then(|| managed.clone()),
-        });
+        let mut config = AgentConfig::new(
+            policies.path(),
+            &tree,
+            &pins,
+            audit_dir.path().join("audit.jsonl"),
+        );
+        config.inside = agent_inside_managed.then(|| managed.clone());
+        let agent = Agent::start(config);
         Self {
             upstream,
             managed,
@@ -434,13 +435,12 @@ fn selector_for_a_missing_cgroup_warns_and_is_enforced_once_it_exists() {
     let policies = policy_dir(&[("web.yaml", web_policy(&later, &upstream, ""))]);
     let pins = PinDir::new();
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(AgentConfig {
-        policies: policies.path(),
-        tree: &tree,
-        pins: &pins,
-        audit: dir.path().join("audit.jsonl"),
-        inside: None,
-    });
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        dir.path().join("audit.jsonl"),
+    ));
     assert!(
         agent
             .stderr()

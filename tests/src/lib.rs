@@ -214,6 +214,7 @@ pub fn free_port() -> u16 {
 /// A running agent. Dropping it stops it by PID (SIGTERM, then SIGKILL).
 pub struct Agent {
     child: Child,
+    reaped: bool,
     stderr: Arc<Mutex<Vec<String>>>,
     /// Proxy port.
     pub port: u16,
@@ -233,12 +234,31 @@ pub struct AgentConfig<'a> {
     pub audit: PathBuf,
     /// Run the agent itself inside this cgroup (relative to the mount), via `exec`.
     pub inside: Option<String>,
+    /// Proxy port (default: a free one).
+    pub port: Option<u16>,
+    /// More arguments for `scopegate run`.
+    pub extra: Vec<String>,
+}
+
+impl<'a> AgentConfig<'a> {
+    /// The usual configuration: agent outside the tree, free port, no extra arguments.
+    pub fn new(policies: &'a Path, tree: &'a CgroupTree, pins: &'a PinDir, audit: PathBuf) -> Self {
+        Self {
+            policies,
+            tree,
+            pins,
+            audit,
+            inside: None,
+            port: None,
+            extra: Vec::new(),
+        }
+    }
 }
 
 impl Agent {
     /// Starts the agent and waits until it prints `scopegate ready` (or fails).
     pub fn start(cfg: AgentConfig<'_>) -> Self {
-        let port = free_port();
+        let port = cfg.port.unwrap_or_else(free_port);
         let mut cmd = Command::new(bin());
         if let Some(cgroup) = &cfg.inside {
             cmd.arg("exec")
@@ -261,6 +281,7 @@ impl Agent {
             .arg("--no-audit-stdout")
             .arg("--rescan-secs")
             .arg("0.2")
+            .args(&cfg.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -283,6 +304,7 @@ impl Agent {
         }
         let agent = Self {
             child,
+            reaped: false,
             stderr,
             port,
             audit: cfg.audit,
@@ -317,9 +339,37 @@ impl Agent {
         self.child.id()
     }
 
-    /// Sends a signal to the agent.
+    /// Kills the agent with SIGKILL and reaps it (the pins stay).
+    pub fn kill9(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it (SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        kill(self.child.id() as i32, 15);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                self.reaped = true;
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill9();
+    }
+
+    /// Sends a signal to the agent (while it has not been reaped).
     pub fn signal(&self, signal: i32) {
-        kill(self.child.id() as i32, signal);
+        if !self.reaped {
+            kill(self.child.id() as i32, signal);
+        }
     }
 
     /// Audit records written so far.
@@ -342,16 +392,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        kill(self.child.id() as i32, 15);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -525,4 +566,145 @@ pub fn policy_dir(files: &[(&str, String)]) -> tempfile::TempDir {
         fs::write(dir.path().join(name), text).expect("write policy");
     }
     dir
+}
+
+/// Runs `python3 -c SCRIPT` inside `cgroup` (relative to the mount) and returns stdout,
+/// trimmed. The script prints its findings; a Python exception fails the test.
+pub fn python_in(cgroup: &str, script: &str) -> String {
+    let out = Command::new(bin())
+        .args(["exec", "--cgroup", cgroup, "--", "python3", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python in {cgroup} failed: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A Python prelude with `attempt(fn)` → "ok" | errno name, for bypass probes.
+pub const PY_PRELUDE: &str = r#"
+import errno, socket, sys
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+def tcp(family, addr, timeout=3):
+    def f():
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(addr)
+        finally:
+            s.close()
+    return f
+def udp_sendto(family, addr):
+    def f():
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"x", addr)
+        finally:
+            s.close()
+    return f
+def udp_connect(family, addr):
+    def f():
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            s.connect(addr)
+            s.send(b"x")
+        finally:
+            s.close()
+    return f
+"#;
+
+/// A UDP listener that counts datagrams.
+pub struct UdpSink {
+    /// Its address.
+    pub addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpSink {
+    /// Binds `ip:0`.
+    pub fn start(ip: &str) -> Self {
+        let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let addr = socket.local_addr().expect("addr");
+        let count = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (count, stop) = (count.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::SeqCst) {
+                    if socket.recv_from(&mut buf).is_ok() {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        Self { addr, count, stop }
+    }
+
+    /// Datagrams received so far.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A TCP listener that counts accepted connections.
+pub struct TcpSink {
+    /// Its address.
+    pub addr: SocketAddr,
+    count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpSink {
+    /// Binds `ip:0`.
+    pub fn start(ip: &str) -> Self {
+        let listener = TcpListener::bind((ip, 0)).expect("bind tcp");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let count = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (count, stop) = (count.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok(_) => {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            });
+        }
+        Self { addr, count, stop }
+    }
+
+    /// Connections accepted so far.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }

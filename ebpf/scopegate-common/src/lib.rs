@@ -13,7 +13,13 @@ pub const FAMILY_V4: u32 = 2;
 pub const FAMILY_V6: u32 = 10;
 
 /// Version of the pinned map and link layout. Bump when any type below changes.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+pub const PIN_LAYOUT_VERSION: u32 = 2;
+
+/// Deepest cgroup level the hooks look at for a managed ancestor.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
+/// `ManagedCgroup::workload` of a cgroup managed without a policy (deny everything).
+pub const NO_WORKLOAD: u32 = u32::MAX;
 
 /// Names of the pinned maps (bpffs names may not contain '.').
 pub mod maps {
@@ -27,6 +33,11 @@ pub mod maps {
     pub const PENDING: &str = "SG_PENDING";
     /// `LruHashMap<SockKey, Origin>`: client address as the proxy sees it → origin.
     pub const ORIGINS: &str = "SG_ORIGINS";
+    /// `HashMap<PortKey, u8>`: TCP ports a workload has proxied destinations on.
+    pub const PORTS: &str = "SG_PORTS";
+    /// `LpmTrie<L4Key, L4Allow>`: per-workload L4 exceptions (cidr + ports), passed straight
+    /// through without the proxy; DNS resolvers are entries here too.
+    pub const L4: &str = "SG_L4";
     /// `RingBuf` of [`crate::DenyEvent`].
     pub const EVENTS: &str = "SG_EVENTS";
     /// `Array<u64>`: counters, indexed by [`crate::counters`].
@@ -57,8 +68,12 @@ pub struct Config {
     pub enabled: u32,
     /// SO_MARK the agent sets on its own upstream sockets; such sockets are never touched.
     pub agent_mark: u32,
-    /// Reserved, zero.
-    pub _reserved: u32,
+    /// Deepest level of any managed cgroup (0 = only the root); ancestors deeper than this
+    /// are never looked up.
+    pub max_depth: u32,
+    /// Network namespace cookie of the agent; a managed socket in another namespace cannot
+    /// reach the proxy and is denied.
+    pub netns_cookie: u64,
 }
 
 /// Per managed cgroup entry (value of [`maps::MANAGED`]).
@@ -87,6 +102,58 @@ pub struct Origin {
     pub pid: u32,
     /// Real uid of the connecting task.
     pub uid: u32,
+    /// The managed cgroup (the task's own or its nearest managed ancestor) whose policy
+    /// applies.
+    pub policy_cgroup: u64,
+    /// [`ManagedCgroup::workload`] of that cgroup.
+    pub workload: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
+}
+
+/// Key of [`maps::PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Workload index.
+    pub workload: u32,
+    /// Destination port, host byte order.
+    pub port: u32,
+}
+
+/// Data part of an [`maps::L4`] key. The prefix length counts from the start of this
+/// struct: 32 bits of workload, then the address as IPv6 (IPv4 as ::ffff:a.b.c.d), so an
+/// IPv4 /24 is prefix 32 + 96 + 24.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct L4Key {
+    /// Workload index, big-endian (LPM tries compare bytes in order).
+    pub workload_be: u32,
+    /// Address words, network order.
+    pub ip: [u32; 4],
+}
+
+/// Maximum ports in one [`L4Allow`].
+pub const L4_MAX_PORTS: usize = 8;
+
+/// Value of an [`maps::L4`] entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L4Allow {
+    /// Allowed ports (host order); 0 = unused slot.
+    pub ports: [u16; L4_MAX_PORTS],
+    /// Bit 0: TCP allowed, bit 1: UDP allowed.
+    pub protocols: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
+}
+
+/// [`L4Allow::protocols`] bits.
+pub mod l4_protocols {
+    /// TCP.
+    pub const TCP: u32 = 1;
+    /// UDP.
+    pub const UDP: u32 = 2;
 }
 
 /// Key of [`maps::ORIGINS`]: the client's local address, as the proxy sees its peer.
@@ -107,6 +174,12 @@ pub mod hooks {
     pub const CONNECT4: u32 = 1;
     /// cgroup/connect6.
     pub const CONNECT6: u32 = 2;
+    /// cgroup/sendmsg4.
+    pub const SENDMSG4: u32 = 3;
+    /// cgroup/sendmsg6.
+    pub const SENDMSG6: u32 = 4;
+    /// cgroup/sock_create.
+    pub const SOCK_CREATE: u32 = 5;
 }
 
 /// Why the kernel denied a connect.
@@ -117,6 +190,16 @@ pub mod deny_reasons {
     pub const NOT_CONFIGURED: u32 = 2;
     /// The redirect could not be recorded, so the proxy could not identify the caller.
     pub const ORIGIN_STORE_FAILED: u32 = 3;
+    /// A TCP connect to a port on which the workload has no destination.
+    pub const NO_DESTINATION_PORT: u32 = 4;
+    /// UDP that is not to an allowed resolver or L4 exception.
+    pub const UDP_NOT_ALLOWED: u32 = 5;
+    /// A raw or ICMP socket.
+    pub const RAW_SOCKET: u32 = 6;
+    /// The socket is in another network namespace than the proxy.
+    pub const FOREIGN_NETNS: u32 = 7;
+    /// The cgroup is managed but has no policy (managed subtree default).
+    pub const NO_POLICY: u32 = 8;
 }
 
 /// A connect or send the kernel denied, written to [`maps::EVENTS`].
@@ -156,4 +239,7 @@ mod pod {
     unsafe impl aya::Pod for super::Origin {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::L4Key {}
+    unsafe impl aya::Pod for super::L4Allow {}
 }

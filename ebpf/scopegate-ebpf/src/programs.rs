@@ -1,35 +1,50 @@
 //! The programs themselves (bpf target only).
+//!
+//! Every hook first finds the socket's *policy cgroup*: the task's own cgroup if it is in
+//! `SG_MANAGED`, else its nearest managed ancestor (via `bpf_get_current_ancestor_cgroup_id`,
+//! deepest first, down to the configured depth). That closes the race between `mkdir` of a
+//! new child cgroup and the agent noticing it: the child inherits from its first
+//! connect. A cgroup without a managed ancestor is untouched (one hash lookup per level).
 use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_ktime_get_ns,
-        generated::{bpf_get_socket_cookie, bpf_getsockopt},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_getsockopt,
+        },
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use scopegate_common::{
-    Config, DenyEvent, FAMILY_V4, FAMILY_V6, ManagedCgroup, Origin, SockKey, counters,
-    deny_reasons, hooks,
+    Config, DenyEvent, FAMILY_V4, FAMILY_V6, L4_MAX_PORTS, L4Allow, L4Key, MAX_CGROUP_DEPTH,
+    ManagedCgroup, NO_WORKLOAD, Origin, PortKey, SockKey, counters, deny_reasons, hooks,
+    l4_protocols,
 };
 
 const SOL_SOCKET: i32 = 1;
 const SO_MARK: i32 = 36;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-const DNS_PORT_BE: u32 = (53u16).to_be() as u32;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMPV6: u32 = 58;
 /// 127.0.0.1 as the kernel stores it (network order read as a little-endian u32).
 const LOOPBACK4: u32 = u32::from_be_bytes([1, 0, 0, 127]);
 /// The third word of a v4-mapped IPv6 address (::ffff:0:0/96), network order.
 const V4MAPPED_W2: u32 = u32::from_be_bytes([0xff, 0xff, 0, 0]);
 /// The last word of ::1, network order.
 const LOOPBACK6_W3: u32 = u32::from_be_bytes([1, 0, 0, 0]);
+/// LPM prefix length of a full lookup key: 32 bits of workload + 128 bits of address.
+const L4_FULL_PREFIX: u32 = 32 + 128;
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -42,6 +57,12 @@ static MANAGED: HashMap<u64, ManagedCgroup> = HashMap::pinned(65536, 0);
 
 #[map(name = "SG_EXEMPT")]
 static EXEMPT: HashMap<u64, u8> = HashMap::pinned(1024, 0);
+
+#[map(name = "SG_PORTS")]
+static PORTS: HashMap<PortKey, u8> = HashMap::pinned(65536, 0);
+
+#[map(name = "SG_L4")]
+static L4: LpmTrie<L4Key, L4Allow> = LpmTrie::pinned(65536, 0);
 
 #[map(name = "SG_PENDING")]
 static PENDING: LruHashMap<u64, Origin> = LruHashMap::pinned(65536, 0);
@@ -63,22 +84,58 @@ fn bump(index: u32) {
     }
 }
 
-/// The destination of a connect, read from the context without branching on the family.
+/// The managed cgroup whose policy applies to the current task, if any.
+#[inline(always)]
+fn policy_cgroup(max_depth: u32) -> Option<(u64, ManagedCgroup)> {
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(m) = unsafe { MANAGED.get(&own) } {
+        return Some((own, *m));
+    }
+    // Deepest ancestor first: a deeper selection wins over an inherited one.
+    let mut level = MAX_CGROUP_DEPTH;
+    while level > 0 {
+        if level <= max_depth {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id != 0 && id != own {
+                if let Some(m) = unsafe { MANAGED.get(&id) } {
+                    return Some((id, *m));
+                }
+            }
+        }
+        level -= 1;
+    }
+    None
+}
+
+/// The destination of a connect or send, read from the context without branching on the
+/// family.
 struct Dest {
     ip: [u32; 4],
     port_be: u32,
     family: u32,
 }
 
+impl Dest {
+    fn port(&self) -> u32 {
+        u32::from(u16::from_be(self.port_be as u16))
+    }
+}
+
+struct Caller {
+    cgroup_id: u64,
+    policy_cgroup: u64,
+    workload: u32,
+}
+
 #[inline(always)]
-fn deny(dest: &Dest, cgroup_id: u64, hook: u32, reason: u32, sock_type: u32, protocol: u32) -> i32 {
+fn emit(cgroup_id: u64, dest: &Dest, hook: u32, reason: u32, sock_type: u32, protocol: u32) {
     bump(counters::DENIED);
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = DenyEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         cgroup_id,
         dst_ip: dest.ip,
-        dst_port: u32::from(u16::from_be(dest.port_be as u16)),
+        dst_port: dest.port(),
         family: dest.family,
         pid: (pid_tgid >> 32) as u32,
         uid: bpf_get_current_uid_gid() as u32,
@@ -90,50 +147,73 @@ fn deny(dest: &Dest, cgroup_id: u64, hook: u32, reason: u32, sock_type: u32, pro
     if EVENTS.output::<DenyEvent>(&event, 0).is_err() {
         bump(counters::EVENTS_LOST);
     }
-    DENY
 }
 
-/// Policy shared by both hooks once the destination is known.
-///
-/// Returns `Some(proxy_port_be)` when the connect must be redirected, `None` when it passes
-/// untouched, or `Err(verdict)` when it is decided here (denied).
+/// Is `dest` an L4 exception of `workload` for this protocol and port?
 #[inline(always)]
-fn classify(
-    ctx: &SockAddrContext,
-    dest: &Dest,
-    hook: u32,
-    to_proxy_ip: bool,
-) -> Result<Option<u32>, i32> {
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // Fast path: an unmanaged cgroup costs one hash lookup.
-    if unsafe { MANAGED.get(&cgroup_id) }.is_none() {
-        return Ok(None);
+fn l4_allowed(workload: u32, dest: &Dest, protocol_bit: u32) -> bool {
+    let ip = if dest.family == FAMILY_V4 {
+        [0, 0, V4MAPPED_W2, dest.ip[0]]
+    } else {
+        dest.ip
+    };
+    let key = Key::new(
+        L4_FULL_PREFIX,
+        L4Key {
+            workload_be: workload.to_be(),
+            ip,
+        },
+    );
+    let Some(allow) = L4.get(&key) else {
+        return false;
+    };
+    if allow.protocols & protocol_bit == 0 {
+        return false;
     }
+    let port = dest.port() as u16;
+    let mut i = 0;
+    while i < L4_MAX_PORTS {
+        if allow.ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// What the hook does with a socket address operation.
+enum Verdict {
+    /// Leave it alone.
+    Pass,
+    /// Rewrite the destination to the proxy (TCP connect only).
+    Redirect(u32),
+    /// EPERM.
+    Deny,
+}
+
+/// The policy shared by the connect and sendmsg hooks.
+#[inline(always)]
+fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) -> Verdict {
+    let Some(config) = CONFIG.get(0) else {
+        return Verdict::Pass;
+    };
+    // Fast path: a task without a managed cgroup costs the lookups of policy_cgroup().
+    let Some((policy_cgroup, managed)) = policy_cgroup(config.max_depth) else {
+        return Verdict::Pass;
+    };
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if unsafe { EXEMPT.get(&cgroup_id) }.is_some() {
-        return Ok(None);
+        return Verdict::Pass;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let sock_type = unsafe { (*sa).type_ };
     let protocol = unsafe { (*sa).protocol };
-    let Some(config) = CONFIG.get(0) else {
-        return Err(deny(
-            dest,
-            cgroup_id,
-            hook,
-            deny_reasons::NOT_CONFIGURED,
-            sock_type,
-            protocol,
-        ));
+    let deny = |reason: u32| {
+        emit(cgroup_id, dest, hook, reason, sock_type, protocol);
+        Verdict::Deny
     };
     if config.enabled == 0 {
-        return Err(deny(
-            dest,
-            cgroup_id,
-            hook,
-            deny_reasons::NOT_CONFIGURED,
-            sock_type,
-            protocol,
-        ));
+        return deny(deny_reasons::NOT_CONFIGURED);
     }
     // The agent's own upstream sockets carry its SO_MARK (setting a mark needs
     // CAP_NET_ADMIN, which managed workloads must not have).
@@ -149,78 +229,98 @@ fn classify(
             )
         };
         if rc == 0 && mark == config.agent_mark {
-            return Ok(None);
+            return Verdict::Pass;
         }
     }
+    // A socket in another network namespace cannot reach the proxy on the host's loopback.
+    if config.netns_cookie != 0
+        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie
+    {
+        return deny(deny_reasons::FOREIGN_NETNS);
+    }
+    let caller = Caller {
+        cgroup_id,
+        policy_cgroup,
+        workload: managed.workload,
+    };
     if sock_type == SOCK_STREAM && protocol == IPPROTO_TCP {
         if to_proxy_ip && dest.port_be == config.proxy_port_be {
             // Already addressed to the proxy: nothing to record or rewrite. The proxy finds
             // no origin for it and closes it, with an audit record.
-            return Ok(None);
+            return Verdict::Pass;
+        }
+        if caller.workload == NO_WORKLOAD {
+            return deny(deny_reasons::NO_POLICY);
+        }
+        if l4_allowed(caller.workload, dest, l4_protocols::TCP) {
+            return Verdict::Pass;
+        }
+        let port_key = PortKey {
+            workload: caller.workload,
+            port: dest.port(),
+        };
+        if unsafe { PORTS.get(&port_key) }.is_none() {
+            return deny(deny_reasons::NO_DESTINATION_PORT);
         }
         let pid_tgid = bpf_get_current_pid_tgid();
         let origin = Origin {
             dst_ip: dest.ip,
-            dst_port: u32::from(u16::from_be(dest.port_be as u16)),
+            dst_port: dest.port(),
             family: dest.family,
-            cgroup_id,
+            cgroup_id: caller.cgroup_id,
             pid: (pid_tgid >> 32) as u32,
             uid: bpf_get_current_uid_gid() as u32,
+            policy_cgroup: caller.policy_cgroup,
+            workload: caller.workload,
+            _reserved: 0,
         };
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if PENDING.insert(&cookie, &origin, 0).is_err() {
             bump(counters::ORIGIN_STORE_FAILED);
-            return Err(deny(
-                dest,
-                cgroup_id,
-                hook,
-                deny_reasons::ORIGIN_STORE_FAILED,
-                sock_type,
-                protocol,
-            ));
+            return deny(deny_reasons::ORIGIN_STORE_FAILED);
         }
         bump(counters::REDIRECTED);
-        return Ok(Some(config.proxy_port_be));
+        return Verdict::Redirect(config.proxy_port_be);
     }
-    if sock_type == SOCK_DGRAM && dest.port_be == DNS_PORT_BE {
-        return Ok(None);
+    if sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP {
+        if caller.workload != NO_WORKLOAD && l4_allowed(caller.workload, dest, l4_protocols::UDP) {
+            return Verdict::Pass;
+        }
+        return deny(deny_reasons::UDP_NOT_ALLOWED);
     }
-    Err(deny(
-        dest,
-        cgroup_id,
-        hook,
-        deny_reasons::PROTOCOL,
-        sock_type,
-        protocol,
-    ))
+    deny(deny_reasons::PROTOCOL)
 }
 
-/// cgroup/connect4.
-#[cgroup_sock_addr(connect4)]
-pub fn sg_connect4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let dest = Dest {
+#[inline(always)]
+fn dest4(sa: *mut bpf_sock_addr) -> Dest {
+    Dest {
         ip: [unsafe { (*sa).user_ip4 }, 0, 0, 0],
         port_be: unsafe { (*sa).user_port },
         family: FAMILY_V4,
-    };
-    match classify(&ctx, &dest, hooks::CONNECT4, dest.ip[0] == LOOPBACK4) {
-        Ok(None) => ALLOW,
-        Ok(Some(port_be)) => {
+    }
+}
+
+#[inline(always)]
+fn sock_addr4(ctx: SockAddrContext, hook: u32) -> i32 {
+    let sa = ctx.sock_addr;
+    let dest = dest4(sa);
+    match classify(&ctx, &dest, hook, dest.ip[0] == LOOPBACK4) {
+        Verdict::Pass => ALLOW,
+        Verdict::Redirect(port_be) => {
             unsafe {
                 (*sa).user_ip4 = LOOPBACK4;
                 (*sa).user_port = port_be;
             }
             ALLOW
         }
-        Err(verdict) => verdict,
+        Verdict::Deny => DENY,
     }
 }
 
-/// cgroup/connect6. A v4-mapped destination is treated exactly like its IPv4 form and
-/// redirected to ::ffff:127.0.0.1; a native IPv6 destination goes to [::1].
-#[cgroup_sock_addr(connect6)]
-pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
+/// A v4-mapped destination is treated exactly like its IPv4 form and redirected to
+/// ::ffff:127.0.0.1; a native IPv6 destination goes to [::1].
+#[inline(always)]
+fn sock_addr6(ctx: SockAddrContext, hook6: u32, hook4: u32) -> i32 {
     let sa = ctx.sock_addr;
     // Each word is read unconditionally; the verifier rejects array reads of user_ip6.
     let w0 = unsafe { (*sa).user_ip6[0] };
@@ -242,11 +342,7 @@ pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
             family: FAMILY_V6,
         }
     };
-    let hook = if mapped {
-        hooks::CONNECT4
-    } else {
-        hooks::CONNECT6
-    };
+    let hook = if mapped { hook4 } else { hook6 };
     let (n2, n3) = if mapped {
         (V4MAPPED_W2, LOOPBACK4)
     } else {
@@ -254,8 +350,8 @@ pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
     };
     let to_proxy_ip = w0 == 0 && w1 == 0 && w2 == n2 && w3 == n3;
     match classify(&ctx, &dest, hook, to_proxy_ip) {
-        Ok(None) => ALLOW,
-        Ok(Some(proxy_port_be)) => {
+        Verdict::Pass => ALLOW,
+        Verdict::Redirect(proxy_port_be) => {
             unsafe {
                 (*sa).user_ip6[0] = 0;
                 (*sa).user_ip6[1] = 0;
@@ -265,8 +361,71 @@ pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
             }
             ALLOW
         }
-        Err(verdict) => verdict,
+        Verdict::Deny => DENY,
     }
+}
+
+/// cgroup/connect4: TCP connects and connected UDP.
+#[cgroup_sock_addr(connect4)]
+pub fn sg_connect4(ctx: SockAddrContext) -> i32 {
+    sock_addr4(ctx, hooks::CONNECT4)
+}
+
+/// cgroup/connect6: TCP connects and connected UDP, IPv6 and v4-mapped.
+#[cgroup_sock_addr(connect6)]
+pub fn sg_connect6(ctx: SockAddrContext) -> i32 {
+    sock_addr6(ctx, hooks::CONNECT6, hooks::CONNECT4)
+}
+
+/// cgroup/sendmsg4: unconnected UDP sends.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_addr4(ctx, hooks::SENDMSG4)
+}
+
+/// cgroup/sendmsg6: unconnected UDP sends, IPv6 and v4-mapped.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_addr6(ctx, hooks::SENDMSG6, hooks::SENDMSG4)
+}
+
+/// cgroup/sock_create: managed tasks may not open raw sockets or ICMP ("ping") sockets,
+/// which no address hook would see.
+#[cgroup_sock(sock_create)]
+pub fn sg_sock_create(ctx: SockContext) -> i32 {
+    let sk: *mut bpf_sock = ctx.sock;
+    let sock_type = unsafe { (*sk).type_ };
+    let protocol = unsafe { (*sk).protocol };
+    let family = unsafe { (*sk).family };
+    let raw = sock_type == SOCK_RAW;
+    let ping = sock_type == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
+    if !raw && !ping {
+        return ALLOW;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return ALLOW;
+    };
+    if policy_cgroup(config.max_depth).is_none() {
+        return ALLOW;
+    }
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if unsafe { EXEMPT.get(&cgroup_id) }.is_some() {
+        return ALLOW;
+    }
+    let dest = Dest {
+        ip: [0; 4],
+        port_be: 0,
+        family,
+    };
+    emit(
+        cgroup_id,
+        &dest,
+        hooks::SOCK_CREATE,
+        deny_reasons::RAW_SOCKET,
+        sock_type,
+        protocol,
+    );
+    DENY
 }
 
 /// sock_ops: at TCP_CONNECT_CB, key the recorded origin by the client's local address.

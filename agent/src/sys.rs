@@ -1,0 +1,119 @@
+//! The few raw system calls the agent needs that aya 0.14, socket2 and nix do not offer:
+//! `BPF_OBJ_GET` and `BPF_LINK_UPDATE` (to swap the program behind a pinned link without a
+//! gap), and `SO_NETNS_COOKIE`. Each is a thin, checked wrapper.
+#![allow(
+    unsafe_code,
+    reason = "raw bpf(2) and getsockopt(2); every call is wrapped and checked"
+)]
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a live, properly sized #[repr(C)] bpf_attr prefix; the kernel reads
+    // at most size_of::<T>() bytes and zero-extends the rest.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens a pinned bpf object (`BPF_OBJ_GET`).
+pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Atomically replaces the program behind a link (`BPF_LINK_UPDATE`).
+pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`).
+pub fn netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, and a u64 buffer with its exact length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_cookie_is_stable_and_nonzero() {
+        let a = netns_cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(a, netns_cookie().unwrap());
+    }
+
+    #[test]
+    fn obj_get_of_a_missing_pin_is_an_error() {
+        assert!(bpf_obj_get(Path::new("/sys/fs/bpf/does-not-exist-scopegate")).is_err());
+    }
+}
