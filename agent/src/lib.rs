@@ -24,4 +24,5 @@ pub mod identify;
 pub mod pipeline;
 pub mod run;
 pub mod sys;
+pub mod tls;
 pub mod workloads;

@@ -41,9 +41,14 @@ enum Command {
         /// Do not write audit records to stdout.
         #[arg(long)]
         no_audit_stdout: bool,
-        /// Seconds between cgroup rescans (new cgroups are enforced at the next scan).
+        /// Seconds between cgroup rescans (the kernel already applies a managed parent's
+        /// policy to new children; the rescan refreshes names and paths for the audit).
         #[arg(long, default_value_t = 1.0)]
         rescan_secs: f64,
+        /// A managed slice (cgroup path relative to the cgroup2 mount, repeatable): every
+        /// cgroup below it without a policy of its own is denied everything, recorded.
+        #[arg(long = "managed-subtree", value_name = "PATH")]
+        managed_subtrees: Vec<String>,
     },
     /// Run a command inside a cgroup (created if needed).
     Exec {
@@ -104,6 +109,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             audit_file,
             no_audit_stdout,
             rescan_secs,
+            managed_subtrees,
         } => {
             let opts = RunOptions {
                 policies,
@@ -115,6 +121,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     file: audit_file,
                 },
                 rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
+                managed_subtrees,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -50,6 +50,9 @@ pub struct RunOptions {
     pub audit: Sinks,
     /// How often the cgroup tree is rescanned for new cgroups.
     pub rescan: Duration,
+    /// Managed slices: cgroups below them without a policy of their own are denied
+    /// everything (paths relative to the cgroup2 mount).
+    pub managed_subtrees: Vec<String>,
 }
 
 /// Errors of `run`.
@@ -135,6 +138,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         root,
         policies: opts.policies.clone(),
         own_cgroup: own_id,
+        subtrees: opts.managed_subtrees.clone(),
     };
     control.publish(snapshot, true)?;
     // 7. serve
@@ -184,13 +188,15 @@ struct Control {
     policies: PathBuf,
     /// The agent's own cgroup id.
     own_cgroup: u64,
+    /// Managed slices.
+    subtrees: Vec<String>,
 }
 
 impl Control {
     /// Resolves `policy` against the cgroup tree and, if anything changed, publishes the new
     /// snapshot (one swap) and then syncs the kernel's managed-cgroup map.
     fn publish(&self, policy: Arc<Snapshot>, announce: bool) -> Result<(), BpfError> {
-        let resolution = workloads::resolve(&policy, &self.mount, &self.root);
+        let resolution = workloads::resolve(&policy, &self.mount, &self.root, &self.subtrees);
         let current = self.shared.enforcement.load();
         if Arc::ptr_eq(&current.policy, &policy) && *current.cgroups == resolution {
             return Ok(());

@@ -143,7 +143,10 @@ impl Resolution {
 /// Walks the cgroup tree under `root` (a directory under `mount`) and resolves every
 /// workload's selector. A directly selected cgroup and all its descendants are managed by
 /// that workload; a deeper selection wins over an inherited one.
-pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path) -> Resolution {
+///
+/// `subtrees` are managed slices (paths relative to the mount): every cgroup below one of
+/// them is managed even without a policy of its own, and then gets the default, deny all.
+pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path, subtrees: &[String]) -> Resolution {
     let mut dirs = Vec::new();
     walk(root, &mut dirs);
     // (path relative to mount, id), parents before children.
@@ -153,7 +156,13 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path) -> Resolution {
         .collect();
     tree.sort();
 
-    let mut direct: HashMap<&str, WorkloadId> = HashMap::new();
+    // Selected cgroup path → its workload (None: a managed subtree without a policy).
+    let mut direct: HashMap<&str, Option<WorkloadId>> = HashMap::new();
+    for (path, _) in &tree {
+        if subtrees.iter().any(|s| s == path) {
+            direct.insert(path.as_str(), None);
+        }
+    }
     let mut matched = vec![false; snapshot.workloads().len()];
     for (index, workload) in snapshot.workloads().iter().enumerate() {
         let id = WorkloadId(index as u32);
@@ -163,7 +172,7 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path) -> Resolution {
                 Selector::SystemdUnit(unit) => path.rsplit('/').next() == Some(unit.as_str()),
             };
             if hit {
-                direct.insert(path.as_str(), id);
+                direct.insert(path.as_str(), Some(id));
                 matched[index] = true;
             }
         }
@@ -172,7 +181,7 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path) -> Resolution {
     let mut managed = HashMap::new();
     for (path, id) in &tree {
         // The deepest selected ancestor-or-self decides.
-        let mut candidate: Option<WorkloadId> = None;
+        let mut candidate: Option<Option<WorkloadId>> = None;
         let mut prefix = path.as_str();
         let selected = direct.contains_key(prefix);
         loop {
@@ -190,7 +199,7 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path) -> Resolution {
                 *id,
                 CgroupInfo {
                     path: path.clone(),
-                    workload: Some(workload),
+                    workload,
                     selected,
                 },
             );
@@ -317,7 +326,8 @@ mod tests {
             ("c.yaml", &policy("special", "cgroup: /custom/app/special")),
             ("d.yaml", &policy("ghost", "cgroup: /nowhere")),
         ]);
-        let res = resolve(&snap, mount, mount);
+        fs::create_dir_all(mount.join("managed.slice/stray.service")).unwrap();
+        let res = resolve(&snap, mount, mount, &["/managed.slice".to_owned()]);
         let id = |p: &str| cgroup_id(&mount.join(p)).unwrap();
         let name = |p: &str| {
             let w = res.lookup(id(p)).unwrap().workload.unwrap();
@@ -336,6 +346,10 @@ mod tests {
             res.lookup(id("custom/app/deeper")).unwrap().path,
             "/custom/app/deeper"
         );
+        // A managed subtree without a policy: managed, no workload (deny all).
+        let stray = res.lookup(id("managed.slice/stray.service")).unwrap();
+        assert_eq!((stray.workload, stray.selected), (None, false));
+        assert!(res.lookup(id("managed.slice")).unwrap().selected);
         let ghost = snap.workload_by_name("ghost").unwrap();
         assert_eq!(res.unmatched, vec![ghost]);
     }

@@ -454,3 +454,41 @@ fn uninstall_removes_enforcement_deliberately() {
     );
     assert_eq!(sink.count(), 1);
 }
+
+#[test]
+fn a_managed_subtree_denies_cgroups_without_a_policy() {
+    privileged_test("a_managed_subtree_denies_cgroups_without_a_policy");
+    let tree = CgroupTree::new();
+    let slice = tree.child("system.slice");
+    let app = tree.child("system.slice/app.service");
+    let upstream = Upstream::start("127.0.0.2");
+    let policies = policy_dir(&[("web.yaml", policy(&app, &upstream))]);
+    let pins = PinDir::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AgentConfig::new(policies.path(), &tree, &pins, dir.path().join("a.jsonl"));
+    config.extra = vec!["--managed-subtree".into(), slice.clone()];
+    let agent = Agent::start(config);
+    let probe = format!(
+        "{PY_PRELUDE}\nprint(attempt(tcp(socket.AF_INET, ('127.0.0.2', {}))))",
+        upstream.addr.port()
+    );
+    // A unit started after the agent, with no policy of its own: denied from its first
+    // connect, even to a destination another workload may use.
+    let stray = format!("{slice}/stray.service");
+    assert_eq!(python_in(&stray, &probe), "EPERM");
+    // Once the agent has seen the cgroup, the record names it.
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(python_in(&stray, &probe), "EPERM");
+    let records = agent.wait_audit(2);
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["reason"] == "no_policy" && r["workload"].is_null())
+    );
+    assert_eq!(records[1]["cgroup"], stray.as_str());
+    // The workload with a policy inside the same slice is proxied as usual.
+    let out = curl_in(&app, &["-w", STATUS, &upstream.url("/allowed/ok")]);
+    assert_eq!(status_and_body(&out).0, 200);
+    assert_eq!(upstream.seen().len(), 1);
+}

@@ -1,0 +1,2 @@
+//! TLS: ClientHello parsing, the host CA for interception, verified upstream TLS.
+#![forbid(unsafe_code)]
