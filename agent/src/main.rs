@@ -49,6 +49,9 @@ enum Command {
         /// cgroup below it without a policy of its own is denied everything, recorded.
         #[arg(long = "managed-subtree", value_name = "PATH")]
         managed_subtrees: Vec<String>,
+        /// Start deny-all when the policy directory is invalid, instead of refusing.
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Run a command inside a cgroup (created if needed).
     Exec {
@@ -110,6 +113,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_audit_stdout,
             rescan_secs,
             managed_subtrees,
+            allow_empty,
         } => {
             let opts = RunOptions {
                 policies,
@@ -122,6 +126,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
                 managed_subtrees,
+                allow_empty,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -53,6 +53,9 @@ pub struct RunOptions {
     /// Managed slices: cgroups below them without a policy of their own are denied
     /// everything (paths relative to the cgroup2 mount).
     pub managed_subtrees: Vec<String>,
+    /// Start with an empty (deny-all) snapshot when the policy directory is invalid,
+    /// instead of refusing to start.
+    pub allow_empty: bool,
 }
 
 /// Errors of `run`.
@@ -95,7 +98,17 @@ pub enum RunError {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // 1. policy
-    let snapshot = Arc::new(Snapshot::load_dir(&opts.policies)?);
+    let snapshot = match Snapshot::load_dir(&opts.policies) {
+        Ok(snapshot) => Arc::new(snapshot),
+        Err(errors) if opts.allow_empty => {
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!("invalid policy; starting deny-all because of --allow-empty");
+            Arc::new(Snapshot::empty())
+        }
+        Err(errors) => return Err(errors.into()),
+    };
     tracing::info!(
         dir = %opts.policies.display(),
         workloads = snapshot.workloads().len(),
@@ -160,6 +173,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         "scopegate ready"
     );
     let mut rescan = tokio::time::interval(opts.rescan);
+    let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = watch_policies(&opts.policies, changed_tx);
     loop {
         tokio::select! {
             _ = rescan.tick() => {
@@ -168,7 +183,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                     tracing::error!(error = %e, "cgroup rescan failed");
                 }
             }
-            _ = hup.recv() => control.reload(),
+            _ = hup.recv() => control.reload("SIGHUP"),
+            Some(()) = changed.recv() => {
+                // Debounce: editors write, rename and chmod in bursts.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while changed.try_recv().is_ok() {}
+                control.reload("policy directory changed");
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -240,12 +261,12 @@ impl Control {
     }
 
     /// Reloads the policy directory; an invalid policy keeps the last good snapshot.
-    fn reload(&self) {
+    fn reload(&self, why: &str) {
         match Snapshot::load_dir(&self.policies) {
             Ok(snapshot) => {
                 let count = snapshot.workloads().len();
                 match self.publish(Arc::new(snapshot), true) {
-                    Ok(()) => tracing::info!(workloads = count, "policy reloaded"),
+                    Ok(()) => tracing::info!(workloads = count, trigger = why, "policy reloaded"),
                     Err(e) => {
                         tracing::error!(error = %e, "policy reloaded but the kernel map sync failed")
                     }
@@ -259,6 +280,42 @@ impl Control {
             }
         }
     }
+}
+
+/// Watches the policy directory (and its parent, so a symlink swap of the directory itself
+/// is seen) and signals `changed`. The watcher lives as long as the returned value.
+fn watch_policies(
+    dir: &std::path::Path,
+    changed: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let own = dir.to_path_buf();
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Only changes in the directory, or to the directory entry itself (a symlink swap),
+        // not to its siblings.
+        let relevant = event.is_ok_and(|e| {
+            !e.kind.is_access() && e.paths.iter().any(|p| p.starts_with(&own))
+        });
+        if relevant {
+            // A full channel already holds a pending reload.
+            let _ = changed.try_send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            return None;
+        }
+    };
+    let mut watched = false;
+    for path in [Some(dir), dir.parent()].into_iter().flatten() {
+        let path = if path.as_os_str().is_empty() { std::path::Path::new(".") } else { path };
+        match watcher.watch(path, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => watched = true,
+            Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot watch"),
+        }
+    }
+    watched.then_some(watcher)
 }
 
 /// What the kernel maps must hold for a snapshot.
