@@ -8,11 +8,13 @@
 //!   privileged end-to-end tests.
 //! * `demo` runs the agent against a tiny local upstream and shows an allowed and a denied
 //!   request.
+//! * `bench` benchmarks scopegate side by side with direct, nginx and HAProxy.
 //!
 //! xtask depends on no other workspace crate, so it builds while they are broken.
 
 #![deny(unsafe_code)]
 
+mod bench;
 mod ci;
 mod ctx;
 mod demo;
@@ -72,6 +74,16 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmark scopegate side by side with direct, nginx and HAProxy; writes
+    /// target/bench/REPORT.md and results.json.
+    Bench(bench::BenchArgs),
+    /// The benchmark's load clients (started by `bench`, inside cgroups).
+    #[command(hide = true)]
+    BenchHelper {
+        /// Which client.
+        #[command(subcommand)]
+        helper: bench::Helper,
+    },
     /// The demo's HTTP/1.1 upstream (started by `demo` as a separate process).
     #[command(hide = true)]
     DemoUpstream {
@@ -99,6 +111,10 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         upstream::serve(listen)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::BenchHelper { helper } = cmd {
+        bench::run_helper(helper)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = Ctx::new()?;
     match cmd {
         Cmd::Setup => {
@@ -111,7 +127,8 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Run { args } => ci::run_agent(&ctx, &args)?,
         Cmd::Test { skip_lint, filter } => ci::test(&ctx, skip_lint, filter.as_deref())?,
         Cmd::Demo { keep } => demo::demo(&ctx, keep)?,
-        Cmd::DemoUpstream { .. } => {}
+        Cmd::Bench(args) => bench::bench(&ctx, &args)?,
+        Cmd::DemoUpstream { .. } | Cmd::BenchHelper { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
