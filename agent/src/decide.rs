@@ -21,20 +21,21 @@ use crate::{
     audit::{Fault, Record},
     identify::{Identity, normalize},
     pipeline::Enforcement,
-    policy::{self, Decision, Host},
+    policy::{self, CanonicalPath, Decision, Host, Mode, RateLimiter, WorkloadId},
 };
 
-/// A request the policy allows, with everything forwarding needs.
+/// A request the policy allows (or, in audit mode, would deny), with everything forwarding
+/// needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allowed {
-    /// The rule that allowed it.
-    pub rule: String,
+    /// The rule that allowed it (None for a would-deny in audit mode).
+    pub rule: Option<String>,
     /// Canonical request target (path and query) to forward.
     pub target: String,
     /// The address to dial: the original destination.
     pub upstream: SocketAddr,
-    /// The destination host as the policy names it.
-    pub host: Host,
+    /// The destination host as the policy names it, when a destination matched.
+    pub host: Option<Host>,
 }
 
 /// A refusal: the status, a stable reason code, a human detail, and whose fault it is.
@@ -48,36 +49,77 @@ pub struct Refused {
     pub detail: String,
     /// Where the failure came from.
     pub fault: Fault,
+    /// For 429: when to retry.
+    pub retry_after: Option<Duration>,
 }
 
 impl Refused {
-    fn client(reason: &'static str, detail: String) -> Self {
+    fn new(status: StatusCode, reason: &'static str, detail: String, fault: Fault) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             reason,
             detail,
-            fault: Fault::Client,
+            fault,
+            retry_after: None,
         }
     }
 
-    fn policy(reason: &'static str, detail: String) -> Self {
-        Self {
-            status: StatusCode::FORBIDDEN,
-            reason,
-            detail,
-            fault: Fault::Policy,
-        }
+    /// 400, the client's fault.
+    pub fn client(reason: &'static str, detail: String) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, reason, detail, Fault::Client)
+    }
+
+    /// 403 by policy.
+    pub fn policy(reason: &'static str, detail: String) -> Self {
+        Self::new(StatusCode::FORBIDDEN, reason, detail, Fault::Policy)
+    }
+
+    /// A refusal with any status.
+    pub fn status(status: StatusCode, reason: &'static str, detail: String, fault: Fault) -> Self {
+        Self::new(status, reason, detail, fault)
     }
 }
 
-/// Checks one request against the snapshot. Fills the audit record with what it learns
-/// (workload, cgroup, method, canonical path, host, rule) as it goes.
-pub fn check(
+/// What the request looks like before its body is read.
+#[derive(Debug)]
+pub struct Prepared {
+    workload: WorkloadId,
+    mode: Mode,
+    host: String,
+    port: u16,
+    path: CanonicalPath,
+    /// Whether a candidate rule inspects the body: buffer it (up to `body_cap`) first.
+    pub needs_body: bool,
+    /// The workload's body cap.
+    pub body_cap: usize,
+}
+
+impl Prepared {
+    /// Whether the workload is in audit mode (denials are recorded, not enforced).
+    pub fn audit_mode(&self) -> bool {
+        self.mode == Mode::Audit
+    }
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug)]
+pub enum Verdict {
+    /// Forward.
+    Allow(Allowed),
+    /// Audit mode: forward, but record `would_deny` with the refusal's reason.
+    WouldDeny(Allowed, Refused),
+    /// Refuse.
+    Deny(Refused),
+}
+
+/// First phase: who is calling, which destination the request names, its canonical
+/// path, and whether its body must be inspected. Fills the audit record as it goes.
+pub fn prepare(
     enforcement: &Enforcement,
     identity: &Identity,
     parts: &http::request::Parts,
     record: &mut Record,
-) -> Result<Allowed, Refused> {
+) -> Result<Prepared, Refused> {
     let (workload, cgroup) = identity.workload(&enforcement.cgroups);
     record.cgroup = cgroup;
     record.method = Some(parts.method.as_str().to_owned());
@@ -88,58 +130,134 @@ pub fn check(
         )
     })?;
     let policy = &enforcement.policy;
-    let name = policy
+    let w = policy
         .workload(workload)
-        .map(|w| w.name.clone())
         .ok_or_else(|| Refused::policy("unknown_workload", "workload not in snapshot".into()))?;
-    record.workload = Some(name);
-
+    record.workload = Some(w.name.clone());
     let (host, port) = authority(parts)?;
     record.dst.host = Some(host.clone());
-    let raw_target = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    let path = policy::canonical::normalize(raw_target).map_err(|e| {
+    let raw_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let destination = w.destination_for(&host, identity.original_dst.port());
+    let options = destination
+        .map(|(_, d)| d.normalize_options())
+        .unwrap_or_default();
+    let path = policy::normalize_with(raw_target, options).map_err(|e| {
         record.path = Some(raw_target.to_owned());
         Refused::client(e.code(), e.to_string())
     })?;
     record.path = Some(path.path().to_owned());
-    if port != identity.original_dst.port() {
+    let needs_body = destination.is_some_and(|(_, d)| d.needs_body(parts.method.as_str(), &path));
+    Ok(Prepared {
+        workload,
+        mode: w.mode(),
+        host,
+        port,
+        path,
+        needs_body,
+        body_cap: w.body_cap(),
+    })
+}
+
+/// Second phase: the decision, with the parsed body when [`Prepared::needs_body`] asked
+/// for it, and the rate limits of the allowing rule. In audit mode a policy refusal
+/// becomes [`Verdict::WouldDeny`]; a malformed request is refused in every mode.
+pub fn decide(
+    enforcement: &Enforcement,
+    identity: &Identity,
+    parts: &http::request::Parts,
+    prepared: &Prepared,
+    body: Option<&serde_json::Value>,
+    limiter: &RateLimiter,
+    record: &mut Record,
+) -> Verdict {
+    let policy = &enforcement.policy;
+    let outcome = decide_enforced(enforcement, identity, parts, prepared, body, limiter, record);
+    match outcome {
+        Ok(allowed) => Verdict::Allow(allowed),
+        Err(refused) if prepared.audit_mode() && refused.fault == Fault::Policy => {
+            let host = policy
+                .workload(prepared.workload)
+                .and_then(|w| w.destination_for(&prepared.host, identity.original_dst.port()))
+                .map(|(_, d)| d.host.clone());
+            Verdict::WouldDeny(
+                Allowed {
+                    rule: None,
+                    target: prepared.path.as_request_target(),
+                    upstream: identity.original_dst,
+                    host,
+                },
+                refused,
+            )
+        }
+        Err(refused) => Verdict::Deny(refused),
+    }
+}
+
+fn decide_enforced(
+    enforcement: &Enforcement,
+    identity: &Identity,
+    parts: &http::request::Parts,
+    prepared: &Prepared,
+    body: Option<&serde_json::Value>,
+    limiter: &RateLimiter,
+    record: &mut Record,
+) -> Result<Allowed, Refused> {
+    let policy = &enforcement.policy;
+    if prepared.port != identity.original_dst.port() {
         return Err(Refused::policy(
             "host_port_mismatch",
             format!(
-                "Host names port {port} but the connection was to port {}",
+                "Host names port {} but the connection was to port {}",
+                prepared.port,
                 identity.original_dst.port()
             ),
         ));
     }
     let request = policy::Request {
-        workload,
+        workload: prepared.workload,
+        uid: identity.uid,
         method: parts.method.as_str(),
-        host: &host,
-        port,
-        path: &path,
+        host: &prepared.host,
+        port: prepared.port,
+        path: &prepared.path,
+        headers: &parts.headers,
+        body,
+        at: jiff::Timestamp::now(),
     };
     match policy::decide(policy, &request) {
-        Decision::Deny(reason) => Err(Refused::policy(reason.code(), reason.to_string())),
+        Decision::Deny(reason) => {
+            record.rule = reason.rule().map(str::to_owned);
+            Err(Refused::policy(reason.code(), reason.to_string()))
+        }
         Decision::Allow { destination, rule } => {
             let dest = policy
-                .workload(workload)
+                .workload(prepared.workload)
                 .and_then(|w| w.destinations.get(destination))
-                .ok_or_else(|| Refused {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    reason: "internal_error",
-                    detail: "destination index out of range".into(),
-                    fault: Fault::Agent,
+                .ok_or_else(|| {
+                    Refused::status(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "destination index out of range".into(),
+                        Fault::Agent,
+                    )
                 })?;
             record.rule = Some(rule.rule_id().to_owned());
+            let limits = policy.rate_limits(prepared.workload, destination, &rule);
+            if let Err(limited) = limiter.check_all(limits, std::time::Instant::now()) {
+                let mut refused = Refused::status(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    limited.to_string(),
+                    Fault::Policy,
+                );
+                refused.retry_after = Some(limited.retry_after);
+                return Err(refused);
+            }
             Ok(Allowed {
-                rule: rule.rule_id().to_owned(),
-                target: path.as_request_target(),
+                rule: Some(rule.rule_id().to_owned()),
+                target: prepared.path.as_request_target(),
                 upstream: identity.original_dst,
-                host: dest.host.clone(),
+                host: Some(dest.host.clone()),
             })
         }
     }
@@ -193,16 +311,19 @@ fn authority(parts: &http::request::Parts) -> Result<(String, u16), Refused> {
 /// allowed: an IP literal must be that address; a DNS name must resolve to it.
 pub async fn confirm_address(resolver: &Resolver, allowed: &Allowed) -> Result<(), Refused> {
     let want = normalize(allowed.upstream).ip();
-    let ok = match &allowed.host {
+    let Some(host) = &allowed.host else {
+        return Err(Refused::policy(
+            "destination_not_allowed",
+            format!("no destination of the policy for {}", allowed.upstream),
+        ));
+    };
+    let ok = match host {
         Host::Ip(ip) => normalize(SocketAddr::new(*ip, 0)).ip() == want,
         Host::Name(name) => resolver
             .resolve(name, allowed.upstream.port())
             .await
-            .map_err(|detail| Refused {
-                status: StatusCode::BAD_GATEWAY,
-                reason: "resolve_failed",
-                detail,
-                fault: Fault::Upstream,
+            .map_err(|detail| {
+                Refused::status(StatusCode::BAD_GATEWAY, "resolve_failed", detail, Fault::Upstream)
             })?
             .contains(&want),
     };
@@ -212,8 +333,8 @@ pub async fn confirm_address(resolver: &Resolver, allowed: &Allowed) -> Result<(
         Err(Refused::policy(
             "destination_address_mismatch",
             format!(
-                "the connection was to {} which is not an address of {}",
-                allowed.upstream, allowed.host
+                "the connection was to {} which is not an address of {host}",
+                allowed.upstream
             ),
         ))
     }

@@ -46,7 +46,7 @@ pub enum ForwardError {
 /// The upstream HTTP client (pooled).
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<MarkedConnector, Incoming>,
+    client: Client<MarkedConnector, crate::pipeline::Body>,
 }
 
 impl Upstream {
@@ -64,7 +64,7 @@ impl Upstream {
     /// minus hop-by-hop ones.
     pub async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<crate::pipeline::Body>,
         addr: SocketAddr,
         target: &str,
     ) -> Result<Response<Incoming>, ForwardError> {

@@ -22,11 +22,11 @@ use tokio::net::TcpStream;
 
 use crate::{
     audit::{Auditor, Decision, Fault, Record},
-    decide::{self, Refused, Resolver},
+    decide::{self, Refused, Resolver, Verdict},
     detect::{self, Protocol},
     forward::Upstream,
     identify::{self, Identity, OriginTable},
-    policy,
+    policy::{self, RateLimiter},
     workloads::Resolution,
 };
 
@@ -62,11 +62,14 @@ pub struct Shared {
     pub upstream: Upstream,
     /// DNS cache for confirming destination names.
     pub resolver: Resolver,
+    /// Token buckets of the policies' rate limits (kept across reloads).
+    pub limiter: RateLimiter,
     /// How long a client may take to send its first bytes.
     pub detect_timeout: Duration,
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// The body type of requests and responses through the proxy.
+pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Serves one accepted connection.
 pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -153,16 +156,41 @@ pub async fn handle_request(
     record.request_id = Some(request_id.clone());
     let mut guard = shared.auditor.guard(record);
 
-    // decide
+    // decide, phase 1: identity, destination, canonical path
     let (parts, body) = req.into_parts();
-    let verdict = decide::check(&enforcement, identity, &parts, guard.record_mut());
-    let allowed = match verdict {
-        Ok(allowed) => allowed,
+    let prepared = match decide::prepare(&enforcement, identity, &parts, guard.record_mut()) {
+        Ok(prepared) => prepared,
         Err(refused) => return refuse(guard, &refused, &request_id),
     };
-    if let Err(refused) = decide::confirm_address(&shared.resolver, &allowed).await {
-        return refuse(guard, &refused, &request_id);
-    }
+    // the body, buffered and parsed only when a rule inspects it
+    let (json, body) = if prepared.needs_body {
+        match read_json_body(&parts, body, prepared.body_cap).await {
+            Ok((json, bytes)) => (Some(json), full_body(bytes)),
+            Err(refused) => return refuse(guard, &refused, &request_id),
+        }
+    } else {
+        (None, body.boxed())
+    };
+    // decide, phase 2
+    let verdict = decide::decide(
+        &enforcement,
+        identity,
+        &parts,
+        &prepared,
+        json.as_ref(),
+        &shared.limiter,
+        guard.record_mut(),
+    );
+    let (allowed, would_deny) = match verdict {
+        Verdict::Deny(refused) => return refuse(guard, &refused, &request_id),
+        Verdict::Allow(allowed) => {
+            if let Err(refused) = decide::confirm_address(&shared.resolver, &allowed).await {
+                return refuse(guard, &refused, &request_id);
+            }
+            (allowed, None)
+        }
+        Verdict::WouldDeny(allowed, refused) => (allowed, Some(refused)),
+    };
 
     // forward
     let req = Request::from_parts(parts, body);
@@ -174,17 +202,25 @@ pub async fn handle_request(
         Ok(response) => {
             let status = response.status().as_u16();
             // audit
-            guard.finish(Decision::Allow, Some(status), None, None);
+            match would_deny {
+                None => guard.finish(Decision::Allow, Some(status), None, None),
+                Some(refused) => guard.finish(
+                    Decision::WouldDeny,
+                    Some(status),
+                    Some(refused.reason),
+                    Some(Fault::Policy),
+                ),
+            }
             response.map(BodyExt::boxed)
         }
         Err(e) => {
             tracing::warn!(error = %e, "upstream request failed");
-            let refused = Refused {
-                status: StatusCode::BAD_GATEWAY,
-                reason: "upstream_unreachable",
-                detail: e.to_string(),
-                fault: Fault::Upstream,
-            };
+            let refused = Refused::status(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                e.to_string(),
+                Fault::Upstream,
+            );
             let workload = guard.record_mut().workload.clone();
             guard.finish(
                 Decision::Error,
@@ -195,6 +231,48 @@ pub async fn handle_request(
             json_response(&refused, workload.as_deref(), &request_id, "upstream_error")
         }
     }
+}
+
+/// Buffers the request body up to `cap` bytes and parses it as JSON.
+async fn read_json_body(
+    parts: &http::request::Parts,
+    body: Incoming,
+    cap: usize,
+) -> Result<(serde_json::Value, Bytes), Refused> {
+    let bytes = match http_body_util::Limited::new(body, cap).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Refused::status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body exceeds the {cap}-byte cap"),
+                Fault::Client,
+            ));
+        }
+        Err(e) => {
+            return Err(Refused::client(
+                "body_read_failed",
+                format!("reading the request body: {e}"),
+            ));
+        }
+    };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    match policy::parse_json_body(&bytes, content_type) {
+        Ok(json) => Ok((json, bytes)),
+        Err(e) => Err(Refused::status(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            e.code(),
+            e.to_string(),
+            Fault::Client,
+        )),
+    }
+}
+
+fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// Records a refusal and builds its response.
@@ -210,10 +288,12 @@ fn refuse(
         Some(refused.reason),
         Some(refused.fault),
     );
-    let error = if refused.status == StatusCode::FORBIDDEN {
-        "denied"
-    } else {
-        "bad_request"
+    let error = match refused.status {
+        StatusCode::FORBIDDEN => "denied",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::BAD_GATEWAY => "upstream_error",
+        _ => "bad_request",
     };
     json_response(refused, workload.as_deref(), request_id, error)
 }

@@ -142,6 +142,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         auditor: auditor.clone(),
         upstream: Upstream::new(AGENT_MARK),
         resolver: Resolver::default(),
+        limiter: crate::policy::RateLimiter::new(),
         detect_timeout: Duration::from_secs(10),
     });
     let control = Control {

@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::policy::{Selector, Snapshot, WorkloadId};
+use crate::policy::{Snapshot, WorkloadId};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -167,10 +167,7 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path, subtrees: &[Strin
     for (index, workload) in snapshot.workloads().iter().enumerate() {
         let id = WorkloadId(index as u32);
         for (path, _) in &tree {
-            let hit = match &workload.selector {
-                Selector::Cgroup(want) => path == want,
-                Selector::SystemdUnit(unit) => path.rsplit('/').next() == Some(unit.as_str()),
-            };
+            let hit = workload.selector.matches_cgroup_path(path);
             if hit {
                 direct.insert(path.as_str(), Some(id));
                 matched[index] = true;

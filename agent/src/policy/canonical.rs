@@ -15,8 +15,8 @@
 //!   percent-encodings stay encoded with uppercase hex (`%c3%a9` → `%C3%A9`);
 //! - rejected: an encoded `/` or `\`, a raw `\`, NUL (raw or `%00`), any other control
 //!   character (raw or encoded), invalid percent-encoding, a percent-decoded path that is
-//!   not valid UTF-8, a `;` (path parameters), raw non-ASCII characters and any other
-//!   character RFC 3986 does not allow in a path;
+//!   not valid UTF-8, a `;` (path parameters; see [`normalize_with`] for the opt-in), raw
+//!   non-ASCII characters and any other character RFC 3986 does not allow in a path;
 //! - dot-segments (`.` and `..`, including those spelled `%2e`) are resolved as in
 //!   RFC 3986 §5.2.4, but a `..` that would climb above the root is rejected;
 //! - an empty segment (`//`) is rejected; a single trailing `/` is removed, so `/a`, `/a/`
@@ -163,6 +163,23 @@ pub enum PathError {
         /// The offending request-target.
         target: String,
     },
+    /// With path parameters allowed: a segment whose name part (before the first `;`) is
+    /// empty, `.` or `..` (`..;/`, `.;x`, `;x`). Servers that strip path parameters would
+    /// see a dot-segment or an empty segment that normalisation did not resolve.
+    #[error("{target:?}: {}", self.problem())]
+    AmbiguousPathParameter {
+        /// The offending request-target.
+        target: String,
+    },
+}
+
+/// Options of [`normalize_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NormalizeOptions {
+    /// Accept `;` (path parameters) in path segments. The parameters stay part of the
+    /// segment, for matching and forwarding: `/a;v=1` has the one segment `a;v=1`. A
+    /// segment whose part before the first `;` is empty, `.` or `..` is still rejected.
+    pub allow_semicolon: bool,
 }
 
 impl PathError {
@@ -183,6 +200,7 @@ impl PathError {
             Self::PathParameter { .. } => "path_parameter",
             Self::EmptySegment { .. } => "empty_segment",
             Self::AboveRoot { .. } => "above_root",
+            Self::AmbiguousPathParameter { .. } => "ambiguous_path_parameter",
         }
     }
 
@@ -203,14 +221,24 @@ impl PathError {
             Self::PathParameter { .. } => "path parameters (';') are not allowed",
             Self::EmptySegment { .. } => "empty path segments ('//') are not allowed",
             Self::AboveRoot { .. } => "'..' climbs above the root",
+            Self::AmbiguousPathParameter { .. } => {
+                "a path parameter (';') on an empty or dot segment is ambiguous"
+            }
         }
     }
 }
 
 /// Normalises an origin-form request-target (`/a/b?x=1`) into its canonical form.
 ///
-/// See the module documentation for the rules.
+/// See the module documentation for the rules. Same as [`normalize_with`] with the
+/// default options (no `;`).
 pub fn normalize(target: &str) -> Result<CanonicalPath, PathError> {
+    normalize_with(target, NormalizeOptions::default())
+}
+
+/// [`normalize`] with options; use `allow_semicolon` only for a destination that opts in
+/// ([`Destination::allows_path_params`](super::Destination::allows_path_params)).
+pub fn normalize_with(target: &str, options: NormalizeOptions) -> Result<CanonicalPath, PathError> {
     let owned = || target.to_owned();
     if target.is_empty() {
         return Err(PathError::Empty);
@@ -229,13 +257,35 @@ pub fn normalize(target: &str) -> Result<CanonicalPath, PathError> {
         check_query(q, target)?;
     }
 
+    let path = match already_canonical(raw_path) {
+        Some(path) => path.to_owned(),
+        None => normalize_path(raw_path, target, options)?,
+    };
+    Ok(CanonicalPath {
+        path,
+        query: query.map(str::to_owned),
+    })
+}
+
+/// The full algorithm for the path part of `target`.
+fn normalize_path(
+    raw_path: &str,
+    target: &str,
+    options: NormalizeOptions,
+) -> Result<String, PathError> {
+    let owned = || target.to_owned();
     let raw_segments: Vec<&str> = raw_path[1..].split('/').collect();
     let last = raw_segments.len() - 1;
     let mut segments: Vec<String> = Vec::with_capacity(raw_segments.len());
     let mut offset = 1; // byte offset of the current segment in `target`
     for (i, raw) in raw_segments.iter().enumerate() {
-        let segment = decode_segment(raw, offset, target)?;
+        let segment = decode_segment(raw, offset, target, options)?;
         offset += raw.len() + 1;
+        if let Some((name, _)) = segment.split_once(';')
+            && matches!(name, "" | "." | "..")
+        {
+            return Err(PathError::AmbiguousPathParameter { target: owned() });
+        }
         match segment.as_str() {
             // A trailing '/' (and the root itself) is dropped; anything else empty is `//`.
             "" if i == last => {}
@@ -258,10 +308,32 @@ pub fn normalize(target: &str) -> Result<CanonicalPath, PathError> {
     if path.is_empty() {
         path.push('/');
     }
-    Ok(CanonicalPath {
-        path,
-        query: query.map(str::to_owned),
-    })
+    Ok(path)
+}
+
+/// The fast path: `raw_path` (starting with '/') without the trailing '/', if it is
+/// already canonical: only raw path characters (no '%', no ';'), no empty segment and no
+/// dot-segment. [`normalize_path`] would return exactly this, with any options.
+fn already_canonical(raw_path: &str) -> Option<&str> {
+    let path = match raw_path.strip_suffix('/') {
+        Some("") => return Some("/"),
+        Some(p) => p,
+        None => raw_path,
+    };
+    let bytes = path.as_bytes();
+    let mut segment_start = 1;
+    for i in 1..=bytes.len() {
+        if i == bytes.len() || bytes[i] == b'/' {
+            match &bytes[segment_start..i] {
+                b"" | b"." | b".." => return None,
+                _ => {}
+            }
+            segment_start = i + 1;
+        } else if !is_raw_pchar(bytes[i]) {
+            return None;
+        }
+    }
+    Some(path)
 }
 
 /// The query stays verbatim; it only must not smuggle bytes that no HTTP parser should pass.
@@ -307,7 +379,12 @@ fn is_raw_pchar(b: u8) -> bool {
 
 /// Decodes one path segment: unreserved escapes decoded, others re-emitted with uppercase
 /// hex. `offset` is the segment's byte offset in `target` (for error positions).
-fn decode_segment(raw: &str, offset: usize, target: &str) -> Result<String, PathError> {
+fn decode_segment(
+    raw: &str,
+    offset: usize,
+    target: &str,
+    options: NormalizeOptions,
+) -> Result<String, PathError> {
     let owned = || target.to_owned();
     let bytes = raw.as_bytes();
     let mut out = String::with_capacity(raw.len());
@@ -355,6 +432,7 @@ fn decode_segment(raw: &str, offset: usize, target: &str) -> Result<String, Path
         match b {
             0 => return Err(PathError::Nul { target: owned() }),
             b'\\' => return Err(PathError::Backslash { target: owned() }),
+            b';' if options.allow_semicolon => out.push(';'),
             b';' => return Err(PathError::PathParameter { target: owned() }),
             c if c.is_ascii_control() => return Err(PathError::ControlChar { target: owned() }),
             c if is_raw_pchar(c) => out.push(char::from(c)),
@@ -604,5 +682,73 @@ mod tests {
         );
         let e = normalize("/a b").expect_err("space");
         assert_eq!(e.to_string(), "\"/a b\": character not allowed here: ' '");
+    }
+
+    #[test]
+    fn path_parameters_when_allowed() {
+        let opts = NormalizeOptions {
+            allow_semicolon: true,
+        };
+        let cases: &[(&str, Expect)] = &[
+            ("/a;b", Ok("/a;b")),
+            ("/cars;color=red/x", Ok("/cars;color=red/x")),
+            ("/a;jsessionid=1?x=1", Ok("/a;jsessionid=1?x=1")),
+            ("/a;v=1/", Ok("/a;v=1")),
+            ("/%61;%62", Ok("/a;b")),
+            ("/a%3Bb", Ok("/a%3Bb")),
+            ("/a/..;/b", Err("ambiguous_path_parameter")),
+            ("/..;/", Err("ambiguous_path_parameter")),
+            ("/a/.;x/b", Err("ambiguous_path_parameter")),
+            ("/a/%2e%2e;/b", Err("ambiguous_path_parameter")),
+            ("/;x", Err("ambiguous_path_parameter")),
+            ("/a/;/b", Err("ambiguous_path_parameter")),
+            ("/a;b/../c", Ok("/c")),
+            ("/a;b//c", Err("empty_segment")),
+            ("/a;b%2fc", Err("encoded_slash")),
+            ("/a;b%00", Err("nul")),
+        ];
+        for (input, expected) in cases {
+            let got = normalize_with(input, opts)
+                .map(|c| c.as_request_target())
+                .map_err(|e| e.code());
+            let ok = match (&got, expected) {
+                (Ok(g), Ok(e)) => g == e,
+                (Err(g), Err(e)) => g == e,
+                _ => false,
+            };
+            assert!(ok, "{input:?}: expected {expected:?}, got {got:?}");
+        }
+        // Without the option, every ';' is refused.
+        assert_eq!(
+            normalize("/a;b").map_err(|e| e.code()),
+            Err("path_parameter")
+        );
+        assert_eq!(
+            normalize_with("/a;b", NormalizeOptions::default()).map_err(|e| e.code()),
+            Err("path_parameter")
+        );
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_full_algorithm() {
+        let mut fast = 0;
+        for (input, _) in CASES {
+            let raw_path = input.split(['?', '#']).next().unwrap_or_default();
+            if !raw_path.starts_with('/') {
+                continue;
+            }
+            if let Some(path) = already_canonical(raw_path) {
+                fast += 1;
+                for allow_semicolon in [false, true] {
+                    let options = NormalizeOptions { allow_semicolon };
+                    assert_eq!(
+                        normalize_path(raw_path, input, options).as_deref(),
+                        Ok(path),
+                        "{input:?}"
+                    );
+                }
+            }
+        }
+        assert!(fast >= 20, "{fast} fast-path cases");
     }
 }

@@ -1,27 +1,49 @@
 //! The decision: a pure function of the snapshot and one request.
 //!
-//! No I/O, no clock, and no allocation when the request is allowed. Everything is denied
-//! unless a rule allows it:
+//! No I/O and no clock (the request carries its instant). Everything is denied unless a
+//! rule allows it:
 //!
-//! 1. the workload must exist in the snapshot;
+//! 1. the workload must exist in the snapshot (`unknown_workload`), and if it has a
+//!    `select.uid`, the request must come from that uid (`uid_not_allowed`);
 //! 2. a destination must match the request's host (case-insensitively, IP literals as
-//!    addresses) and the ORIGINAL destination port;
-//! 3. one of that destination's rules must list the method (exact, uppercase) and match
-//!    the canonical path (case-sensitive). When several rules allow the request, the first
-//!    one in file order is reported.
+//!    addresses) and the ORIGINAL destination port (`destination_not_allowed`);
+//! 3. one of that destination's rules must allow the request: every check of the rule
+//!    holds, in this order: path (canonical, case-sensitive), method (exact), query,
+//!    headers, JSON body, time windows (the destination's and the rule's). When several
+//!    rules allow it, the first one in file order is reported.
+//!
+//! When no rule allows the request, the denial reports the "nearest" rule: among the
+//! rules whose path matched, the one that got furthest through the checks (ties: the
+//! first in file order), with its first failing check. No rule's path matching is
+//! `path_not_allowed`.
+//!
+//! The decision is the enforce-mode decision even for a workload in audit mode
+//! ([`Workload::mode`](super::Workload::mode)); the caller turns a `Deny` into "would
+//! deny". Rate limits are not part of the decision: after an `Allow`, the caller takes
+//! tokens with [`RateLimiter::check_all`](super::RateLimiter::check_all) for
+//! [`Snapshot::rate_limits`](super::Snapshot::rate_limits).
+//!
+//! An allowed request without query, header or body constraints allocates nothing.
 
 use std::fmt;
 use std::sync::Arc;
 
+use http::HeaderMap;
+use jiff::Timestamp;
+use serde_json::Value;
+
 use super::Snapshot;
 use super::canonical::CanonicalPath;
-use super::model::WorkloadId;
+use super::matchers::{QueryPairs, clip, parse_query};
+use super::model::{Destination, Rule, WorkloadId};
 
 /// One HTTP request, as seen by the proxy.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
     /// The calling workload, identified by the kernel.
     pub workload: WorkloadId,
+    /// The uid of the calling process, from the kernel.
+    pub uid: u32,
     /// The method, as received.
     pub method: &'a str,
     /// The host of the request's authority (Host header or `:authority`), port stripped,
@@ -29,8 +51,19 @@ pub struct Request<'a> {
     pub host: &'a str,
     /// The ORIGINAL destination port of the connection, from the kernel.
     pub port: u16,
-    /// The canonical path, from [`normalize`](super::canonical::normalize).
+    /// The canonical path (and raw query), from
+    /// [`normalize`](super::canonical::normalize) or, for a destination that
+    /// [allows path parameters](super::Destination::allows_path_params),
+    /// [`normalize_with`](super::canonical::normalize_with).
     pub path: &'a CanonicalPath,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+    /// The parsed JSON body ([`parse_json_body`](super::parse_json_body)), when the
+    /// caller buffered it because [`Destination::needs_body`] said so; `None` otherwise. A
+    /// rule with `json` constraints denies a request without a body (`body_required`).
+    pub body: Option<&'a Value>,
+    /// When the request arrived (the caller passes the current time), for `when`.
+    pub at: Timestamp,
 }
 
 /// The outcome of [`decide`].
@@ -72,6 +105,217 @@ impl RuleRef {
     pub fn index(&self) -> usize {
         self.index
     }
+
+    fn of(index: usize, rule: &Rule) -> Self {
+        RuleRef {
+            index,
+            id: Arc::clone(rule.id_arc()),
+        }
+    }
+}
+
+/// The checks of a rule, in evaluation order; a later check means a "nearer" rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Check {
+    /// The path pattern.
+    Path,
+    /// The method list.
+    Method,
+    /// `query` / `query_repeat`.
+    Query,
+    /// `headers`.
+    Headers,
+    /// `json` (and the presence of a body).
+    Json,
+    /// `when`, of the destination and of the rule.
+    When,
+}
+
+impl Check {
+    /// The check's name: `path`, `method`, `query`, `headers`, `json` or `when`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Path => "path",
+            Check::Method => "method",
+            Check::Query => "query",
+            Check::Headers => "headers",
+            Check::Json => "json",
+            Check::When => "when",
+        }
+    }
+}
+
+/// Why one rule did not allow a request: its first failing check. Never contains header
+/// values, query values or body values (they may be secrets); names are clipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RuleFailure {
+    /// The rule's path pattern does not match the canonical path.
+    PathNotMatched {
+        /// The rule's pattern.
+        pattern: String,
+    },
+    /// The method is not in the rule's list.
+    MethodNotAllowed {
+        /// The request's method (clipped).
+        method: String,
+        /// The rule's methods, comma-separated.
+        allowed: String,
+    },
+    /// The query cannot be parsed unambiguously.
+    InvalidQuery {
+        /// What is wrong.
+        detail: String,
+    },
+    /// A query parameter the rule does not list, or lists as `absent`.
+    QueryParamNotAllowed {
+        /// The decoded name.
+        name: String,
+    },
+    /// A query parameter appears more than once and is not in `query_repeat`.
+    QueryParamRepeated {
+        /// The decoded name.
+        name: String,
+    },
+    /// A query parameter's value fails its `one_of` or `pattern`.
+    QueryValueNotAllowed {
+        /// The decoded name.
+        name: String,
+        /// The constraint.
+        expected: String,
+    },
+    /// A `present`, `one_of` or `pattern` query parameter is missing.
+    QueryParamRequired {
+        /// The name.
+        name: String,
+    },
+    /// A header's value fails its `one_of` or `pattern` (or is not text).
+    HeaderNotAllowed {
+        /// The lowercase name.
+        name: String,
+        /// The constraint.
+        expected: String,
+    },
+    /// A `required`, `one_of` or `pattern` header is missing.
+    HeaderRequired {
+        /// The lowercase name.
+        name: String,
+    },
+    /// A `forbidden` header is present.
+    HeaderForbidden {
+        /// The lowercase name.
+        name: String,
+    },
+    /// A constrained header is present more than once.
+    DuplicateHeader {
+        /// The lowercase name.
+        name: String,
+    },
+    /// The rule has `json` constraints but the request has no parsed body.
+    BodyRequired,
+    /// A `json` constraint fails.
+    JsonConstraintFailed {
+        /// The field path.
+        field: String,
+        /// What the field must be (or `is missing`).
+        constraint: String,
+    },
+    /// The request's time is outside a `when` window.
+    OutsideTimeWindow {
+        /// `destination` or `rule`: whose window.
+        scope: &'static str,
+        /// The window, e.g. `mon,tue 08:00-18:00 (Europe/Berlin)`.
+        window: String,
+        /// The request's local time in the window's zone.
+        local: String,
+    },
+}
+
+impl RuleFailure {
+    /// The stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RuleFailure::PathNotMatched { .. } => "path_not_allowed",
+            RuleFailure::MethodNotAllowed { .. } => "method_not_allowed",
+            RuleFailure::InvalidQuery { .. } => "invalid_query",
+            RuleFailure::QueryParamNotAllowed { .. } => "query_param_not_allowed",
+            RuleFailure::QueryParamRepeated { .. } => "query_param_repeated",
+            RuleFailure::QueryValueNotAllowed { .. } => "query_value_not_allowed",
+            RuleFailure::QueryParamRequired { .. } => "query_param_required",
+            RuleFailure::HeaderNotAllowed { .. } => "header_not_allowed",
+            RuleFailure::HeaderRequired { .. } => "header_required",
+            RuleFailure::HeaderForbidden { .. } => "header_forbidden",
+            RuleFailure::DuplicateHeader { .. } => "duplicate_header",
+            RuleFailure::BodyRequired => "body_required",
+            RuleFailure::JsonConstraintFailed { .. } => "json_constraint_failed",
+            RuleFailure::OutsideTimeWindow { .. } => "outside_time_window",
+        }
+    }
+
+    /// The check that failed.
+    pub fn check(&self) -> Check {
+        match self {
+            RuleFailure::PathNotMatched { .. } => Check::Path,
+            RuleFailure::MethodNotAllowed { .. } => Check::Method,
+            RuleFailure::InvalidQuery { .. }
+            | RuleFailure::QueryParamNotAllowed { .. }
+            | RuleFailure::QueryParamRepeated { .. }
+            | RuleFailure::QueryValueNotAllowed { .. }
+            | RuleFailure::QueryParamRequired { .. } => Check::Query,
+            RuleFailure::HeaderNotAllowed { .. }
+            | RuleFailure::HeaderRequired { .. }
+            | RuleFailure::HeaderForbidden { .. }
+            | RuleFailure::DuplicateHeader { .. } => Check::Headers,
+            RuleFailure::BodyRequired | RuleFailure::JsonConstraintFailed { .. } => Check::Json,
+            RuleFailure::OutsideTimeWindow { .. } => Check::When,
+        }
+    }
+}
+
+impl fmt::Display for RuleFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleFailure::PathNotMatched { pattern } => {
+                write!(f, "the path does not match {pattern}")
+            }
+            RuleFailure::MethodNotAllowed { method, allowed } => {
+                write!(f, "method {method} is not allowed (allowed: {allowed})")
+            }
+            RuleFailure::InvalidQuery { detail } => write!(f, "invalid query: {detail}"),
+            RuleFailure::QueryParamNotAllowed { name } => {
+                write!(f, "query parameter {name:?} is not allowed")
+            }
+            RuleFailure::QueryParamRepeated { name } => {
+                write!(f, "query parameter {name:?} may appear only once")
+            }
+            RuleFailure::QueryValueNotAllowed { name, expected } => {
+                write!(f, "query parameter {name:?} must be {expected}")
+            }
+            RuleFailure::QueryParamRequired { name } => {
+                write!(f, "query parameter {name:?} is required")
+            }
+            RuleFailure::HeaderNotAllowed { name, expected } => {
+                write!(f, "header {name} must be {expected}")
+            }
+            RuleFailure::HeaderRequired { name } => write!(f, "header {name} is required"),
+            RuleFailure::HeaderForbidden { name } => write!(f, "header {name} is forbidden"),
+            RuleFailure::DuplicateHeader { name } => {
+                write!(f, "header {name} appears more than once")
+            }
+            RuleFailure::BodyRequired => {
+                f.write_str("the rule inspects the JSON body, but there is none")
+            }
+            RuleFailure::JsonConstraintFailed { field, constraint } => {
+                write!(f, "json field {field} {constraint}")
+            }
+            RuleFailure::OutsideTimeWindow {
+                scope,
+                window,
+                local,
+            } => write!(f, "{local} is outside the {scope}'s time window {window}"),
+        }
+    }
 }
 
 /// Why a request was denied.
@@ -80,21 +324,33 @@ impl RuleRef {
 pub enum DenyReason {
     /// The workload is not in the snapshot.
     UnknownWorkload,
+    /// The workload's `select.uid` does not match the caller's uid.
+    UidNotAllowed {
+        /// The caller's uid.
+        uid: u32,
+        /// The uid the policy requires.
+        required: u32,
+    },
     /// No destination of the workload has this host and port.
     NoDestination {
-        /// The request's host, as received.
+        /// The request's host, as received (clipped).
         host: String,
         /// The original destination port.
         port: u16,
     },
-    /// The destination is allowed but none of its rules allows the request.
+    /// No rule of the destination matches the path.
     NoRuleMatched {
-        /// The request's method, as received.
+        /// The request's method, as received (clipped).
         method: String,
         /// The canonical path.
         path: String,
-        /// Whether some rule matched the path (so only the method was not allowed).
-        path_matched: bool,
+    },
+    /// Rules matched the path, but none allowed the request; this is the nearest one.
+    RuleFailed {
+        /// The id of the rule that got furthest.
+        rule: String,
+        /// Its first failing check.
+        failure: RuleFailure,
     },
 }
 
@@ -103,14 +359,18 @@ impl DenyReason {
     pub fn code(&self) -> &'static str {
         match self {
             DenyReason::UnknownWorkload => "unknown_workload",
+            DenyReason::UidNotAllowed { .. } => "uid_not_allowed",
             DenyReason::NoDestination { .. } => "destination_not_allowed",
-            DenyReason::NoRuleMatched {
-                path_matched: true, ..
-            } => "method_not_allowed",
-            DenyReason::NoRuleMatched {
-                path_matched: false,
-                ..
-            } => "path_not_allowed",
+            DenyReason::NoRuleMatched { .. } => "path_not_allowed",
+            DenyReason::RuleFailed { failure, .. } => failure.code(),
+        }
+    }
+
+    /// The nearest rule, for denials by a rule's check.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            DenyReason::RuleFailed { rule, .. } => Some(rule),
+            _ => None,
         }
     }
 }
@@ -119,23 +379,87 @@ impl fmt::Display for DenyReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DenyReason::UnknownWorkload => f.write_str("the caller is not a known workload"),
+            DenyReason::UidNotAllowed { uid, required } => {
+                write!(
+                    f,
+                    "uid {uid} is not allowed (the workload requires uid {required})"
+                )
+            }
             DenyReason::NoDestination { host, port } if host.contains(':') => {
                 write!(f, "destination [{host}]:{port} is not allowed")
             }
             DenyReason::NoDestination { host, port } => {
                 write!(f, "destination {host}:{port} is not allowed")
             }
-            DenyReason::NoRuleMatched {
-                method,
-                path,
-                path_matched: true,
-            } => write!(f, "method {method} is not allowed for {path}"),
-            DenyReason::NoRuleMatched {
-                method,
-                path,
-                path_matched: false,
-            } => write!(f, "no rule allows {method} {path}"),
+            DenyReason::NoRuleMatched { method, path } => {
+                write!(f, "no rule allows {method} {path}")
+            }
+            DenyReason::RuleFailed { rule, failure } => write!(f, "rule {rule}: {failure}"),
         }
+    }
+}
+
+/// Evaluates rules against one request, parsing the query at most once.
+pub(crate) struct Evaluator<'r, 'a> {
+    req: &'r Request<'a>,
+    query: Option<Result<QueryPairs<'a>, String>>,
+}
+
+impl<'r, 'a> Evaluator<'r, 'a> {
+    pub(crate) fn new(req: &'r Request<'a>) -> Self {
+        Evaluator { req, query: None }
+    }
+
+    /// Every check of `rule` (a rule of `dest`) except the path, in order.
+    pub(crate) fn check_rule(
+        &mut self,
+        dest: &Destination,
+        rule: &Rule,
+    ) -> Result<(), RuleFailure> {
+        let req = self.req;
+        if !rule.allows_method(req.method) {
+            return Err(RuleFailure::MethodNotAllowed {
+                method: clip(req.method),
+                allowed: rule.methods().collect::<Vec<_>>().join(", "),
+            });
+        }
+        if let Some(query) = rule.query() {
+            let path: &'a CanonicalPath = req.path;
+            let parsed = self
+                .query
+                .get_or_insert_with(|| parse_query(path.query().unwrap_or_default()));
+            match parsed {
+                Ok(pairs) => query.check(pairs)?,
+                Err(detail) => {
+                    return Err(RuleFailure::InvalidQuery {
+                        detail: detail.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(headers) = rule.headers() {
+            headers.check(req.headers)?;
+        }
+        if rule.needs_body() {
+            let Some(body) = req.body else {
+                return Err(RuleFailure::BodyRequired);
+            };
+            for constraint in rule.json() {
+                constraint.check(body)?;
+            }
+        }
+        for (scope, window) in [("destination", dest.when()), ("rule", rule.when())] {
+            if let Some(window) = window
+                && !window.contains(req.at)
+            {
+                return Err(RuleFailure::OutsideTimeWindow {
+                    scope,
+                    window: window.to_string(),
+                    local: window.local_time(req.at),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -144,39 +468,54 @@ pub fn decide(snapshot: &Snapshot, req: &Request<'_>) -> Decision {
     let Some(workload) = snapshot.workload(req.workload) else {
         return Decision::Deny(DenyReason::UnknownWorkload);
     };
-    let found = workload
-        .destinations
-        .iter()
-        .enumerate()
-        .find(|(_, d)| d.port == req.port && d.host.matches_authority(req.host));
-    let Some((destination, dest)) = found else {
+    if let Some(required) = workload.uid
+        && required != req.uid
+    {
+        return Decision::Deny(DenyReason::UidNotAllowed {
+            uid: req.uid,
+            required,
+        });
+    }
+    let Some((destination, dest)) = workload.destination_for(req.host, req.port) else {
         return Decision::Deny(DenyReason::NoDestination {
-            host: req.host.to_owned(),
+            host: clip(req.host),
             port: req.port,
         });
     };
 
     let rules = dest.rules();
-    let mut best: Option<usize> = None;
-    let mut path_matched = false;
+    let mut eval = Evaluator::new(req);
+    let mut allowed: Option<usize> = None;
+    let mut nearest: Option<(usize, RuleFailure)> = None;
     dest.routes().for_each_match(req.path.path(), &mut |index| {
-        path_matched = true;
-        if best.is_none_or(|b| index < b) && rules[index].allows_method(req.method) {
-            best = Some(index);
+        if allowed.is_some_and(|a| a < index) {
+            return;
+        }
+        match eval.check_rule(dest, &rules[index]) {
+            Ok(()) => allowed = Some(index),
+            Err(failure) => {
+                let nearer = nearest.as_ref().is_none_or(|(i, best)| {
+                    failure.check() > best.check()
+                        || (failure.check() == best.check() && index < *i)
+                });
+                if nearer {
+                    nearest = Some((index, failure));
+                }
+            }
         }
     });
-    match best {
-        Some(index) => Decision::Allow {
+    match (allowed, nearest) {
+        (Some(index), _) => Decision::Allow {
             destination,
-            rule: RuleRef {
-                index,
-                id: Arc::clone(rules[index].id_arc()),
-            },
+            rule: RuleRef::of(index, &rules[index]),
         },
-        None => Decision::Deny(DenyReason::NoRuleMatched {
-            method: req.method.to_owned(),
+        (None, Some((index, failure))) => Decision::Deny(DenyReason::RuleFailed {
+            rule: rules[index].id().to_owned(),
+            failure,
+        }),
+        (None, None) => Decision::Deny(DenyReason::NoRuleMatched {
+            method: clip(req.method),
             path: req.path.path().to_owned(),
-            path_matched,
         }),
     }
 }
@@ -185,7 +524,9 @@ pub fn decide(snapshot: &Snapshot, req: &Request<'_>) -> Decision {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
-    use crate::policy::canonical::normalize;
+    use crate::policy::canonical::{normalize, normalize_with};
+    use crate::policy::{Mode, RateLimiter, Selector, parse_json_body};
+    use http::{HeaderName, HeaderValue};
 
     const BILLING: &str = "\
 workload: billing
@@ -335,16 +676,21 @@ egress:
     #[test]
     fn table() {
         let snap = snapshot();
+        let headers = HeaderMap::new();
         let mut failures = Vec::new();
         for &(workload, method, host, port, target, expected) in CASES {
             let path = normalize(target).unwrap();
             let id = snap.workload_by_name(workload).unwrap();
             let req = Request {
                 workload: id,
+                uid: 0,
                 method,
                 host,
                 port,
                 path: &path,
+                headers: &headers,
+                body: None,
+                at: Timestamp::UNIX_EPOCH,
             };
             let got = match decide(&snap, &req) {
                 Decision::Allow { destination, rule } => {
@@ -373,12 +719,17 @@ egress:
     fn allow_reports_destination_index() {
         let snap = snapshot();
         let path = normalize("/v1/charges/1").unwrap();
+        let headers = HeaderMap::new();
         let req = Request {
             workload: snap.workload_by_name("billing").unwrap(),
+            uid: 0,
             method: "DELETE",
             host: "api.example.com",
             port: 8443,
             path: &path,
+            headers: &headers,
+            body: None,
+            at: Timestamp::UNIX_EPOCH,
         };
         match decide(&snap, &req) {
             Decision::Allow { destination, rule } => {
@@ -393,12 +744,17 @@ egress:
     #[test]
     fn unknown_workload_and_empty_snapshot() {
         let path = normalize("/").unwrap();
+        let headers = HeaderMap::new();
         let req = Request {
             workload: WorkloadId(0),
+            uid: 0,
             method: "GET",
             host: "api.example.com",
             port: 443,
             path: &path,
+            headers: &headers,
+            body: None,
+            at: Timestamp::UNIX_EPOCH,
         };
         let d = decide(&Snapshot::empty(), &req);
         assert_eq!(d, Decision::Deny(DenyReason::UnknownWorkload));
@@ -436,24 +792,619 @@ egress:
                 "destination [::1]:80 is not allowed",
             ),
             (
-                DenyReason::NoRuleMatched {
-                    method: "PUT".into(),
-                    path: "/a".into(),
-                    path_matched: true,
+                DenyReason::RuleFailed {
+                    rule: "r1".into(),
+                    failure: RuleFailure::MethodNotAllowed {
+                        method: "PUT".into(),
+                        allowed: "GET, HEAD".into(),
+                    },
                 },
-                "method PUT is not allowed for /a",
+                "rule r1: method PUT is not allowed (allowed: GET, HEAD)",
             ),
             (
                 DenyReason::NoRuleMatched {
                     method: "GET".into(),
                     path: "/b".into(),
-                    path_matched: false,
                 },
                 "no rule allows GET /b",
+            ),
+            (
+                DenyReason::UidNotAllowed {
+                    uid: 0,
+                    required: 1001,
+                },
+                "uid 0 is not allowed (the workload requires uid 1001)",
             ),
         ];
         for (reason, message) in cases {
             assert_eq!(reason.to_string(), message);
+        }
+    }
+
+    const SHOP: &str = "\
+workload: shop
+select:
+  cgroup: /system.slice/shop-*.service
+  uid: 1001
+mode: audit
+egress:
+  - host: api.example.com
+    port: 443
+    rate: 100/minute
+    rules:
+      - id: list-orders
+        methods: [GET]
+        path: /v1/orders
+        query:
+          limit: {pattern: '[0-9]{1,3}'}
+          status: {one_of: [open, closed]}
+          cursor: any
+          expand: absent
+          tag: any
+        query_repeat: [tag]
+      - id: get-order
+        methods: [GET]
+        path: /v1/orders/{id:[0-9]+}
+        headers:
+          X-Api-Version: {one_of: ['2024-01-01']}
+          x-debug: forbidden
+      - id: create-charge
+        methods: [POST]
+        path: /v1/charges
+        rate: 5/second
+        headers:
+          content-type: {pattern: 'application/json(; ?charset=utf-8)?'}
+        json:
+          - {field: currency, one_of: [usd, eur]}
+          - {field: amount, min: 1, max: 100000}
+      - id: office-hours
+        methods: [DELETE]
+        path: /v1/orders/{id}
+        when: {days: [mon, tue, wed, thu, fri], hours: '08:00-18:00', timezone: Europe/Berlin}
+  - host: batch.example.com
+    port: 443
+    when: {hours: '22:00-06:00', timezone: UTC}
+    rules:
+      - id: nightly
+        methods: [POST]
+        path: /jobs
+  - host: matrix.example.com
+    port: 80
+    path_params: true
+    rules:
+      - id: cars
+        methods: [GET]
+        path: /{c:cars(;[a-z]+=[a-z]+)*}
+";
+
+    fn shop() -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shop.yaml"), SHOP).unwrap();
+        Snapshot::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One request of the v1 table, with defaults: uid 1001, Monday 2024-06-03 12:00
+    /// in Berlin, no headers, no body.
+    struct Case {
+        method: &'static str,
+        host: &'static str,
+        target: &'static str,
+        headers: Vec<(&'static str, &'static str)>,
+        body: Option<&'static str>,
+        at: &'static str,
+        uid: u32,
+    }
+
+    fn case(method: &'static str, host: &'static str, target: &'static str) -> Case {
+        Case {
+            method,
+            host,
+            target,
+            headers: Vec::new(),
+            body: None,
+            at: "2024-06-03T10:00:00Z",
+            uid: 1001,
+        }
+    }
+
+    impl Case {
+        fn h(mut self, name: &'static str, value: &'static str) -> Self {
+            self.headers.push((name, value));
+            self
+        }
+        fn json(self, body: &'static str) -> Self {
+            Case {
+                body: Some(body),
+                ..self.h("content-type", "application/json")
+            }
+        }
+        fn at(self, at: &'static str) -> Self {
+            Case { at, ..self }
+        }
+        fn uid(self, uid: u32) -> Self {
+            Case { uid, ..self }
+        }
+
+        /// Runs the case the way the proxy does; `Ok(rule)` or `Err(code)`.
+        fn run(&self, snap: &Snapshot) -> Result<String, String> {
+            let id = snap.workload_by_name("shop").unwrap();
+            let w = snap.workload(id).unwrap();
+            let options = w
+                .destination_for(self.host, 443)
+                .or_else(|| w.destination_for(self.host, 80))
+                .map(|(_, d)| d.normalize_options())
+                .unwrap_or_default();
+            let port = if self.host.starts_with("matrix") {
+                80
+            } else {
+                443
+            };
+            let path = normalize_with(self.target, options).map_err(|e| e.code().to_owned())?;
+            let mut headers = HeaderMap::new();
+            for (n, v) in &self.headers {
+                headers.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_static(v),
+                );
+            }
+            let dest = w.destination_for(self.host, port).map(|(_, d)| d);
+            let needs_body = dest.is_some_and(|d| d.needs_body(self.method, &path));
+            let body = match (needs_body, self.body) {
+                (true, Some(b)) => Some(
+                    parse_json_body(b.as_bytes(), Some("application/json"))
+                        .map_err(|e| e.code().to_owned())?,
+                ),
+                _ => None,
+            };
+            let req = Request {
+                workload: id,
+                uid: self.uid,
+                method: self.method,
+                host: self.host,
+                port,
+                path: &path,
+                headers: &headers,
+                body: body.as_ref(),
+                at: self.at.parse().unwrap(),
+            };
+            match decide(snap, &req) {
+                Decision::Allow { rule, .. } => Ok(rule.rule_id().to_owned()),
+                Decision::Deny(reason) => Err(reason.code().to_owned()),
+            }
+        }
+    }
+
+    #[test]
+    fn v1_matchers_table() {
+        const API: &str = "api.example.com";
+        const V: &str = "x-api-version";
+        let charge = r#"{"currency": "usd", "amount": 100}"#;
+        let cases: Vec<(Case, Result<&str, &str>)> = vec![
+            // query
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open"),
+                Ok("list-orders"),
+            ),
+            (
+                case("GET", API, "/v1/orders?status=closed&limit=1&cursor=abc"),
+                Ok("list-orders"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open&tag=a&tag=b"),
+                Ok("list-orders"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=%6Fpen"),
+                Ok("list-orders"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10"),
+                Err("query_param_required"),
+            ),
+            (case("GET", API, "/v1/orders/"), Err("query_param_required")),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open&x=1"),
+                Err("query_param_not_allowed"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open&expand=items"),
+                Err("query_param_not_allowed"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&limit=20&status=open"),
+                Err("query_param_repeated"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=1&status=open&status=closed"),
+                Err("query_param_repeated"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=1000&status=open"),
+                Err("query_value_not_allowed"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=OPEN"),
+                Err("query_value_not_allowed"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=%zz&status=open"),
+                Err("invalid_query"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=1&status=open;x=1"),
+                Err("invalid_query"),
+            ),
+            (
+                case("POST", API, "/v1/orders?limit=10&status=open"),
+                Err("method_not_allowed"),
+            ),
+            // headers, and a constrained {id:[0-9]+}
+            (
+                case("GET", API, "/v1/orders/42").h(V, "2024-01-01"),
+                Ok("get-order"),
+            ),
+            (
+                case("GET", API, "/v1/orders/42").h("X-API-Version", "2024-01-01"),
+                Ok("get-order"),
+            ),
+            (case("GET", API, "/v1/orders/42"), Err("header_required")),
+            (
+                case("GET", API, "/v1/orders/42").h(V, "2023-01-01"),
+                Err("header_not_allowed"),
+            ),
+            (
+                case("GET", API, "/v1/orders/42")
+                    .h(V, "2024-01-01")
+                    .h(V, "2024-01-01"),
+                Err("duplicate_header"),
+            ),
+            (
+                case("GET", API, "/v1/orders/42")
+                    .h(V, "2023-01-01")
+                    .h(V, "2024-01-01"),
+                Err("duplicate_header"),
+            ),
+            (
+                case("GET", API, "/v1/orders/42")
+                    .h(V, "2024-01-01")
+                    .h("x-debug", "1"),
+                Err("header_forbidden"),
+            ),
+            // {id:[0-9]+} does not match; the {id} rule only allows DELETE
+            (
+                case("GET", API, "/v1/orders/abc").h(V, "2024-01-01"),
+                Err("method_not_allowed"),
+            ),
+            // json
+            (
+                case("POST", API, "/v1/charges").json(charge),
+                Ok("create-charge"),
+            ),
+            (
+                case("POST", API, "/v1/charges").json(r#"{"currency": "eur", "amount": 100000.0}"#),
+                Ok("create-charge"),
+            ),
+            (
+                case("POST", API, "/v1/charges").h("content-type", "application/json"),
+                Err("body_required"),
+            ),
+            (
+                case("POST", API, "/v1/charges").json(r#"{"currency": "usd", "amount": 0}"#),
+                Err("json_constraint_failed"),
+            ),
+            (
+                case("POST", API, "/v1/charges").json(r#"{"currency": "gbp", "amount": 1}"#),
+                Err("json_constraint_failed"),
+            ),
+            (
+                case("POST", API, "/v1/charges").json(r#"{"amount": 1}"#),
+                Err("json_constraint_failed"),
+            ),
+            (
+                case("POST", API, "/v1/charges")
+                    .json(r#"{"currency": "usd", "currency": "gbp", "amount": 1}"#),
+                Err("duplicate_json_key"),
+            ),
+            (
+                case("POST", API, "/v1/charges").h("content-type", "text/plain"),
+                Err("header_not_allowed"),
+            ),
+            // when (rule)
+            (case("DELETE", API, "/v1/orders/42"), Ok("office-hours")),
+            (
+                case("DELETE", API, "/v1/orders/42").at("2024-06-03T06:00:00Z"),
+                Ok("office-hours"),
+            ),
+            (
+                case("DELETE", API, "/v1/orders/42").at("2024-06-03T05:59:59Z"),
+                Err("outside_time_window"),
+            ),
+            (
+                case("DELETE", API, "/v1/orders/42").at("2024-06-03T16:00:00Z"),
+                Err("outside_time_window"),
+            ),
+            (
+                case("DELETE", API, "/v1/orders/42").at("2024-06-08T10:00:00Z"),
+                Err("outside_time_window"),
+            ),
+            // when (destination), crossing midnight
+            (
+                case("POST", "batch.example.com", "/jobs").at("2024-06-03T23:00:00Z"),
+                Ok("nightly"),
+            ),
+            (
+                case("POST", "batch.example.com", "/jobs").at("2024-06-04T05:59:00Z"),
+                Ok("nightly"),
+            ),
+            (
+                case("POST", "batch.example.com", "/jobs"),
+                Err("outside_time_window"),
+            ),
+            (
+                case("POST", "batch.example.com", "/other").at("2024-06-03T23:00:00Z"),
+                Err("path_not_allowed"),
+            ),
+            // uid
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open").uid(1002),
+                Err("uid_not_allowed"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open").uid(0),
+                Err("uid_not_allowed"),
+            ),
+            // path parameters, only where the destination opts in
+            (case("GET", "matrix.example.com", "/cars"), Ok("cars")),
+            (
+                case("GET", "matrix.example.com", "/cars;color=red"),
+                Ok("cars"),
+            ),
+            (
+                case("GET", "matrix.example.com", "/cars;color=red;size=xl"),
+                Ok("cars"),
+            ),
+            (
+                case("GET", "matrix.example.com", "/cars;Color=red"),
+                Err("path_not_allowed"),
+            ),
+            (
+                case("GET", "matrix.example.com", "/..;/cars"),
+                Err("ambiguous_path_parameter"),
+            ),
+            (case("GET", API, "/v1/orders;x=1"), Err("path_parameter")),
+            // destinations and paths
+            (case("GET", API, "/nope"), Err("path_not_allowed")),
+            (
+                case("GET", "evil.example.com", "/v1/orders"),
+                Err("destination_not_allowed"),
+            ),
+        ];
+        let snap = shop();
+        let mut failures = Vec::new();
+        for (c, expected) in &cases {
+            let got = c.run(&snap);
+            if got.as_deref().map_err(String::as_str) != *expected {
+                failures.push(format!(
+                    "{} {}{} {:?} body={:?} at={} uid={}: expected {expected:?}, got {got:?}",
+                    c.method, c.host, c.target, c.headers, c.body, c.at, c.uid
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn denial_names_the_nearest_rule() {
+        let snap = shop();
+        let id = snap.workload_by_name("shop").unwrap();
+        let headers = HeaderMap::new();
+        let decide_path = |method: &str, target: &str| {
+            let path = normalize(target).unwrap();
+            let req = Request {
+                workload: id,
+                uid: 1001,
+                method,
+                host: "api.example.com",
+                port: 443,
+                path: &path,
+                headers: &headers,
+                body: None,
+                at: "2024-06-08T10:00:00Z".parse().unwrap(),
+            };
+            match decide(&snap, &req) {
+                Decision::Deny(reason) => reason,
+                other => panic!("{other:?}"),
+            }
+        };
+        // /v1/orders/42: get-order (path, method ok; fails headers) is nearer than
+        // office-hours (fails method).
+        let reason = decide_path("GET", "/v1/orders/42");
+        assert_eq!(reason.rule(), Some("get-order"));
+        assert_eq!(
+            reason.to_string(),
+            "rule get-order: header x-api-version is required"
+        );
+        // DELETE: office-hours gets to `when` (Saturday); get-order stops at the method.
+        let reason = decide_path("DELETE", "/v1/orders/42");
+        assert_eq!(
+            reason.to_string(),
+            "rule office-hours: sat 2024-06-08 12:00:00 Europe/Berlin is outside the rule's \
+             time window mon,tue,wed,thu,fri 08:00-18:00 (Europe/Berlin)"
+        );
+        // Values never appear, names do.
+        let reason = decide_path("GET", "/v1/orders?limit=10&status=open&secret=hunter2");
+        assert_eq!(
+            reason.to_string(),
+            "rule list-orders: query parameter \"secret\" is not allowed"
+        );
+        let reason = decide_path("GET", "/v1/orders?limit=10&status=hunter2");
+        assert_eq!(
+            reason.to_string(),
+            "rule list-orders: query parameter \"status\" must be one of [\"open\", \"closed\"]"
+        );
+        let reason = decide_path("PUT", "/v1/charges");
+        assert_eq!(
+            reason.to_string(),
+            "rule create-charge: method PUT is not allowed (allowed: POST)"
+        );
+        assert_eq!(reason.code(), "method_not_allowed");
+    }
+
+    #[test]
+    fn workload_accessors_rates_and_body_needs() {
+        let snap = shop();
+        let id = snap.workload_by_name("shop").unwrap();
+        let w = snap.workload(id).unwrap();
+        assert_eq!(w.mode(), Mode::Audit);
+        assert_eq!(w.uid, Some(1001));
+        assert_eq!(w.body_cap(), crate::policy::DEFAULT_BODY_CAP);
+        assert_eq!(
+            w.selector,
+            Selector::CgroupGlob("/system.slice/shop-*.service".into())
+        );
+        assert!(
+            w.selector
+                .matches_cgroup_path("/system.slice/shop-eu.service")
+        );
+        let (d, api) = w.destination_for("API.example.com", 443).unwrap();
+        assert_eq!(d, 0);
+        assert!(!api.allows_path_params());
+        assert!(
+            w.destination_for("matrix.example.com", 80)
+                .unwrap()
+                .1
+                .allows_path_params()
+        );
+
+        let path = |t: &str| normalize(t).unwrap();
+        assert!(api.needs_body("POST", &path("/v1/charges")));
+        assert!(api.needs_body("POST", &path("/v1/charges/")));
+        assert!(!api.needs_body("GET", &path("/v1/charges")));
+        assert!(!api.needs_body("POST", &path("/v1/orders")));
+        assert!(api.rules()[2].needs_body());
+        assert!(!api.rules()[0].needs_body());
+
+        // rate limits: the destination's, then the rule's; stable keys.
+        let charge = crate::policy::RuleRef::of(2, &api.rules()[2]);
+        let limits: Vec<String> = snap
+            .rate_limits(id, 0, &charge)
+            .map(|(k, l)| format!("{l} {k}"))
+            .collect();
+        assert_eq!(
+            limits,
+            [
+                "100/minute workload shop destination api.example.com:443",
+                "5/second workload shop destination api.example.com:443 rule create-charge \
+                 (/v1/charges)"
+            ]
+        );
+        let list = crate::policy::RuleRef::of(0, &api.rules()[0]);
+        assert_eq!(snap.rate_limits(id, 0, &list).count(), 1);
+        assert_eq!(snap.rate_limits(id, 1, &list).count(), 0);
+        assert_eq!(snap.rate_limits(id, 9, &list).count(), 0);
+
+        // The caller's loop: decide, then charge the buckets.
+        let limiter = RateLimiter::new();
+        let now = std::time::Instant::now();
+        let passed = (0..10)
+            .filter(|_| {
+                limiter
+                    .check_all(snap.rate_limits(id, 0, &charge), now)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(passed, 5);
+        // A reloaded snapshot shares the buckets.
+        let again = shop();
+        let err = limiter
+            .check_all(again.rate_limits(id, 0, &charge), now)
+            .unwrap_err();
+        assert_eq!(err.limit.to_string(), "5/second");
+    }
+
+    /// The shared benchmark's requests (../shared/bench/requests.txt), in order, with the
+    /// rule of bench20.yaml that allows each.
+    const BENCH_REQUESTS: [(&str, &str, &str); 20] = [
+        ("GET", "/api/v1/users", "users"),
+        ("GET", "/api/v1/users/12345", "user"),
+        ("POST", "/api/v1/orders", "orders"),
+        (
+            "GET",
+            "/api/v1/orders/3f2b8c1e-9d4a-4e6b-8f7a-2c1d0e9b8a7f",
+            "order",
+        ),
+        (
+            "GET",
+            "/api/v1/orders/3f2b8c1e-9d4a-4e6b-8f7a-2c1d0e9b8a7f/items",
+            "order-items",
+        ),
+        ("GET", "/api/v1/products", "products"),
+        ("GET", "/api/v1/products/blue-widget-42", "product"),
+        ("GET", "/api/v1/inventory/DE/1234", "inventory"),
+        ("POST", "/api/v1/payments", "payments"),
+        ("GET", "/api/v1/payments/998877/status", "payment-status"),
+        ("GET", "/api/v2/search?q=widgets&page=2", "search"),
+        ("GET", "/api/v2/reports/2024-05", "report"),
+        ("POST", "/api/v2/events", "events"),
+        ("GET", "/api/v2/tenants/acme/config", "tenant-config"),
+        ("GET", "/api/v2/invoices/5551212", "invoice"),
+        ("GET", "/api/v2/invoices/5551212/pdf", "invoice-pdf"),
+        ("POST", "/api/v2/sessions", "sessions"),
+        ("DELETE", "/api/v2/sessions/AbC123xYz", "session"),
+        ("GET", "/healthz", "healthz"),
+        ("GET", "/metrics", "metrics"),
+    ];
+
+    #[test]
+    fn bench_policy_allows_the_benchmark_and_denies_denied_txt() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("bench.yaml"),
+            include_str!("testdata/bench20.yaml"),
+        )
+        .unwrap();
+        let snap = Snapshot::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let id = snap.workload_by_name("bench").unwrap();
+        let headers = HeaderMap::new();
+        let run = |method: &str, target: &str| {
+            let path = normalize(target).unwrap();
+            let req = Request {
+                workload: id,
+                uid: 0,
+                method,
+                host: "127.0.0.1",
+                port: 8080,
+                path: &path,
+                headers: &headers,
+                body: None,
+                at: Timestamp::UNIX_EPOCH,
+            };
+            match decide(&snap, &req) {
+                Decision::Allow { rule, .. } => Ok(rule.rule_id().to_owned()),
+                Decision::Deny(reason) => Err(reason.code()),
+            }
+        };
+        for (method, target, rule) in BENCH_REQUESTS {
+            assert_eq!(
+                run(method, target),
+                Ok(rule.to_owned()),
+                "{method} {target}"
+            );
+        }
+        // ../shared/bench/denied.txt
+        for (method, target, code) in [
+            ("DELETE", "/api/v1/users", "method_not_allowed"),
+            ("GET", "/api/v1/payments", "method_not_allowed"),
+            (
+                "POST",
+                "/api/v1/products/blue-widget-42",
+                "method_not_allowed",
+            ),
+            ("GET", "/api/v1/orders/not-a-uuid", "path_not_allowed"),
+            ("GET", "/admin", "path_not_allowed"),
+            ("GET", "/api/v2/reports/2024-5", "path_not_allowed"),
+        ] {
+            assert_eq!(run(method, target), Err(code), "{method} {target}");
         }
     }
 }

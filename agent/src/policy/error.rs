@@ -15,6 +15,19 @@ use std::path::{Path, PathBuf};
 
 use super::position::{PositionIndex, join};
 
+/// Builds a validation error whose file and position the loader fills in later.
+macro_rules! invalid {
+    ($variant:ident { $($fields:tt)* }) => {
+        $crate::policy::error::PolicyError::$variant {
+            file: ::std::path::PathBuf::new(),
+            line: 0,
+            col: 0,
+            $($fields)*
+        }
+    };
+}
+pub(crate) use invalid;
+
 /// One problem with the policy directory.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -269,6 +282,117 @@ pub enum PolicyError {
         /// The canonical spelling.
         canonical: String,
     },
+    /// `select.uid` is not a valid uid.
+    #[error("{file}:{line}:{col}: {path}: {value} is not a uid (expected 0..=4294967294)")]
+    InvalidUid {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: i64,
+    },
+    /// `body_cap:` is not a valid size.
+    #[error("{file}:{line}:{col}: {path}: {value:?} is not a valid body cap: {reason}")]
+    InvalidBodyCap {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// `rate:` is not a valid rate.
+    #[error("{file}:{line}:{col}: {path}: {value:?} is not a valid rate: {reason}")]
+    InvalidRate {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A regular expression (`pattern:` or a `{name:REGEX}` path segment) does not compile.
+    #[error("{file}:{line}:{col}: {path}: {value:?} is not a valid regular expression: {reason}")]
+    InvalidRegex {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending regular expression.
+        value: String,
+        /// The regex compiler's message.
+        reason: String,
+    },
+    /// `when.timezone` names no zone of the tz database (or the database is unavailable).
+    #[error(
+        "{file}:{line}:{col}: {path}: {value:?} is not a time zone of the tz database ({reason})"
+    )]
+    UnknownTimeZone {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: String,
+        /// jiff's message.
+        reason: String,
+    },
+    /// `when.days` or `when.hours` has an invalid entry.
+    #[error("{file}:{line}:{col}: {path}: {value:?} {reason}")]
+    InvalidTimeWindow {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong, phrased to follow the value.
+        reason: &'static str,
+    },
+    /// A matcher (`when`, `query`, `query_repeat`, `headers`, `json`, `path_params`) is
+    /// inconsistent or names something invalid; the message names the value.
+    #[error("{file}:{line}:{col}: {path}: {reason}")]
+    InvalidMatcher {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// What is wrong, naming the offending value.
+        reason: String,
+    },
     /// Two rules of one workload have the same id.
     #[error("{file}:{line}:{col}: {path}: rule id {id:?} is already used at {first}")]
     DuplicateRuleId {
@@ -393,6 +517,13 @@ impl PolicyError {
             | Self::InvalidMethod { file, .. }
             | Self::InvalidPathPattern { file, .. }
             | Self::NonCanonicalPath { file, .. }
+            | Self::InvalidUid { file, .. }
+            | Self::InvalidBodyCap { file, .. }
+            | Self::InvalidRate { file, .. }
+            | Self::InvalidRegex { file, .. }
+            | Self::UnknownTimeZone { file, .. }
+            | Self::InvalidTimeWindow { file, .. }
+            | Self::InvalidMatcher { file, .. }
             | Self::DuplicateRuleId { file, .. }
             | Self::DuplicateDestination { file, .. }
             | Self::DuplicateWorkload { file, .. }
@@ -420,6 +551,13 @@ impl PolicyError {
             | Self::InvalidMethod { line, col, .. }
             | Self::InvalidPathPattern { line, col, .. }
             | Self::NonCanonicalPath { line, col, .. }
+            | Self::InvalidUid { line, col, .. }
+            | Self::InvalidBodyCap { line, col, .. }
+            | Self::InvalidRate { line, col, .. }
+            | Self::InvalidRegex { line, col, .. }
+            | Self::UnknownTimeZone { line, col, .. }
+            | Self::InvalidTimeWindow { line, col, .. }
+            | Self::InvalidMatcher { line, col, .. }
             | Self::DuplicateRuleId { line, col, .. }
             | Self::DuplicateDestination { line, col, .. }
             | Self::DuplicateWorkload { line, col, .. }
@@ -442,6 +580,13 @@ impl PolicyError {
             | Self::InvalidMethod { path, .. }
             | Self::InvalidPathPattern { path, .. }
             | Self::NonCanonicalPath { path, .. }
+            | Self::InvalidUid { path, .. }
+            | Self::InvalidBodyCap { path, .. }
+            | Self::InvalidRate { path, .. }
+            | Self::InvalidRegex { path, .. }
+            | Self::UnknownTimeZone { path, .. }
+            | Self::InvalidTimeWindow { path, .. }
+            | Self::InvalidMatcher { path, .. }
             | Self::DuplicateRuleId { path, .. }
             | Self::DuplicateDestination { path, .. }
             | Self::DuplicateWorkload { path, .. }
@@ -465,7 +610,14 @@ impl PolicyError {
             | Self::NoMethods { file, line, col, path }
             | Self::InvalidMethod { file, line, col, path, .. }
             | Self::InvalidPathPattern { file, line, col, path, .. }
-            | Self::NonCanonicalPath { file, line, col, path, .. } => {
+            | Self::NonCanonicalPath { file, line, col, path, .. }
+            | Self::InvalidUid { file, line, col, path, .. }
+            | Self::InvalidBodyCap { file, line, col, path, .. }
+            | Self::InvalidRate { file, line, col, path, .. }
+            | Self::InvalidRegex { file, line, col, path, .. }
+            | Self::UnknownTimeZone { file, line, col, path, .. }
+            | Self::InvalidTimeWindow { file, line, col, path, .. }
+            | Self::InvalidMatcher { file, line, col, path, .. } => {
                 Some(Site { file, line, col, path, first: None })
             }
             Self::DuplicateRuleId { file, line, col, path, first, .. }

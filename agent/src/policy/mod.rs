@@ -6,54 +6,182 @@
 //!
 //! Stages, one module each:
 //! - `raw`: the file format as serde types (unknown fields are errors);
-//! - `model`: validated domain types, built with `TryFrom<raw::…>`;
+//! - `model`: validated domain types, built with `TryFrom<raw::…>`; `matchers` (query,
+//!   headers, JSON, regexes) and `when` (time windows) validate and compile their parts;
 //! - `routes`: each destination's path patterns compiled into a segment trie;
 //! - [`canonical`]: the one request-path normalisation, shared by matching and forwarding;
-//! - `decide`: the pure decision;
-//! - `position` and `error`: errors that name file, line and column.
+//! - `decide`: the pure decision; [`explain()`] says why, rule by rule;
+//! - `body`: strict JSON body parsing for `json` rules;
+//! - `rate`: token buckets, kept by the caller outside the snapshot;
+//! - `position` and `error`: errors that name file, line and column;
+//! - [`cli`]: `scopegate policy check | explain`.
 //!
 //! # Policy files
 //!
 //! Only `*.yaml` and `*.yml` files directly in the directory are read, in sorted order;
 //! hidden files and editor leftovers (`*~`, `*.swp`) are ignored. A file holds one
-//! workload document or a YAML list of them:
+//! workload document or a YAML list of them. Every field, with its default:
 //!
 //! ```yaml
 //! workload: billing                 # [a-z0-9][a-z0-9_-]*, unique across the directory
-//! select:                           # exactly one of:
-//!   cgroup: /system.slice/billing.service   # cgroup v2 path below the cgroup2 mount
+//! select:                           # exactly one of cgroup and systemd_unit:
+//!   cgroup: /system.slice/billing.service   # cgroup v2 path below the cgroup2 mount,
+//!                                           # or a glob: /system.slice/billing-*.service
 //!   # systemd_unit: billing.service         # .service, .scope or .slice
+//!   uid: 1001                       # optional: only this uid may use the grants
+//! mode: enforce                     # enforce (default) | audit: allow, record would-deny
+//! body_cap: 64KiB                   # optional; bytes, KiB or MiB (default 1MiB, max 64MiB)
 //! egress:                           # required; [] denies everything
 //!   - host: api.example.com         # DNS name or IP literal ("::1" or "[::1]", quoted)
 //!     port: 443
+//!     path_params: false            # true: accept ';' path parameters (see below)
+//!     rate: 100/minute              # optional: N/second | N/minute | N/hour
+//!     when:                         # optional time window for the whole destination
+//!       days: [mon, tue, wed, thu, fri]
+//!       hours: "07:00-20:00"
+//!       timezone: Europe/Berlin
 //!     rules:                        # a request passes if ONE rule allows it
 //!       - id: create-charge         # [A-Za-z0-9_.-]+, unique within the workload
 //!         methods: [POST]           # uppercase method tokens
-//!         path: /v1/charges         # literals, {param} (one segment), ** (last: the tail)
+//!         path: /v1/charges         # literals, {name}, {name:REGEX}, ** (last: the tail)
+//!         rate: 10/second           # optional, per rule
+//!         headers:                  # optional; names are case-insensitive
+//!           content-type: {pattern: "application/json(; ?charset=utf-8)?"}
+//!           idempotency-key: required
+//!           x-debug: forbidden
+//!         json:                     # optional; the body is buffered (body_cap) and parsed
+//!           - {field: currency, one_of: [usd, eur]}
+//!           - {field: amount, min: 1, max: 100000}
+//!           - {field: customer.address.country, pattern: "[A-Z]{2}"}
+//!           - {field: items, max_len: 20}
+//!           - {field: items.0.sku, max_len: 64}
+//!           - {field: admin, absent: true}
+//!       - id: read-customer
+//!         methods: [GET, HEAD]
+//!         path: /v1/customers/{id:cus_[A-Za-z0-9]+}
+//!         query:                    # optional; when present, unlisted parameters deny
+//!           expand: absent
+//!           limit: {pattern: "[0-9]{1,3}"}
+//!           sort: {one_of: [asc, desc]}
+//!           cursor: any
+//!           fields: present
+//!         query_repeat: [fields]    # these may appear more than once
+//!         when:                     # optional, per rule (both windows must hold)
+//!           days: [mon, tue, wed, thu, fri]
+//!           hours: "08:00-18:00"
+//!           timezone: Europe/Berlin
 //! ```
 //!
 //! An empty directory is valid: its snapshot has no workloads and denies everything.
+//! Unknown fields, a key given twice, and every invalid value are errors that name the
+//! file, line and column; `scopegate policy check DIR` prints all of them at once.
+//!
+//! # Semantics
+//!
+//! **Selection.** `cgroup` is an exact cgroup v2 path, or, when it contains `*`, a glob:
+//! `*` matches any characters of one path component (never `/`), `**` (a whole
+//! component) any number of components, including none; `?`, `[` and `]` are not
+//! supported, and a glob needs a literal character. `systemd_unit` selects the cgroup
+//! whose last component is the unit. Two workloads may not name the same cgroup path,
+//! glob or unit ([`Selector::matches_cgroup_path`] implements the match). `uid` is an
+//! extra condition: a request from another uid is denied (`uid_not_allowed`).
+//!
+//! **Mode.** [`decide`] always returns the enforce-mode decision. In `audit` mode the
+//! proxy forwards a denied request and records it as would-deny ([`Workload::mode`]).
+//!
+//! **Destinations.** The request's authority host (case-insensitive; IP literals as
+//! addresses) and the ORIGINAL destination port select one destination; none is
+//! `destination_not_allowed`.
+//!
+//! **Paths.** Requests are matched on their canonical path ([`canonical`]), the form that
+//! is also forwarded. Pattern literals are canonical and case-sensitive; `{name}` matches
+//! one segment; `{name:REGEX}` matches one segment that the whole regex matches (anchored
+//! as `^(?:REGEX)$`, on the canonical, still percent-encoded, segment; braces in the
+//! regex must balance); `**`, last, matches zero or more segments. Every rule whose
+//! pattern matches is a candidate: the trie tries the literal child, then the `{name:REGEX}`
+//! children in order, then `{name}`, then `**`, but this order only affects the
+//! exploration, never the outcome: the FIRST candidate in file order whose other checks
+//! all hold allows the request. `path_params: true` lets request paths contain `;`
+//! (refused with 400 otherwise); the parameters stay part of the segment
+//! (`/cars;color=red` is the segment `cars;color=red`, which a literal `cars` does not
+//! match; use `{c:cars(;.*)?}`), and a segment like `..;` or `;x` is always refused.
+//!
+//! **Checks.** A rule allows a request when, in this order, its path matches, the method
+//! is listed, and the query, header, JSON and time constraints hold:
+//! - `query` (when present) lists every allowed parameter; the query is parsed as
+//!   `application/x-www-form-urlencoded` (`+` is a space, names and values
+//!   percent-decoded once; invalid encoding, non-UTF-8 or a raw `;` is `invalid_query`).
+//!   `any`: optional, any value; `absent`: must not appear; `present`: must appear;
+//!   `{one_of: [...]}` / `{pattern: REGEX}`: must appear, and every occurrence must
+//!   match. A parameter may appear once unless listed in `query_repeat`. Without `query`,
+//!   any query is allowed; `query: {}` allows none.
+//! - `headers`: `required` (present), `forbidden` (absent), `{one_of}` / `{pattern}`
+//!   (present, value matches exactly / wholly). A constrained header that appears more
+//!   than once always denies (`duplicate_header`): a duplicated header never lets the
+//!   first value win. Unlisted headers are not constrained.
+//! - `json`: each entry names a `field` (dot path; numeric segments also index arrays)
+//!   and constraints that must all hold: `one_of` (strings, numbers, booleans, null;
+//!   numbers compare by value), `min` / `max` (numbers), `pattern` (strings), `max_len`
+//!   (characters of a string, elements of an array), `absent: true`. A missing field
+//!   fails every constraint except `absent`. The body must be `application/json` or
+//!   `application/*+json` (415 otherwise), valid JSON (400 `invalid_json`), without a
+//!   duplicate key at any depth (400 `duplicate_json_key`), nested at most 64 deep (400
+//!   `json_too_deep`), and at most `body_cap` bytes (413 `body_too_large`).
+//! - `when` (destination and rule): `timezone` (required; an IANA zone of the host's
+//!   tz database), `days` (`mon`..`sun`; default every day), `hours` (`HH:MM-HH:MM`, end
+//!   exclusive, `24:00` allowed as end; a window whose end is before its start crosses
+//!   midnight and belongs to the day it starts on). Evaluated on the wall-clock time of
+//!   the request in that zone, so DST needs no special case.
+//!
+//! **Rates.** `rate: N/period` is a token bucket of capacity N refilled continuously at N
+//! per period, per workload × destination (destination `rate`) and per workload ×
+//! destination × rule (rule `rate`); a request must get a token from both. The buckets
+//! are keyed by names, not by the request's path, so no spelling or parameter value of a
+//! path escapes them, and they survive reloads ([`RateLimiter`], [`Snapshot::rate_limits`];
+//! the proxy answers 429 `rate_limited`).
+//!
+//! **Denials.** When rules matched the path but none allowed the request, the denial names
+//! the nearest rule (the one that got furthest through path → method → query → headers →
+//! json → when; ties: the first in file order) and its first failing check. Codes
+//! ([`DenyReason::code`]): `unknown_workload`, `uid_not_allowed`,
+//! `destination_not_allowed`, `path_not_allowed`, `method_not_allowed`, `invalid_query`,
+//! `query_param_not_allowed`, `query_param_repeated`, `query_value_not_allowed`,
+//! `query_param_required`, `header_not_allowed`, `header_required`, `header_forbidden`,
+//! `duplicate_header`, `body_required`, `json_constraint_failed`, `outside_time_window`.
+//! Denial messages never contain header, query or body values.
 
+mod body;
 pub mod canonical;
 pub mod cli;
 mod decide;
 mod error;
+pub mod explain;
+mod matchers;
 mod model;
 mod position;
+mod rate;
 mod raw;
 mod routes;
+mod when;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub use canonical::{CanonicalPath, PathError, normalize};
-pub use decide::{Decision, DenyReason, Request, RuleRef, decide};
+pub use body::{BodyError, DEFAULT_BODY_CAP, MAX_JSON_DEPTH, parse_json_body};
+pub use canonical::{CanonicalPath, NormalizeOptions, PathError, normalize, normalize_with};
+pub use decide::{Check, Decision, DenyReason, Request, RuleFailure, RuleRef, decide};
 pub use error::{PolicyError, PolicyErrors};
-pub use model::{
-    Destination, Host, PathPattern, PatternSegment, Rule, Selector, Workload, WorkloadId,
+pub use explain::{Explanation, explain};
+pub use matchers::{
+    HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
+pub use model::{
+    Destination, Host, Mode, PathPattern, PatternSegment, Rule, Selector, Workload, WorkloadId,
+};
+pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
+pub use when::TimeWindow;
 
 use position::{Pos, PositionIndex, RootKind, join};
 
@@ -126,6 +254,23 @@ impl Snapshot {
     /// The id of the workload with this name.
     pub fn workload_by_name(&self, name: &str) -> Option<WorkloadId> {
         self.by_name.get(name).copied()
+    }
+
+    /// The rate limits to charge for a request that [`decide`] allowed with
+    /// `Decision::Allow { destination, rule }`: the destination's limit, then the rule's,
+    /// each with its bucket key. Pass them to [`RateLimiter::check_all`]. Empty when
+    /// neither has a `rate` (or the indices are stale).
+    pub fn rate_limits(
+        &self,
+        workload: WorkloadId,
+        destination: usize,
+        rule: &RuleRef,
+    ) -> impl Iterator<Item = (&RateKey, RateLimit)> + Clone + '_ {
+        let rule = rule.index();
+        self.workload(workload)
+            .and_then(|w| w.destinations.get(destination))
+            .into_iter()
+            .flat_map(move |d| d.rate_limits(rule))
     }
 }
 
@@ -232,14 +377,7 @@ fn load_file(file: &Path, documents: &mut Vec<Document>, errors: &mut Vec<Policy
                 path,
             }
         };
-        let selector = match (&raw.select.cgroup, &raw.select.systemd_unit) {
-            (Some(c), None) => Some((Selector::Cgroup(c.clone()), place("select.cgroup"))),
-            (None, Some(u)) => Some((
-                Selector::SystemdUnit(u.clone()),
-                place("select.systemd_unit"),
-            )),
-            _ => None,
-        };
+        let selector = model::written_selector(&raw.select).map(|(s, at)| (s, place(at)));
         let name = raw.workload.clone();
         let name_at = place("workload");
         let workload = match Workload::try_from(raw) {
@@ -510,11 +648,13 @@ egress:
     fn unknown_field() {
         assert_eq!(
             error_with("    port: 443\n", "    port: 443\n    tls: intercept\n"),
-            "p.yaml:7:5: egress[0]: unknown field `tls`, expected one of `host`, `port`, `rules`"
+            "p.yaml:7:5: egress[0]: unknown field `tls`, expected one of `host`, `port`, \
+             `path_params`, `rate`, `when`, `rules`"
         );
         assert_eq!(
-            error_with("workload: billing\n", "workload: billing\nmode: audit\n"),
-            "p.yaml:2:1: unknown field `mode`, expected one of `workload`, `select`, `egress`"
+            error_with("workload: billing\n", "workload: billing\nmodes: audit\n"),
+            "p.yaml:2:1: unknown field `modes`, expected one of `workload`, `select`, `mode`, \
+             `body_cap`, `egress`"
         );
     }
 
@@ -682,8 +822,8 @@ egress:
                 "path: /v1/charges",
                 "path: /v1/ch{x}",
                 "p.yaml:10:15: egress[0].rules[0].path: \"/v1/ch{x}\" is not a valid path \
-                 pattern: segment \"ch{x}\": a parameter is written {name}, with a name of \
-                 [A-Za-z_][A-Za-z0-9_]*, and spans a whole segment",
+                 pattern: segment \"ch{x}\": a parameter is written {name} or {name:REGEX}, \
+                 with a name of [A-Za-z_][A-Za-z0-9_]*, and spans a whole segment",
             ),
             (
                 "path: /v1/charges",
@@ -813,5 +953,202 @@ egress:
         assert_eq!(e.path(), Some("egress[0].port"));
         assert!(matches!(e, PolicyError::InvalidPort { value: 0, .. }));
         assert!(!errs.is_empty());
+    }
+
+    /// BASE with `extra` added to the rule (8-space indented lines after `path:`).
+    fn rule_error(extra: &str) -> Vec<String> {
+        let text = BASE.replace(
+            "        path: /v1/charges\n",
+            &format!("        path: /v1/charges\n{extra}"),
+        );
+        errors(&[("p.yaml", &text)])
+    }
+
+    #[test]
+    fn v1_error_messages_name_file_line_and_column() {
+        const CG: &str = "  cgroup: /system.slice/billing.service\n";
+        let base_cases: &[(&str, &str)] = &[
+            (CG, "  cgroup: /system.slice/billing.service\n  uid: -1\n"),
+            (
+                CG,
+                "  cgroup: /system.slice/billing.service\n  uid: 4294967295\n",
+            ),
+            ("/system.slice/billing.service", "/system.slice/**x"),
+            ("/system.slice/billing.service", "/**"),
+            (
+                "/system.slice/billing.service",
+                "/system.slice/[ab].service",
+            ),
+            ("workload: billing\n", "workload: billing\nmode: strict\n"),
+            ("workload: billing\n", "workload: billing\nbody_cap: 1GiB\n"),
+            ("    port: 443\n", "    port: 443\n    rate: 100/min\n"),
+            (
+                "    port: 443\n",
+                "    port: 443\n    path_params: yes please\n",
+            ),
+            ("path: /v1/charges", "path: /v1/{id:[0-9}"),
+            ("path: /v1/charges", "path: /v1/{id:[0-9]+}x"),
+            ("path: /v1/charges", "path: /v1/a;b"),
+        ];
+        let mut got: Vec<String> = base_cases
+            .iter()
+            .map(|(from, to)| error_with(from, to))
+            .collect();
+        for extra in [
+            "        rate: 0/second\n",
+            "        when: {hours: '08:00-18:00', timezone: Mars/Olympus}\n",
+            "        when: {days: [mon, funday], timezone: UTC}\n",
+            "        when: {hours: '8-18', timezone: UTC}\n",
+            "        when: {timezone: UTC}\n",
+            "        when: {hours: '08:00-18:00'}\n",
+            "        query: {a: nope}\n",
+            "        query: {a: [absent]}\n",
+            "        query: {a: {pattern: '('}}\n",
+            "        query: {a: {one_of: [x], pattern: y}}\n",
+            "        query: {a: any, a: absent}\n",
+            "        query: {a: any}\n        query_repeat: [b]\n",
+            "        headers: {'bad name': required}\n",
+            "        headers: {X-A: required, x-a: forbidden}\n",
+            "        headers: {x-a: maybe}\n",
+            "        headers: {x-a: {pattern: '[a-'}}\n",
+            "        json:\n          - {field: amount}\n",
+            "        json:\n          - {field: amount, min: 10, max: 1}\n",
+            "        json:\n          - {field: 'a..b', max: 1}\n",
+            "        json:\n          - {field: a, pattern: '(?P<x'}\n",
+            "        json:\n          - {field: a, maxlen: 3}\n",
+        ] {
+            let errs = rule_error(extra);
+            assert_eq!(errs.len(), 1, "{extra}: {errs:#?}");
+            got.extend(errs);
+        }
+        let expected = [
+            "p.yaml:4:8: select.uid: -1 is not a uid (expected 0..=4294967294)",
+            "p.yaml:4:8: select.uid: 4294967295 is not a uid (expected 0..=4294967294)",
+            "p.yaml:3:11: select.cgroup: \"/system.slice/**x\" is not a valid cgroup path: '**' \
+             must be a whole path component",
+            "p.yaml:3:11: select.cgroup: \"/**\" is not a valid cgroup path: a glob needs at \
+             least one literal character (it would select every cgroup)",
+            "p.yaml:3:11: select.cgroup: \"/system.slice/[ab].service\" is not a valid cgroup \
+             path: only '*' and '**' globs are supported",
+            "p.yaml:2:7: mode: unknown variant `strict`, expected `enforce` or `audit`",
+            "p.yaml:2:11: body_cap: \"1GiB\" is not a valid body cap: expected a number of \
+             bytes, optionally with KiB or MiB, e.g. 64KiB",
+            "p.yaml:7:11: egress[0].rate: \"100/min\" is not a valid rate: expected N/second, \
+             N/minute or N/hour, e.g. 100/minute",
+            "p.yaml:7:18: egress[0].path_params: invalid type: string \"yes please\", expected \
+             a boolean",
+            "p.yaml:10:15: egress[0].rules[0].path: \"/v1/{id:[0-9}\" is not a valid path \
+             pattern: parameter {id}: \"[0-9\" is not a valid regular expression: unclosed \
+             character class",
+            "p.yaml:10:15: egress[0].rules[0].path: \"/v1/{id:[0-9]+}x\" is not a valid path \
+             pattern: segment \"{id:[0-9]+}x\": a parameter spans a whole segment",
+            "p.yaml:10:15: egress[0].rules[0].path: \"/v1/a;b\" is not a valid path pattern: \
+             segment \"a;b\": path parameters (';') are not allowed (set `path_params: true` \
+             on the destination to allow them)",
+            "p.yaml:11:15: egress[0].rules[0].rate: \"0/second\" is not a valid rate: the count \
+             must be at least 1",
+            "p.yaml:11:48: egress[0].rules[0].when.timezone: \"Mars/Olympus\" is not a time \
+             zone of the tz database (failed to find time zone `Mars/Olympus` in time zone \
+             database)",
+            "p.yaml:11:28: egress[0].rules[0].when.days[1]: \"funday\" is not a day (expected \
+             mon, tue, wed, thu, fri, sat or sun)",
+            "p.yaml:11:23: egress[0].rules[0].when.hours: \"8-18\" is not a time window \
+             (expected \"HH:MM-HH:MM\", e.g. \"08:00-18:00\"; 24:00 only as end)",
+            "p.yaml:11:15: egress[0].rules[0].when: a `when` needs `days` or `hours` (or both)",
+            "p.yaml:11:15: egress[0].rules[0].when: missing field `timezone`",
+            "p.yaml:11:20: egress[0].rules[0].query.a: invalid value: string \"nope\", \
+             expected any, absent, present, {one_of: [...]} or {pattern: REGEX}",
+            "p.yaml:11:20: egress[0].rules[0].query.a: invalid type: sequence, expected any, \
+             absent, present, {one_of: [...]} or {pattern: REGEX}",
+            "p.yaml:11:30: egress[0].rules[0].query.a.pattern: \"(\" is not a valid regular \
+             expression: unclosed group",
+            "p.yaml:11:43: egress[0].rules[0].query.a.pattern: give either `one_of` or \
+             `pattern`, not both",
+            "p.yaml:11:16: egress[0].rules[0].query: duplicate key `a`",
+            "p.yaml:12:24: egress[0].rules[0].query_repeat[0]: \"b\" is not listed in `query`",
+            "p.yaml:11:31: egress[0].rules[0].headers.bad name: \"bad name\" is not a valid \
+             header name",
+            "p.yaml:11:39: egress[0].rules[0].headers.x-a: header x-a is listed twice (header \
+             names are case-insensitive)",
+            "p.yaml:11:24: egress[0].rules[0].headers.x-a: invalid value: string \"maybe\", \
+             expected required, forbidden, {one_of: [...]} or {pattern: REGEX}",
+            "p.yaml:11:34: egress[0].rules[0].headers.x-a.pattern: \"[a-\" is not a valid \
+             regular expression: unclosed character class",
+            "p.yaml:12:13: egress[0].rules[0].json[0]: the entry for \"amount\" has no \
+             constraint (one_of, min, max, pattern, max_len or absent)",
+            "p.yaml:12:34: egress[0].rules[0].json[0].min: min 10 is greater than max 1",
+            "p.yaml:12:21: egress[0].rules[0].json[0].field: \"a..b\" is not a field path \
+             (dot-separated keys and array indexes, e.g. customer.country or items.0.sku)",
+            "p.yaml:12:33: egress[0].rules[0].json[0].pattern: \"(?P<x\" is not a valid \
+             regular expression: unclosed capture group name",
+            "p.yaml:12:24: egress[0].rules[0].json[0]: unknown field `maxlen`, expected one \
+             of `field`, `one_of`, `min`, `max`, `pattern`, `max_len`, `absent`",
+        ];
+        let mismatches: Vec<String> = got
+            .iter()
+            .zip(expected.iter())
+            .filter(|(g, e)| g != e)
+            .map(|(g, e)| format!("got:  {g}\nwant: {e}"))
+            .collect();
+        assert!(mismatches.is_empty(), "\n{}", mismatches.join("\n\n"));
+        assert_eq!(got.len(), expected.len());
+    }
+
+    #[test]
+    fn duplicate_glob_selector() {
+        let glob = BASE.replace(
+            "/system.slice/billing.service",
+            "/system.slice/app-*.service",
+        );
+        assert_eq!(
+            errors(&[
+                ("a.yaml", &glob),
+                ("b.yaml", &glob.replace("workload: billing", "workload: b")),
+            ]),
+            [
+                "b.yaml:3:11: select.cgroup: cgroup /system.slice/app-*.service is already \
+                 selected by workload \"billing\" at a.yaml:3:11"
+            ]
+        );
+        // A glob and an exact path, or two different globs, may overlap.
+        let exact = BASE.replace("workload: billing", "workload: b");
+        assert!(load(&[("a.yaml", &glob), ("b.yaml", &exact)]).is_ok());
+    }
+
+    #[test]
+    fn module_doc_example_is_a_valid_policy() {
+        let source = include_str!("mod.rs");
+        let mut yaml = String::new();
+        let mut inside = false;
+        for line in source.lines().take_while(|l| l.starts_with("//!")) {
+            let line = line
+                .strip_prefix("//!")
+                .unwrap()
+                .strip_prefix(' ')
+                .unwrap_or("");
+            match (inside, line) {
+                (false, "```yaml") => inside = true,
+                (true, "```") => break,
+                (true, _) => {
+                    yaml.push_str(line);
+                    yaml.push('\n');
+                }
+                _ => {}
+            }
+        }
+        assert!(yaml.contains("workload: billing"), "{yaml}");
+        let snap = load(&[("billing.yaml", &yaml)]).unwrap_or_else(|e| panic!("{e:#?}"));
+        let w = snap.workload(WorkloadId(0)).unwrap();
+        assert_eq!(w.body_cap(), 64 << 10);
+        assert_eq!(w.uid, Some(1001));
+        let d = &w.destinations[0];
+        assert!(d.when().is_some());
+        assert_eq!(
+            d.rate().map(|(_, l)| l.to_string()).as_deref(),
+            Some("100/minute")
+        );
+        assert_eq!(d.rules()[0].json().len(), 6);
+        assert_eq!(d.rules()[1].query().unwrap().params().count(), 5);
+        assert_eq!(d.rules()[0].headers().unwrap().headers().count(), 3);
     }
 }

@@ -10,17 +10,17 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::canonical;
-use super::error::PolicyError;
+use super::body::DEFAULT_BODY_CAP;
+use super::canonical::{self, CanonicalPath, NormalizeOptions};
+use super::error::{PolicyError, invalid};
+use super::matchers::{self, HeaderRules, JsonRule, Pattern, QueryRules};
+use super::rate::{RateKey, RateLimit};
 use super::raw;
 use super::routes::RouteTable;
+use super::when::TimeWindow;
 
-/// Builds a validation error whose file and position the loader fills in later.
-macro_rules! invalid {
-    ($variant:ident { $($fields:tt)* }) => {
-        PolicyError::$variant { file: PathBuf::new(), line: 0, col: 0, $($fields)* }
-    };
-}
+/// Largest `body_cap`.
+const MAX_BODY_CAP: usize = 64 << 20;
 
 /// Identifies a workload within one [`Snapshot`](super::Snapshot): an index into
 /// [`Snapshot::workloads`](super::Snapshot::workloads). Not stable across reloads.
@@ -34,10 +34,58 @@ pub struct Workload {
     pub name: String,
     /// How the kernel identifies it.
     pub selector: Selector,
+    /// `select.uid`: if set, only requests from this uid are allowed.
+    pub uid: Option<u32>,
     /// The policy file it was defined in.
     pub source: PathBuf,
     /// Allowed destinations, in file order; empty denies everything.
     pub destinations: Vec<Destination>,
+    mode: Mode,
+    body_cap: usize,
+}
+
+impl Workload {
+    /// `enforce` (deny what no rule allows) or `audit` (record it, allow it).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The largest request body the proxy buffers for `json` rules (`body_cap`, default
+    /// [`DEFAULT_BODY_CAP`]); a larger body is refused with 413.
+    pub fn body_cap(&self) -> usize {
+        self.body_cap
+    }
+
+    /// The destination a request to `host` (authority host, port stripped) on the
+    /// original destination port `port` goes to, with its index.
+    pub fn destination_for(&self, host: &str, port: u16) -> Option<(usize, &Destination)> {
+        self.destinations
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.port == port && d.host.matches_authority(host))
+    }
+}
+
+/// What happens to a request that no rule allows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny it (the default).
+    #[default]
+    Enforce,
+    /// Allow it, and record that it would have been denied. [`decide`](super::decide)
+    /// still returns the enforce-mode decision; the caller turns a `Deny` into
+    /// "would deny".
+    Audit,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
 }
 
 /// The workload's kernel-attested identity.
@@ -47,14 +95,85 @@ pub enum Selector {
     Cgroup(String),
     /// A systemd unit name, e.g. `a.service`.
     SystemdUnit(String),
+    /// A cgroup path glob: `*` matches within one path component (never `/`), `**` (a
+    /// whole component) matches any number of components, including none; e.g.
+    /// `/system.slice/app-*.service` or `/user.slice/**/build.scope`.
+    CgroupGlob(String),
+}
+
+impl Selector {
+    /// Whether the cgroup at `path` (relative to the cgroup2 mount, starting with `/`) is
+    /// selected directly: `Cgroup` is an exact match, `CgroupGlob` a glob match and
+    /// `SystemdUnit` matches a path whose last component is the unit name.
+    pub fn matches_cgroup_path(&self, path: &str) -> bool {
+        match self {
+            Selector::Cgroup(want) => path == want,
+            Selector::SystemdUnit(unit) => path.rsplit('/').next() == Some(unit.as_str()),
+            Selector::CgroupGlob(glob) => {
+                let Some(path) = path.strip_prefix('/') else {
+                    return false;
+                };
+                let pattern: Vec<&str> = glob.trim_start_matches('/').split('/').collect();
+                let path: Vec<&str> = path.split('/').collect();
+                glob_components(&pattern, &path)
+            }
+        }
+    }
+}
+
+/// Matches path components against glob components.
+fn glob_components(pattern: &[&str], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((&"**", rest)) => (0..=path.len()).any(|skip| glob_components(rest, &path[skip..])),
+        Some((first, rest)) => path
+            .split_first()
+            .is_some_and(|(c, tail)| glob_component(first, c) && glob_components(rest, tail)),
+    }
+}
+
+/// `*` in one component: any run of characters.
+fn glob_component(pattern: &str, s: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), s.as_bytes());
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|b| *b == b'*')
 }
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Selector::Cgroup(p) => write!(f, "cgroup {p}"),
+            Selector::Cgroup(p) | Selector::CgroupGlob(p) => write!(f, "cgroup {p}"),
             Selector::SystemdUnit(u) => write!(f, "systemd_unit {u}"),
         }
+    }
+}
+
+/// The selector as written (before validation), with the relative path of its value; for
+/// the directory-wide uniqueness check.
+pub(crate) fn written_selector(raw: &raw::Select) -> Option<(Selector, &'static str)> {
+    match (&raw.cgroup, &raw.systemd_unit) {
+        (Some(c), None) if c.contains('*') => {
+            Some((Selector::CgroupGlob(c.clone()), "select.cgroup"))
+        }
+        (Some(c), None) => Some((Selector::Cgroup(c.clone()), "select.cgroup")),
+        (None, Some(u)) => Some((Selector::SystemdUnit(u.clone()), "select.systemd_unit")),
+        _ => None,
     }
 }
 
@@ -67,6 +186,9 @@ pub struct Destination {
     pub port: u16,
     rules: Vec<Rule>,
     routes: RouteTable,
+    path_params: bool,
+    when: Option<TimeWindow>,
+    rate: Option<(RateKey, RateLimit)>,
 }
 
 impl Destination {
@@ -77,6 +199,77 @@ impl Destination {
 
     pub(crate) fn routes(&self) -> &RouteTable {
         &self.routes
+    }
+
+    /// `path_params: true`: request paths may carry `;` path parameters; normalise them
+    /// with [`normalize_with`](super::canonical::normalize_with) and `allow_semicolon`.
+    pub fn allows_path_params(&self) -> bool {
+        self.path_params
+    }
+
+    /// The normalisation options for requests to this destination.
+    pub fn normalize_options(&self) -> NormalizeOptions {
+        NormalizeOptions {
+            allow_semicolon: self.path_params,
+        }
+    }
+
+    /// The destination's own time window, if any.
+    pub fn when(&self) -> Option<&TimeWindow> {
+        self.when.as_ref()
+    }
+
+    /// The destination's own rate limit, with its bucket key.
+    pub fn rate(&self) -> Option<(&RateKey, RateLimit)> {
+        self.rate.as_ref().map(|(k, l)| (k, *l))
+    }
+
+    /// The rate limits that apply to a request that rule `rule` (an index into
+    /// [`rules`](Self::rules)) allowed: the destination's, then the rule's.
+    pub fn rate_limits(
+        &self,
+        rule: usize,
+    ) -> impl Iterator<Item = (&RateKey, RateLimit)> + Clone + '_ {
+        let rule = self.rules.get(rule).and_then(|r| r.rate.as_ref());
+        self.rate
+            .as_ref()
+            .into_iter()
+            .chain(rule)
+            .map(|(k, l)| (k, *l))
+    }
+
+    /// Whether a rule that could allow `method` on `path` inspects the body, so that the
+    /// caller must buffer and parse it ([`parse_json_body`](super::parse_json_body)).
+    pub fn needs_body(&self, method: &str, path: &CanonicalPath) -> bool {
+        let mut needed = false;
+        self.routes.for_each_match(path.path(), &mut |i| {
+            let rule = &self.rules[i];
+            needed |= rule.needs_body() && rule.allows_method(method);
+        });
+        needed
+    }
+
+    /// `host:port`, with IPv6 addresses in brackets.
+    pub fn label(&self) -> String {
+        match self.host {
+            Host::Ip(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
+            _ => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    /// Builds the rate-limit bucket keys, once the workload name is known.
+    fn key_rate_limits(&mut self, workload: &str) {
+        let workload: Arc<str> = workload.into();
+        let label: Arc<str> = self.label().into();
+        if let Some((key, _)) = &mut self.rate {
+            *key = RateKey::new(Arc::clone(&workload), Arc::clone(&label), None, "*");
+        }
+        for rule in &mut self.rules {
+            let (id, route) = (Arc::clone(&rule.id), rule.path.as_str());
+            if let Some((key, _)) = &mut rule.rate {
+                *key = RateKey::new(Arc::clone(&workload), Arc::clone(&label), Some(id), route);
+            }
+        }
     }
 }
 
@@ -119,12 +312,17 @@ fn parse_ip_literal(s: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
-/// One L7 rule: a request passes if its method is listed and its path matches.
+/// One L7 rule: a request passes if every matcher holds.
 #[derive(Debug)]
 pub struct Rule {
     id: Arc<str>,
     methods: Box<[Box<str>]>,
     path: PathPattern,
+    query: Option<QueryRules>,
+    headers: Option<HeaderRules>,
+    json: Vec<JsonRule>,
+    when: Option<TimeWindow>,
+    rate: Option<(RateKey, RateLimit)>,
 }
 
 impl Rule {
@@ -151,9 +349,39 @@ impl Rule {
     pub fn path(&self) -> &PathPattern {
         &self.path
     }
+
+    /// The query constraints; `None`: any query.
+    pub fn query(&self) -> Option<&QueryRules> {
+        self.query.as_ref()
+    }
+
+    /// The header constraints.
+    pub fn headers(&self) -> Option<&HeaderRules> {
+        self.headers.as_ref()
+    }
+
+    /// The JSON body constraints.
+    pub fn json(&self) -> &[JsonRule] {
+        &self.json
+    }
+
+    /// Whether the rule inspects the body (has `json` constraints).
+    pub fn needs_body(&self) -> bool {
+        !self.json.is_empty()
+    }
+
+    /// The rule's own time window.
+    pub fn when(&self) -> Option<&TimeWindow> {
+        self.when.as_ref()
+    }
+
+    /// The rule's own rate limit, with its bucket key.
+    pub fn rate(&self) -> Option<(&RateKey, RateLimit)> {
+        self.rate.as_ref().map(|(k, l)| (k, *l))
+    }
 }
 
-/// A compiled path pattern such as `/v1/customers/{id}` or `/files/**`.
+/// A compiled path pattern such as `/v1/customers/{id:[0-9]+}` or `/files/**`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathPattern {
     source: String,
@@ -167,6 +395,14 @@ pub enum PatternSegment {
     Literal(String),
     /// `{name}`: matches exactly one (non-empty) segment.
     Param(String),
+    /// `{name:REGEX}`: matches one segment that the whole regex matches (the canonical,
+    /// still percent-encoded, segment).
+    Constrained {
+        /// The parameter name.
+        name: String,
+        /// The anchored regex.
+        pattern: Pattern,
+    },
     /// `**`: the last segment; matches the remaining tail, zero or more segments.
     Tail,
 }
@@ -205,9 +441,30 @@ impl TryFrom<raw::Workload> for Workload {
                 value: raw.workload.clone(),
             }));
         }
+        let uid = raw.select.uid.and_then(|value| {
+            let uid = u32::try_from(value).ok().filter(|u| *u != u32::MAX);
+            if uid.is_none() {
+                errors.push(invalid!(InvalidUid {
+                    path: "select.uid".to_owned(),
+                    value,
+                }));
+            }
+            uid
+        });
         let selector = Selector::try_from(raw.select)
             .map_err(|e| errors.push(e.nested("select")))
             .ok();
+        let body_cap = match &raw.body_cap {
+            None => DEFAULT_BODY_CAP,
+            Some(raw::Scalar(text)) => parse_size(text).unwrap_or_else(|reason| {
+                errors.push(invalid!(InvalidBodyCap {
+                    path: "body_cap".to_owned(),
+                    value: text.clone(),
+                    reason,
+                }));
+                DEFAULT_BODY_CAP
+            }),
+        };
 
         // Duplicates are found on the raw values so that they are reported even when the
         // destination or rule has other problems.
@@ -254,12 +511,23 @@ impl TryFrom<raw::Workload> for Workload {
         }
 
         match selector {
-            Some(selector) if errors.is_empty() => Ok(Workload {
-                name: raw.workload,
-                selector,
-                source: PathBuf::new(),
-                destinations,
-            }),
+            Some(selector) if errors.is_empty() => {
+                for dest in &mut destinations {
+                    dest.key_rate_limits(&raw.workload);
+                }
+                Ok(Workload {
+                    name: raw.workload,
+                    selector,
+                    uid,
+                    source: PathBuf::new(),
+                    destinations,
+                    mode: match raw.mode {
+                        Some(raw::Mode::Audit) => Mode::Audit,
+                        Some(raw::Mode::Enforce) | None => Mode::Enforce,
+                    },
+                    body_cap,
+                })
+            }
             _ => Err(errors),
         }
     }
@@ -270,14 +538,13 @@ impl TryFrom<raw::Select> for Selector {
 
     fn try_from(raw: raw::Select) -> Result<Self, Self::Error> {
         match (raw.cgroup, raw.systemd_unit) {
-            (Some(path), None) => match cgroup_problem(&path) {
-                None => Ok(Selector::Cgroup(path)),
-                Some(reason) => Err(invalid!(InvalidCgroup {
+            (Some(path), None) => cgroup_selector(&path).map_err(|reason| {
+                invalid!(InvalidCgroup {
                     path: "cgroup".to_owned(),
                     value: path,
                     reason,
-                })),
-            },
+                })
+            }),
             (None, Some(unit)) => match systemd_unit_problem(&unit) {
                 None => Ok(Selector::SystemdUnit(unit)),
                 Some(reason) => Err(invalid!(InvalidSystemdUnit {
@@ -322,6 +589,8 @@ impl TryFrom<raw::Destination> for Destination {
                 }));
                 None
             });
+        let rate = parse_rate(raw.rate, &mut errors);
+        let when = parse_when(raw.when, &mut errors);
         if raw.rules.is_empty() {
             errors.push(invalid!(NoRules {
                 path: "rules".to_owned(),
@@ -329,7 +598,7 @@ impl TryFrom<raw::Destination> for Destination {
         }
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (r, rule) in raw.rules.into_iter().enumerate() {
-            match Rule::try_from(rule) {
+            match Rule::build(rule, raw.path_params) {
                 Ok(rule) => rules.push(rule),
                 Err(errs) => {
                     let prefix = format!("rules[{r}]");
@@ -345,6 +614,9 @@ impl TryFrom<raw::Destination> for Destination {
                     port,
                     rules,
                     routes,
+                    path_params: raw.path_params,
+                    when,
+                    rate,
                 })
             }
             _ => Err(errors),
@@ -352,10 +624,35 @@ impl TryFrom<raw::Destination> for Destination {
     }
 }
 
-impl TryFrom<raw::Rule> for Rule {
-    type Error = Vec<PolicyError>;
+/// `rate:`, with a placeholder key until the workload is known.
+fn parse_rate(raw: Option<String>, errors: &mut Vec<PolicyError>) -> Option<(RateKey, RateLimit)> {
+    let text = raw?;
+    match RateLimit::parse(&text) {
+        Ok(limit) => Some((RateKey::new("", "", None, ""), limit)),
+        Err(reason) => {
+            errors.push(invalid!(InvalidRate {
+                path: "rate".to_owned(),
+                value: text,
+                reason,
+            }));
+            None
+        }
+    }
+}
 
-    fn try_from(raw: raw::Rule) -> Result<Self, Self::Error> {
+fn parse_when(raw: Option<raw::When>, errors: &mut Vec<PolicyError>) -> Option<TimeWindow> {
+    match TimeWindow::try_from(raw?) {
+        Ok(w) => Some(w),
+        Err(errs) => {
+            errors.extend(errs.into_iter().map(|e| e.nested("when")));
+            None
+        }
+    }
+}
+
+impl Rule {
+    /// Validates one rule; `path_params` is the destination's opt-in for `;`.
+    fn build(raw: raw::Rule, path_params: bool) -> Result<Self, Vec<PolicyError>> {
         let mut errors = Vec::new();
         if !is_rule_id(&raw.id) {
             errors.push(invalid!(InvalidRuleId {
@@ -386,9 +683,17 @@ impl TryFrom<raw::Rule> for Rule {
                 }));
             }
         }
-        let path = PathPattern::try_from(raw.path)
+        let options = NormalizeOptions {
+            allow_semicolon: path_params,
+        };
+        let path = PathPattern::parse(raw.path, options)
             .map_err(|e| errors.push(e.nested("path")))
             .ok();
+        let query = matchers::query_rules(raw.query, raw.query_repeat, &mut errors);
+        let headers = matchers::header_rules(raw.headers, &mut errors);
+        let json = matchers::json_rules(raw.json, &mut errors);
+        let when = parse_when(raw.when, &mut errors);
+        let rate = parse_rate(raw.rate, &mut errors);
         match path {
             Some(path) if errors.is_empty() => Ok(Rule {
                 id: raw.id.into(),
@@ -398,6 +703,11 @@ impl TryFrom<raw::Rule> for Rule {
                     .map(String::into_boxed_str)
                     .collect(),
                 path,
+                query,
+                headers,
+                json,
+                when,
+                rate,
             }),
             _ => Err(errors),
         }
@@ -407,9 +717,71 @@ impl TryFrom<raw::Rule> for Rule {
 impl TryFrom<String> for PathPattern {
     type Error = PolicyError;
 
-    /// Parses a pattern. Literal segments must already be canonical: a literal that
-    /// request normalisation would change could never match as written.
+    /// Parses a pattern for a destination without `path_params`.
     fn try_from(source: String) -> Result<Self, Self::Error> {
+        PathPattern::parse(source, NormalizeOptions::default())
+    }
+}
+
+/// Splits the part of a pattern after the leading '/' into segments; a segment that
+/// starts with '{' runs to its matching '}' (so a regex may contain '/' and braces).
+fn split_pattern(rest: &str) -> Result<Vec<&str>, String> {
+    let bytes = rest.as_bytes();
+    let mut segments = Vec::new();
+    let mut start = 0;
+    while start <= bytes.len() {
+        let end = if bytes.get(start) == Some(&b'{') {
+            let mut depth = 0usize;
+            let mut i = start;
+            let mut close = None;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\\' => i += 1,
+                    b'{' => depth += 1,
+                    b'}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            close = Some(i);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            let close = close.ok_or_else(|| {
+                format!(
+                    "segment {:?}: unbalanced '{{' (escape braces in a regex as \\{{)",
+                    &rest[start..]
+                )
+            })?;
+            match bytes.get(close + 1) {
+                None | Some(b'/') => close + 1,
+                Some(_) => {
+                    let tail = rest[close + 1..].split('/').next().unwrap_or_default();
+                    return Err(format!(
+                        "segment {:?}: a parameter spans a whole segment",
+                        &rest[start..close + 1 + tail.len()]
+                    ));
+                }
+            }
+        } else {
+            rest[start..].find('/').map_or(bytes.len(), |i| start + i)
+        };
+        segments.push(&rest[start..end]);
+        start = end + 1;
+    }
+    Ok(segments)
+}
+
+impl PathPattern {
+    /// Parses a pattern. Literal segments must already be canonical: a literal that
+    /// request normalisation (with `options`) would change could never match as written.
+    #[allow(
+        clippy::result_large_err,
+        reason = "built once per policy load, like the TryFrom impls"
+    )]
+    pub(crate) fn parse(source: String, options: NormalizeOptions) -> Result<Self, PolicyError> {
         let fail = |reason: String| {
             invalid!(InvalidPathPattern {
                 path: String::new(),
@@ -420,22 +792,17 @@ impl TryFrom<String> for PathPattern {
         let Some(rest) = source.strip_prefix('/') else {
             return Err(fail("must start with '/'".to_owned()));
         };
-        if source.contains('?') {
-            return Err(fail("a query ('?') is not part of the path".to_owned()));
-        }
-        if source.contains('#') {
-            return Err(fail("a fragment ('#') is not allowed".to_owned()));
-        }
         let raw_segments: Vec<&str> = if rest.is_empty() {
             Vec::new()
         } else {
-            rest.split('/').collect()
+            split_pattern(rest).map_err(fail)?
         };
         let last = raw_segments.len().saturating_sub(1);
         let mut segments = Vec::with_capacity(raw_segments.len());
         // The canonical spelling, in case some literal is not canonical.
         let mut canonical = String::new();
         let mut changed = false;
+        let mut names: Vec<&str> = Vec::new();
         for (i, seg) in raw_segments.iter().copied().enumerate() {
             if seg.is_empty() {
                 if i == last {
@@ -453,33 +820,63 @@ impl TryFrom<String> for PathPattern {
                 }
                 PatternSegment::Tail
             } else if seg.starts_with('{') || seg.ends_with('}') {
-                let name = seg
+                let inner = seg
                     .strip_prefix('{')
                     .and_then(|s| s.strip_suffix('}'))
-                    .filter(|n| is_param_name(n))
-                    .ok_or_else(|| {
-                        fail(format!(
-                            "segment {seg:?}: a parameter is written {{name}}, with a name of \
-                             [A-Za-z_][A-Za-z0-9_]*, and spans a whole segment"
-                        ))
-                    })?;
-                let dup = segments
-                    .iter()
-                    .any(|s| matches!(s, PatternSegment::Param(p) if p == name));
-                if dup {
+                    .unwrap_or_default();
+                let (name, regex) = match inner.split_once(':') {
+                    Some((name, regex)) => (name, Some(regex)),
+                    None => (inner, None),
+                };
+                if !is_param_name(name) {
+                    return Err(fail(format!(
+                        "segment {seg:?}: a parameter is written {{name}} or {{name:REGEX}}, \
+                         with a name of [A-Za-z_][A-Za-z0-9_]*, and spans a whole segment"
+                    )));
+                }
+                if names.contains(&name) {
                     return Err(fail(format!("parameter {{{name}}} appears twice")));
                 }
-                PatternSegment::Param(name.to_owned())
+                names.push(name);
+                match regex {
+                    None => PatternSegment::Param(name.to_owned()),
+                    Some(regex) => {
+                        let pattern = Pattern::new(regex).map_err(|e| {
+                            fail(format!(
+                                "parameter {{{name}}}: {regex:?} is not a valid regular \
+                                 expression: {e}"
+                            ))
+                        })?;
+                        PatternSegment::Constrained {
+                            name: name.to_owned(),
+                            pattern,
+                        }
+                    }
+                }
             } else if seg.contains(['*', '{', '}']) {
                 return Err(fail(format!(
-                    "segment {seg:?}: '*', '{{' and '}}' are only allowed in '**' and '{{name}}' \
-                     segments"
+                    "segment {seg:?}: '*', '{{' and '}}' are only allowed in '**', '{{name}}' \
+                     and '{{name:REGEX}}' segments"
                 )));
             } else {
+                if seg.contains(['?', '#']) {
+                    return Err(fail(if seg.contains('?') {
+                        "a query ('?') is not part of the path".to_owned()
+                    } else {
+                        "a fragment ('#') is not allowed".to_owned()
+                    }));
+                }
                 // Normalised below a dummy parent, so that a '..' shows as a dot-segment
                 // rather than as climbing above the root.
-                let normal = canonical::normalize(&format!("/x/{seg}"))
-                    .map_err(|e| fail(format!("segment {seg:?}: {}", e.problem())))?;
+                let normal =
+                    canonical::normalize_with(&format!("/x/{seg}"), options).map_err(|e| {
+                        let hint = if seg.contains(';') && !options.allow_semicolon {
+                            " (set `path_params: true` on the destination to allow them)"
+                        } else {
+                            ""
+                        };
+                        fail(format!("segment {seg:?}: {}{hint}", e.problem()))
+                    })?;
                 let Some(literal) = normal.path().strip_prefix("/x/") else {
                     return Err(fail(format!(
                         "segment {seg:?}: dot-segments ('.' and '..') are not allowed"
@@ -507,6 +904,30 @@ impl TryFrom<String> for PathPattern {
         }
         Ok(PathPattern { source, segments })
     }
+}
+
+/// `body_cap`: bytes, or a number with `KiB` or `MiB`.
+fn parse_size(s: &str) -> Result<usize, &'static str> {
+    const EXPECTED: &str = "expected a number of bytes, optionally with KiB or MiB, e.g. 64KiB";
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, ""),
+    };
+    let shift = match unit.trim_start() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        _ => return Err(EXPECTED),
+    };
+    let n: usize = digits.parse().map_err(|_| EXPECTED)?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| *b <= MAX_BODY_CAP)
+        .ok_or("must be at most 64MiB")?;
+    if bytes == 0 {
+        return Err("must be at least 1 byte");
+    }
+    Ok(bytes)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -546,23 +967,30 @@ fn is_uppercase_method(s: &str) -> bool {
         })
 }
 
-fn cgroup_problem(p: &str) -> Option<&'static str> {
+/// Validates `select.cgroup`: an exact path, or a glob if it contains `*`.
+fn cgroup_selector(p: &str) -> Result<Selector, &'static str> {
     if !p.starts_with('/') {
-        Some("must be an absolute path starting with '/'")
+        Err("must be an absolute path starting with '/'")
     } else if p == "/" {
-        Some("the root cgroup cannot be a workload")
+        Err("the root cgroup cannot be a workload")
     } else if p.ends_with('/') {
-        Some("must not end with '/'")
+        Err("must not end with '/'")
     } else if p.contains("//") {
-        Some("must not contain empty segments ('//')")
+        Err("must not contain empty segments ('//')")
     } else if p.split('/').any(|s| s == "." || s == "..") {
-        Some("must not contain '.' or '..' segments")
+        Err("must not contain '.' or '..' segments")
     } else if p.chars().any(char::is_control) {
-        Some("must not contain control characters")
-    } else if p.contains(['*', '?', '[', ']']) {
-        Some("glob patterns are not supported")
+        Err("must not contain control characters")
+    } else if p.contains(['?', '[', ']', '{', '}']) {
+        Err("only '*' and '**' globs are supported")
+    } else if !p.contains('*') {
+        Ok(Selector::Cgroup(p.to_owned()))
+    } else if p.split('/').any(|c| c.contains("**") && c != "**") {
+        Err("'**' must be a whole path component")
+    } else if !p.bytes().any(|b| b != b'/' && b != b'*') {
+        Err("a glob needs at least one literal character (it would select every cgroup)")
     } else {
-        None
+        Ok(Selector::CgroupGlob(p.to_owned()))
     }
 }
 
@@ -708,10 +1136,29 @@ mod tests {
     #[test]
     fn selectors() {
         for ok in ["/system.slice/a.service", "/a", "/user.slice/x\\x2dy.scope"] {
-            assert_eq!(cgroup_problem(ok), None, "{ok}");
+            assert_eq!(
+                cgroup_selector(ok),
+                Ok(Selector::Cgroup(ok.to_owned())),
+                "{ok}"
+            );
         }
-        for bad in ["a", "/", "/a/", "//a", "/a/../b", "/a/./b", "/a/*", "/a\n"] {
-            assert!(cgroup_problem(bad).is_some(), "{bad:?}");
+        for ok in [
+            "/a/*",
+            "/system.slice/app-*.service",
+            "/user.slice/**/x.scope",
+            "/a/**",
+        ] {
+            assert_eq!(
+                cgroup_selector(ok),
+                Ok(Selector::CgroupGlob(ok.to_owned())),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "a", "/", "/a/", "//a", "/a/../b", "/a/./b", "/a\n", "/a/?", "/a/[ab]", "/a/***",
+            "/a/b**", "/**", "/*/*", "/*/**",
+        ] {
+            assert!(cgroup_selector(bad).is_err(), "{bad:?}");
         }
         for ok in [
             "a.service",
@@ -731,6 +1178,79 @@ mod tests {
             "a*.service",
         ] {
             assert!(systemd_unit_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cgroup_path_matching() {
+        let glob = |g: &str| Selector::CgroupGlob(g.to_owned());
+        #[rustfmt::skip]
+        let cases: &[(Selector, &str, bool)] = &[
+            (Selector::Cgroup("/system.slice/a.service".into()), "/system.slice/a.service", true),
+            (Selector::Cgroup("/system.slice/a.service".into()), "/system.slice/a.service/x", false),
+            (Selector::Cgroup("/system.slice/a.service".into()), "/system.slice/b.service", false),
+            (Selector::SystemdUnit("a.service".into()), "/system.slice/a.service", true),
+            (Selector::SystemdUnit("a.service".into()), "/user.slice/u.slice/a.service", true),
+            (Selector::SystemdUnit("a.service".into()), "/system.slice/xa.service", false),
+            (glob("/system.slice/app-*.service"), "/system.slice/app-1.service", true),
+            (glob("/system.slice/app-*.service"), "/system.slice/app-.service", true),
+            (glob("/system.slice/app-*.service"), "/system.slice/app-1/x.service", false),
+            (glob("/system.slice/app-*.service"), "/system.slice/app-1.service/child", false),
+            (glob("/system.slice/app-*.service"), "/system.slice/web.service", false),
+            (glob("/a/*"), "/a/b", true),
+            (glob("/a/*"), "/a", false),
+            (glob("/a/*"), "/a/b/c", false),
+            (glob("/a/*/c"), "/a/b/c", true),
+            (glob("/a/*/c"), "/a/b/x/c", false),
+            (glob("/a/**/c"), "/a/c", true),
+            (glob("/a/**/c"), "/a/b/c", true),
+            (glob("/a/**/c"), "/a/b/x/c", true),
+            (glob("/a/**/c"), "/a/b/x/d", false),
+            (glob("/a/**"), "/a", true),
+            (glob("/a/**"), "/a/b/c", true),
+            (glob("/a/**"), "/ab", false),
+            (glob("/**/build.scope"), "/user.slice/u-1.slice/build.scope", true),
+            (glob("/**/build.scope"), "/build.scope", true),
+            (glob("/**/build.scope"), "/user.slice/build.scopex", false),
+            (glob("/a/*x*y"), "/a/1x2x3y", true),
+            (glob("/a/*x*y"), "/a/1x2x3", false),
+            (glob("/a/b*"), "a/b", false),
+        ];
+        for (selector, path, expected) in cases {
+            assert_eq!(
+                selector.matches_cgroup_path(path),
+                *expected,
+                "{selector:?} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        for (s, n) in [
+            ("1", 1),
+            ("65536", 65536),
+            ("64KiB", 65536),
+            ("1MiB", 1 << 20),
+            ("64MiB", 64 << 20),
+            ("10 KiB", 10240),
+            ("5B", 5),
+        ] {
+            assert_eq!(parse_size(s), Ok(n), "{s}");
+        }
+        for bad in [
+            "",
+            "0",
+            "0KiB",
+            "65MiB",
+            "1GiB",
+            "1kb",
+            "KiB",
+            "-1",
+            "1.5MiB",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
         }
     }
 
@@ -759,8 +1279,31 @@ mod tests {
 
     #[test]
     fn path_patterns() {
-        use PatternSegment::{Literal, Param, Tail};
+        use PatternSegment::{Constrained, Literal, Param, Tail};
         let lit = |s: &str| Literal(s.to_owned());
+        let re = |name: &str, p: &str| Constrained {
+            name: name.to_owned(),
+            pattern: Pattern::new(p).unwrap_or_else(|e| panic!("{e}")),
+        };
+        assert_eq!(
+            pattern("/api/v1/users/{id:[0-9]+}"),
+            Ok(vec![
+                lit("api"),
+                lit("v1"),
+                lit("users"),
+                re("id", "[0-9]+")
+            ])
+        );
+        assert_eq!(
+            pattern("/o/{uuid:[0-9a-f-]{36}}/items"),
+            Ok(vec![lit("o"), re("uuid", "[0-9a-f-]{36}"), lit("items")])
+        );
+        assert_eq!(pattern("/{x:a/b|c}"), Ok(vec![re("x", "a/b|c")]));
+        assert_eq!(pattern("/{x:\\{}"), Ok(vec![re("x", "\\{")]));
+        assert_eq!(
+            pattern("/{a}/{b:x}/**"),
+            Ok(vec![Param("a".to_owned()), re("b", "x"), Tail])
+        );
         assert_eq!(pattern("/"), Ok(vec![]));
         assert_eq!(pattern("/**"), Ok(vec![Tail]));
         assert_eq!(
@@ -770,10 +1313,49 @@ mod tests {
         assert_eq!(pattern("/a/**"), Ok(vec![lit("a"), Tail]));
         assert_eq!(pattern("/caf%C3%A9"), Ok(vec![lit("caf%C3%A9")]));
         assert_eq!(pattern("/a:b@c"), Ok(vec![lit("a:b@c")]));
+        let semi = PathPattern::parse(
+            "/cars;color=red/{x}".to_owned(),
+            NormalizeOptions {
+                allow_semicolon: true,
+            },
+        );
+        assert_eq!(
+            semi.map(|p| p.segments).map_err(|e| e.to_string()),
+            Ok(vec![lit("cars;color=red"), Param("x".to_owned())])
+        );
         for bad in [
-            "", "v1", "/a//b", "/**/a", "/a/**/**", "/{id", "/id}", "/{}", "/{1x}", "/v{n}",
-            "/{a}/{a}", "/a*", "/*", "/a?x=1", "/a#f", "/a/./b", "/a/../b", "/%2e", "/a%2fb",
-            "/a;b", "/a b", "/café", "/%c3",
+            "",
+            "v1",
+            "/a//b",
+            "/**/a",
+            "/a/**/**",
+            "/{id",
+            "/id}",
+            "/{}",
+            "/{1x}",
+            "/v{n}",
+            "/{a}/{a}",
+            "/a*",
+            "/*",
+            "/a?x=1",
+            "/a#f",
+            "/a/./b",
+            "/a/../b",
+            "/%2e",
+            "/a%2fb",
+            "/a;b",
+            "/a b",
+            "/café",
+            "/%c3",
+            "/{x:}",
+            "/{x:[0-9}",
+            "/{x:a)|(b}",
+            "/{x:a}b",
+            "/{x:{2}",
+            "/{id:1}/{id:2}",
+            "/{:x}",
+            "/a/{x:a{1}}}",
+            "/a/{x:a}}",
         ] {
             assert!(pattern(bad).is_err(), "{bad:?} should be rejected");
         }

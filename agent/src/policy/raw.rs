@@ -1,11 +1,15 @@
 //! The policy file format as written: serde types, no validation beyond YAML types.
 //!
 //! Every struct denies unknown fields, so a typo is an error, never a silently ignored
-//! constraint. Validation and compilation live in `model`; the later language (mode,
-//! tls, credential, rate, when, query, headers, json, ...) is added here as new optional
-//! fields.
+//! constraint. Validation and compilation live in `model` (and the matcher modules);
+//! maps whose keys are user data (`query`, `headers`) keep the file order and reject a
+//! key given twice.
+
+use std::fmt;
+use std::marker::PhantomData;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 /// One workload document.
 #[derive(Debug, Deserialize)]
@@ -15,18 +19,37 @@ pub(crate) struct Workload {
     pub workload: String,
     /// How the kernel identifies the workload.
     pub select: Select,
+    /// `enforce` (default) or `audit`.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Largest request body buffered for `json` rules, e.g. `64KiB`.
+    #[serde(default)]
+    pub body_cap: Option<Scalar>,
     /// Allowed destinations; an empty list denies everything.
     pub egress: Vec<Destination>,
 }
 
-/// The workload's identity: exactly one of the fields must be set.
+/// `mode:` as written.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Mode {
+    /// Deny what no rule allows.
+    Enforce,
+    /// Allow, but record what would have been denied.
+    Audit,
+}
+
+/// The workload's identity: exactly one of `cgroup` and `systemd_unit`, plus an optional
+/// `uid` condition.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Select {
-    /// A cgroup v2 path relative to the cgroup2 mount.
+    /// A cgroup v2 path (or glob) relative to the cgroup2 mount.
     pub cgroup: Option<String>,
     /// A systemd unit name.
     pub systemd_unit: Option<String>,
+    /// Kept wide so that an out-of-range uid is reported by validation, with the value.
+    pub uid: Option<i64>,
 }
 
 /// One allowed destination.
@@ -37,6 +60,15 @@ pub(crate) struct Destination {
     pub host: String,
     /// Kept wide so that an out-of-range port is reported by validation, with the value.
     pub port: i64,
+    /// Whether request paths may carry `;` path parameters.
+    #[serde(default)]
+    pub path_params: bool,
+    /// `N/second|minute|hour` for the whole destination.
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// Time window for the whole destination.
+    #[serde(default)]
+    pub when: Option<When>,
     /// The L7 rules; a request passes if one of them allows it.
     pub rules: Vec<Rule>,
 }
@@ -51,4 +83,222 @@ pub(crate) struct Rule {
     pub methods: Vec<String>,
     /// Path pattern.
     pub path: String,
+    /// Query parameter constraints; absent means any query.
+    #[serde(default)]
+    pub query: Option<OrderedMap<QueryRule>>,
+    /// Query parameters that may be repeated.
+    #[serde(default)]
+    pub query_repeat: Option<Vec<String>>,
+    /// Header constraints.
+    #[serde(default)]
+    pub headers: Option<OrderedMap<HeaderRule>>,
+    /// JSON body constraints.
+    #[serde(default)]
+    pub json: Option<Vec<JsonRule>>,
+    /// Time window for this rule.
+    #[serde(default)]
+    pub when: Option<When>,
+    /// `N/second|minute|hour` for this rule.
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+/// A time window.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct When {
+    /// `mon` .. `sun`.
+    #[serde(default)]
+    pub days: Option<Vec<String>>,
+    /// `HH:MM-HH:MM`.
+    #[serde(default)]
+    pub hours: Option<String>,
+    /// IANA zone name, e.g. `Europe/Berlin`.
+    pub timezone: String,
+}
+
+/// The value of one `query:` entry.
+#[derive(Debug)]
+pub(crate) enum QueryRule {
+    /// `any`.
+    Any,
+    /// `absent`.
+    Absent,
+    /// `present`.
+    Present,
+    /// `{one_of: [...]}` or `{pattern: ...}`.
+    Value(ValueRule),
+}
+
+/// The value of one `headers:` entry.
+#[derive(Debug)]
+pub(crate) enum HeaderRule {
+    /// `required`.
+    Required,
+    /// `forbidden`.
+    Forbidden,
+    /// `{one_of: [...]}` or `{pattern: ...}`.
+    Value(ValueRule),
+}
+
+/// A constraint on a textual value: exactly one of the fields (checked by validation).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ValueRule {
+    /// Allowed values, compared exactly.
+    pub one_of: Option<Vec<Scalar>>,
+    /// A regular expression the whole value must match.
+    pub pattern: Option<String>,
+}
+
+/// One `json:` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JsonRule {
+    /// Dot path into the body, e.g. `customer.address.country` or `items.0.sku`.
+    pub field: String,
+    /// Allowed values (strings, numbers, booleans, null).
+    #[serde(default)]
+    pub one_of: Option<Vec<serde_yaml::Value>>,
+    /// Smallest allowed number.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// Largest allowed number.
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// A regular expression the whole string must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Longest allowed string (characters) or array (elements).
+    #[serde(default)]
+    pub max_len: Option<u64>,
+    /// `true`: the field must not be present.
+    #[serde(default)]
+    pub absent: Option<bool>,
+}
+
+/// A YAML scalar (string, number or boolean) read as its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A keyword (`absent`, ...) or a `{one_of|pattern}` map.
+fn keyword_or_value<'de, D, T>(
+    d: D,
+    expected: &'static str,
+    keyword: fn(&str) -> Option<T>,
+    value: fn(ValueRule) -> T,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct V<T> {
+        expected: &'static str,
+        keyword: fn(&str) -> Option<T>,
+        value: fn(ValueRule) -> T,
+    }
+    impl<'de, T> Visitor<'de> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expected)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            (self.keyword)(v).ok_or_else(|| E::invalid_value(de::Unexpected::Str(v), &self))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            let rule = ValueRule::deserialize(de::value::MapAccessDeserializer::new(map))?;
+            Ok((self.value)(rule))
+        }
+    }
+    d.deserialize_any(V {
+        expected,
+        keyword,
+        value,
+    })
+}
+
+impl<'de> Deserialize<'de> for QueryRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        keyword_or_value(
+            d,
+            "any, absent, present, {one_of: [...]} or {pattern: REGEX}",
+            |k| match k {
+                "any" => Some(QueryRule::Any),
+                "absent" => Some(QueryRule::Absent),
+                "present" => Some(QueryRule::Present),
+                _ => None,
+            },
+            QueryRule::Value,
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for HeaderRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        keyword_or_value(
+            d,
+            "required, forbidden, {one_of: [...]} or {pattern: REGEX}",
+            |k| match k {
+                "required" => Some(HeaderRule::Required),
+                "forbidden" => Some(HeaderRule::Forbidden),
+                _ => None,
+            },
+            HeaderRule::Value,
+        )
+    }
+}
+
+/// A YAML mapping with string keys, in file order; a repeated key is an error.
+#[derive(Debug)]
+pub(crate) struct OrderedMap<T>(pub Vec<(String, T)>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrderedMap<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = OrderedMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(String, T)> = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.iter().any(|(k, _)| *k == key) {
+                        return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
+                    }
+                    let value = map.next_value()?;
+                    out.push((key, value));
+                }
+                Ok(OrderedMap(out))
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
 }

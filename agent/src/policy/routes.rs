@@ -1,11 +1,19 @@
 //! A destination's path patterns compiled into a segment trie.
 //!
-//! Each node has literal children (sorted, binary-searched), at most one `{param}` child,
-//! the rules whose pattern ends at the node, and the rules whose pattern ends with `**`
-//! there. Matching walks the request's canonical segments once; every trie node is
-//! visited at most once, so the cost is bounded by the path length and the trie, not by
-//! the number of rules. Matching allocates nothing.
+//! Each node has literal children (sorted, binary-searched), `{name:REGEX}` children (one
+//! per distinct regex, in order of first appearance), at most one `{param}` child, the
+//! rules whose pattern ends at the node, and the rules whose pattern ends with `**` there.
+//!
+//! Matching explores, at each segment, the literal child, then every constrained child
+//! whose regex matches, in order, then the plain parameter child, and reports EVERY rule
+//! on EVERY matching branch: the precedence is only the order of exploration. Which rule
+//! decides is chosen by the caller among all matches (the first allowing rule in file
+//! order), so a literal route never hides a parameter route or the other way round.
+//! Every trie node is visited at most once, so the cost is bounded by the path length and
+//! the trie (plus one regex match per constrained child tried), not by the number of
+//! rules. Matching allocates nothing.
 
+use super::matchers::Pattern;
 use super::model::{PathPattern, PatternSegment};
 
 /// Index of a rule in its destination's rule list.
@@ -21,6 +29,8 @@ pub(crate) struct RouteTable {
 struct Node {
     /// Literal children, sorted by segment.
     literals: Vec<(Box<str>, Node)>,
+    /// `{name:REGEX}` children, one per distinct regex, in order of first appearance.
+    constrained: Vec<(Pattern, Node)>,
     /// The `{param}` child; parameter names do not matter for matching.
     param: Option<Box<Node>>,
     /// Rules whose pattern ends exactly here, ascending.
@@ -57,6 +67,16 @@ impl RouteTable {
                     };
                     &mut node.literals[at].1
                 }
+                PatternSegment::Constrained { pattern, .. } => {
+                    let at = match node.constrained.iter().position(|(p, _)| p == pattern) {
+                        Some(at) => at,
+                        None => {
+                            node.constrained.push((pattern.clone(), Node::default()));
+                            node.constrained.len() - 1
+                        }
+                    };
+                    &mut node.constrained[at].1
+                }
                 PatternSegment::Param(_) => node.param.get_or_insert_with(Box::default),
                 PatternSegment::Tail => {
                     node.tail.push(rule);
@@ -91,6 +111,11 @@ impl Node {
         let (segment, next) = rest.split_once('/').unwrap_or((rest, ""));
         if let Ok(at) = self.literals.binary_search_by(|(k, _)| (**k).cmp(segment)) {
             self.literals[at].1.walk(next, each);
+        }
+        for (pattern, child) in &self.constrained {
+            if pattern.is_match(segment) {
+                child.walk(next, each);
+            }
         }
         if let Some(param) = &self.param {
             param.walk(next, each);
@@ -146,5 +171,35 @@ mod tests {
         assert!(matches(&t, "/V1/charges").is_empty());
         assert!(matches(&t, "/v1/charges/x").is_empty());
         assert_eq!(matches(&t, "/v1/charges"), [0]);
+    }
+
+    #[test]
+    fn constrained_parameters() {
+        let t = table(&[
+            "/u/{id:[0-9]+}",       // 0
+            "/u/{name:[a-z]+}",     // 1
+            "/u/{x}",               // 2
+            "/u/me",                // 3
+            "/u/{n:[0-9]+}/orders", // 4 (same regex as 0: shares its node)
+            "/u/{any:.*}/**",       // 5
+            "/o/{u:[0-9a-f-]{36}}", // 6
+            "/e/{x:caf%C3%A9|tea}", // 7
+        ]);
+        assert_eq!(matches(&t, "/u/42"), [0, 2, 5]);
+        assert_eq!(matches(&t, "/u/me"), [1, 2, 3, 5]);
+        assert_eq!(matches(&t, "/u/Me"), [2, 5]);
+        assert_eq!(matches(&t, "/u/4a"), [2, 5]);
+        assert_eq!(matches(&t, "/u/42/orders"), [4, 5]);
+        assert_eq!(matches(&t, "/u/x/orders"), [5]);
+        assert_eq!(matches(&t, "/o/3f2b8c1e-9d4a-4e6b-8f7a-2c1d0e9b8a7f"), [6]);
+        assert!(matches(&t, "/o/3f2b8c1e-9d4a-4e6b-8f7a-2c1d0e9b8a7").is_empty());
+        assert!(matches(&t, "/o/3F2B8C1E-9D4A-4E6B-8F7A-2C1D0E9B8A7F").is_empty());
+        // Regexes see the canonical (still percent-encoded) segment.
+        assert_eq!(matches(&t, "/e/caf%C3%A9"), [7]);
+        assert_eq!(matches(&t, "/e/tea"), [7]);
+        assert!(matches(&t, "/e/teas").is_empty());
+        assert_eq!(t.root.literals[0].0.as_ref(), "e");
+        let u = &t.root.literals[2].1;
+        assert_eq!(u.constrained.len(), 3);
     }
 }

@@ -1,0 +1,336 @@
+//! `explain`: why a request is allowed or denied, rule by rule.
+//!
+//! Pure, like [`decide`]: the explanation's decision IS `decide`'s. For a denial it adds,
+//! for each rule of the destination the request went to (or of every destination when
+//! none matched, each evaluated as if its host and port had matched), the first check
+//! that rule fails. Like denial reasons, it never shows header, query or body values.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::decide::{Check, Decision, Evaluator, Request, RuleFailure, decide};
+use super::model::{Destination, Mode};
+use super::{Snapshot, matchers};
+
+/// The explanation of one decision. Displays as a short report; serialises to JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    /// The workload's name; `None` if it is not in the snapshot.
+    pub workload: Option<String>,
+    /// The workload's mode.
+    pub mode: Option<Mode>,
+    /// The request, as decided.
+    pub request: RequestSummary,
+    /// `allow` or `deny` (the enforce-mode decision, also in audit mode).
+    pub decision: &'static str,
+    /// The denial code (`DenyReason::code`), for denials.
+    pub code: Option<&'static str>,
+    /// The denial reason, for denials.
+    pub reason: Option<String>,
+    /// The matched destination, `host:port`.
+    pub destination: Option<String>,
+    /// The allowing rule, or for a denial the nearest rule (if any rule's path matched).
+    pub rule: Option<String>,
+    /// For an allow: the rate limits the request is charged against.
+    pub rate_limits: Vec<String>,
+    /// For a denial: why each rule did not allow the request.
+    pub rules: Vec<RuleReport>,
+}
+
+/// The request as the policy saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestSummary {
+    /// The caller's uid.
+    pub uid: u32,
+    /// The method.
+    pub method: String,
+    /// The authority host.
+    pub host: String,
+    /// The original destination port.
+    pub port: u16,
+    /// The canonical path.
+    pub path: String,
+    /// The raw query.
+    pub query: Option<String>,
+    /// The request time, RFC 3339 UTC.
+    pub at: String,
+    /// Whether a parsed JSON body was given.
+    pub body: bool,
+}
+
+/// One rule's verdict on the request.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleReport {
+    /// The rule's destination, `host:port`.
+    pub destination: String,
+    /// Whether that destination's host and port match the request.
+    pub destination_matched: bool,
+    /// The rule id.
+    pub rule: String,
+    /// `allow` or `deny`.
+    pub result: &'static str,
+    /// The first failing check.
+    pub check: Option<Check>,
+    /// Its code, e.g. `method_not_allowed`.
+    pub code: Option<&'static str>,
+    /// Its detail.
+    pub detail: Option<String>,
+}
+
+/// Explains the decision for `req`.
+pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
+    let decision = decide(snapshot, req);
+    let workload = snapshot.workload(req.workload);
+    let mut out = Explanation {
+        workload: workload.map(|w| w.name.clone()),
+        mode: workload.map(|w| w.mode()),
+        request: RequestSummary {
+            uid: req.uid,
+            method: matchers::clip(req.method),
+            host: matchers::clip(req.host),
+            port: req.port,
+            path: req.path.path().to_owned(),
+            query: req.path.query().map(str::to_owned),
+            at: req.at.to_string(),
+            body: req.body.is_some(),
+        },
+        decision: if decision.is_allow() { "allow" } else { "deny" },
+        code: None,
+        reason: None,
+        destination: None,
+        rule: None,
+        rate_limits: Vec::new(),
+        rules: Vec::new(),
+    };
+    let Some(workload) = workload else {
+        if let Decision::Deny(reason) = &decision {
+            out.code = Some(reason.code());
+            out.reason = Some(reason.to_string());
+        }
+        return out;
+    };
+    let matched = workload.destination_for(req.host, req.port);
+    out.destination = matched.map(|(_, d)| d.label());
+    match &decision {
+        Decision::Allow { destination, rule } => {
+            out.rule = Some(rule.rule_id().to_owned());
+            if let Some(dest) = workload.destinations.get(*destination) {
+                out.rate_limits = dest
+                    .rate_limits(rule.index())
+                    .map(|(key, limit)| match key.rule() {
+                        Some(r) => format!("{limit} (rule {r})"),
+                        None => format!("{limit} (destination {})", key.destination()),
+                    })
+                    .collect();
+            }
+            return out;
+        }
+        Decision::Deny(reason) => {
+            out.code = Some(reason.code());
+            out.reason = Some(reason.to_string());
+            out.rule = reason.rule().map(str::to_owned);
+        }
+    }
+    let destinations: Vec<&Destination> = match matched {
+        Some((_, d)) => vec![d],
+        None => workload.destinations.iter().collect(),
+    };
+    for dest in destinations {
+        let mut path_matched = vec![false; dest.rules().len()];
+        dest.routes()
+            .for_each_match(req.path.path(), &mut |i| path_matched[i] = true);
+        let mut eval = Evaluator::new(req);
+        let label = dest.label();
+        for (i, rule) in dest.rules().iter().enumerate() {
+            let result = if path_matched[i] {
+                eval.check_rule(dest, rule)
+            } else {
+                Err(RuleFailure::PathNotMatched {
+                    pattern: rule.path().to_string(),
+                })
+            };
+            out.rules.push(RuleReport {
+                destination: label.clone(),
+                destination_matched: matched.is_some(),
+                rule: rule.id().to_owned(),
+                result: if result.is_ok() { "allow" } else { "deny" },
+                check: result.as_ref().err().map(RuleFailure::check),
+                code: result.as_ref().err().map(RuleFailure::code),
+                detail: result.err().map(|f| f.to_string()),
+            });
+        }
+    }
+    out
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.request;
+        let host = if r.host.contains(':') {
+            format!("[{}]", r.host)
+        } else {
+            r.host.clone()
+        };
+        let query = r
+            .query
+            .as_deref()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        writeln!(
+            f,
+            "request:   {} {host}:{}{}{query} (uid {}, at {}{})",
+            r.method,
+            r.port,
+            r.path,
+            r.uid,
+            r.at,
+            if r.body { ", with JSON body" } else { "" }
+        )?;
+        match (&self.workload, self.mode) {
+            (Some(w), Some(mode)) => writeln!(f, "workload:  {w} (mode {mode})")?,
+            _ => writeln!(f, "workload:  (unknown)")?,
+        }
+        match self.decision {
+            "allow" => {
+                writeln!(
+                    f,
+                    "decision:  ALLOW by rule {} of {}",
+                    self.rule.as_deref().unwrap_or("?"),
+                    self.destination.as_deref().unwrap_or("?")
+                )?;
+                for limit in &self.rate_limits {
+                    writeln!(f, "rate:      {limit}")?;
+                }
+            }
+            _ => {
+                writeln!(
+                    f,
+                    "decision:  DENY {}: {}",
+                    self.code.unwrap_or("?"),
+                    self.reason.as_deref().unwrap_or("?")
+                )?;
+                if self.mode == Some(Mode::Audit) {
+                    writeln!(
+                        f,
+                        "           (audit mode: the proxy lets it pass and records would_deny)"
+                    )?;
+                }
+            }
+        }
+        let mut current: Option<&str> = None;
+        for report in &self.rules {
+            if current != Some(&report.destination) {
+                current = Some(&report.destination);
+                let note = if report.destination_matched {
+                    ""
+                } else {
+                    " (host/port do not match; rules evaluated as if they did)"
+                };
+                writeln!(f, "rules of {}{note}:", report.destination)?;
+            }
+            match (&report.code, &report.detail) {
+                (Some(code), Some(detail)) => {
+                    writeln!(f, "  {}: {code}: {detail}", report.rule)?;
+                }
+                _ => writeln!(f, "  {}: allow", report.rule)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::policy::{WorkloadId, normalize};
+    use http::HeaderMap;
+
+    const AUDITED: &str = "\
+workload: legacy
+select: {cgroup: /legacy}
+mode: audit
+egress:
+  - host: api.example.com
+    port: 443
+    rules:
+      - {id: read, methods: [GET], path: '/items/{id:[0-9]+}'}
+      - {id: write, methods: [PUT], path: '/items/{id}', headers: {if-match: required}}
+";
+
+    fn snapshot() -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("legacy.yaml"), AUDITED).unwrap();
+        Snapshot::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn run(snap: &Snapshot, workload: u32, method: &str, target: &str) -> Explanation {
+        let path = normalize(target).unwrap();
+        let headers = HeaderMap::new();
+        explain(
+            snap,
+            &Request {
+                workload: WorkloadId(workload),
+                uid: 7,
+                method,
+                host: "api.example.com",
+                port: 443,
+                path: &path,
+                headers: &headers,
+                body: None,
+                at: "2024-06-03T10:00:00Z".parse().unwrap(),
+            },
+        )
+    }
+
+    #[test]
+    fn audit_mode_denial_lists_every_rule() {
+        let snap = snapshot();
+        let e = run(&snap, 0, "PUT", "/items/42");
+        assert_eq!(e.decision, "deny");
+        assert_eq!(e.mode, Some(Mode::Audit));
+        assert_eq!(e.code, Some("header_required"));
+        assert_eq!(e.rule.as_deref(), Some("write"));
+        assert_eq!(e.destination.as_deref(), Some("api.example.com:443"));
+        assert_eq!(
+            e.to_string(),
+            "request:   PUT api.example.com:443/items/42 (uid 7, at 2024-06-03T10:00:00Z)\n\
+             workload:  legacy (mode audit)\n\
+             decision:  DENY header_required: rule write: header if-match is required\n           \
+             (audit mode: the proxy lets it pass and records would_deny)\n\
+             rules of api.example.com:443:\n  \
+             read: method_not_allowed: method PUT is not allowed (allowed: GET)\n  \
+             write: header_required: header if-match is required\n"
+        );
+        let e = run(&snap, 0, "GET", "/items/x");
+        assert_eq!(e.code, Some("method_not_allowed"));
+        assert_eq!(e.rules[0].code, Some("path_not_allowed"));
+        assert_eq!(
+            e.rules[0].detail.as_deref(),
+            Some("the path does not match /items/{id:[0-9]+}")
+        );
+        assert_eq!(e.rules[1].check, Some(Check::Method));
+    }
+
+    #[test]
+    fn allow_and_unknown_workload() {
+        let snap = snapshot();
+        let e = run(&snap, 0, "GET", "/items/42/");
+        assert_eq!(e.decision, "allow");
+        assert_eq!(e.rule.as_deref(), Some("read"));
+        assert_eq!(e.request.path, "/items/42");
+        assert!(e.rules.is_empty() && e.rate_limits.is_empty() && e.code.is_none());
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["decision"], "allow");
+        assert_eq!(json["mode"], "audit");
+
+        let e = run(&snap, 5, "GET", "/items/42");
+        assert_eq!(e.workload, None);
+        assert_eq!(e.code, Some("unknown_workload"));
+        assert!(
+            e.to_string()
+                .contains("workload:  (unknown)\ndecision:  DENY unknown_workload")
+        );
+    }
+}
