@@ -171,7 +171,15 @@ pub fn decide(
     record: &mut Record,
 ) -> Verdict {
     let policy = &enforcement.policy;
-    let outcome = decide_enforced(enforcement, identity, parts, prepared, body, limiter, record);
+    let outcome = decide_enforced(
+        enforcement,
+        identity,
+        parts,
+        prepared,
+        body,
+        limiter,
+        record,
+    );
     match outcome {
         Ok(allowed) => Verdict::Allow(allowed),
         Err(refused) if prepared.audit_mode() && refused.fault == Fault::Policy => {
@@ -323,7 +331,12 @@ pub async fn confirm_address(resolver: &Resolver, allowed: &Allowed) -> Result<(
             .resolve(name, allowed.upstream.port())
             .await
             .map_err(|detail| {
-                Refused::status(StatusCode::BAD_GATEWAY, "resolve_failed", detail, Fault::Upstream)
+                Refused::status(
+                    StatusCode::BAD_GATEWAY,
+                    "resolve_failed",
+                    detail,
+                    Fault::Upstream,
+                )
             })?
             .contains(&want),
     };

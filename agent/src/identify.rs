@@ -80,6 +80,8 @@ pub struct Identity {
     /// The managed cgroup whose policy the kernel applied (the caller's own cgroup or its
     /// nearest managed ancestor).
     pub policy_cgroup: u64,
+    /// The caller's executable, when it could be read (the process may be gone already).
+    pub exe: Option<String>,
 }
 
 impl Identity {
@@ -113,6 +115,9 @@ pub fn identify(table: &dyn OriginTable, peer: SocketAddr) -> Result<Identity, I
         pid: origin.pid,
         uid: origin.uid,
         policy_cgroup: origin.policy_cgroup,
+        exe: std::fs::read_link(format!("/proc/{}/exe", origin.pid))
+            .ok()
+            .map(|p| p.display().to_string()),
     })
 }
 

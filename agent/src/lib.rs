@@ -14,6 +14,7 @@
 pub mod policy;
 
 pub mod accept;
+pub mod admin;
 pub mod audit;
 pub mod bpf;
 pub mod decide;

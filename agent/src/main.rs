@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use scopegate::{
-    audit::Sinks,
+    audit::{Fsync, Rotation, Sinks},
     bpf, exec,
     run::{self, RunOptions},
 };
@@ -41,6 +41,27 @@ enum Command {
         /// Do not write audit records to stdout.
         #[arg(long)]
         no_audit_stdout: bool,
+        /// Rotate the audit file before it exceeds this many bytes.
+        #[arg(long, value_name = "BYTES")]
+        audit_max_bytes: Option<u64>,
+        /// Rotate the audit file when its first record is older than this many seconds.
+        #[arg(long, value_name = "SECS")]
+        audit_max_age_secs: Option<u64>,
+        /// Keep this many rotated audit files (default: all).
+        #[arg(long, value_name = "N")]
+        audit_keep: Option<usize>,
+        /// fsync the audit file after every write instead of in batches (at most 4096
+        /// records or 100 ms unsynced).
+        #[arg(long)]
+        audit_fsync_every_record: bool,
+        /// ed25519 key (PKCS#8 PEM; generated if missing) for signed checkpoints in the
+        /// audit stream; verify with `scopegate audit verify --pubkey KEY.pub`.
+        #[arg(long, value_name = "FILE")]
+        audit_signing_key: Option<PathBuf>,
+        /// Serve Prometheus metrics (/metrics) and health (/healthz) on this loopback
+        /// address.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
         /// Seconds between cgroup rescans (the kernel already applies a managed parent's
         /// policy to new children; the rescan refreshes names and paths for the audit).
         #[arg(long, default_value_t = 1.0)]
@@ -111,6 +132,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             cgroup_root,
             audit_file,
             no_audit_stdout,
+            audit_max_bytes,
+            audit_max_age_secs,
+            audit_keep,
+            audit_fsync_every_record,
+            audit_signing_key,
+            metrics_addr,
             rescan_secs,
             managed_subtrees,
             allow_empty,
@@ -123,7 +150,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 audit: Sinks {
                     stdout: !no_audit_stdout,
                     file: audit_file,
+                    rotation: Rotation {
+                        max_bytes: audit_max_bytes,
+                        max_age: audit_max_age_secs.map(Duration::from_secs),
+                        keep: audit_keep,
+                    },
+                    fsync: if audit_fsync_every_record {
+                        Fsync::EveryRecord
+                    } else {
+                        Fsync::default()
+                    },
+                    signing_key: audit_signing_key,
+                    ..Sinks::default()
                 },
+                metrics_addr,
                 rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
                 managed_subtrees,
                 allow_empty,

@@ -136,6 +136,7 @@ fn identity_record(enforcement: &Enforcement, identity: &Identity, proto: &'stat
     let mut record = Record::new(proto).with_dst_addr(identity.original_dst);
     record.pid = Some(identity.pid);
     record.uid = Some(identity.uid);
+    record.exe = identity.exe.clone();
     let (workload, cgroup) = identity.workload(&enforcement.cgroups);
     record.cgroup = cgroup;
     record.workload = workload
@@ -181,6 +182,18 @@ pub async fn handle_request(
         &shared.limiter,
         guard.record_mut(),
     );
+    // Nothing is forwarded that cannot be recorded.
+    if !shared.auditor.healthy() {
+        let workload = guard.record_mut().workload.clone();
+        guard.finish_unavailable();
+        let refused = Refused::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            crate::audit::AUDIT_UNAVAILABLE,
+            "the audit log cannot be written; nothing is forwarded until it can".into(),
+            Fault::Agent,
+        );
+        return json_response(&refused, workload.as_deref(), &request_id, "unavailable");
+    }
     let (allowed, would_deny) = match verdict {
         Verdict::Deny(refused) => return refuse(guard, &refused, &request_id),
         Verdict::Allow(allowed) => {
@@ -314,12 +327,14 @@ fn json_response(
     });
     let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
     bytes.push(b'\n');
-    let mut response = Response::new(
-        Full::new(Bytes::from(bytes))
-            .map_err(|e| match e {})
-            .boxed(),
-    );
+    let mut response = Response::new(full_body(Bytes::from(bytes)));
     *response.status_mut() = refused.status;
+    if let Some(retry) = refused.retry_after {
+        let secs = retry.as_secs() + u64::from(retry.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+    }
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),

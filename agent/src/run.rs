@@ -18,7 +18,9 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use scopegate_common::{ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons};
+use scopegate_common::{
+    L4_MAX_PORTS, L4Allow, L4Key, ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -28,7 +30,7 @@ use crate::{
     decide::Resolver,
     forward::Upstream,
     pipeline::{Enforcement, Shared},
-    policy::{PolicyErrors, Snapshot},
+    policy::{Dns, L4Protocol, PolicyErrors, Snapshot},
     workloads::{self, WorkloadsError},
 };
 
@@ -56,6 +58,8 @@ pub struct RunOptions {
     /// Start with an empty (deny-all) snapshot when the policy directory is invalid,
     /// instead of refusing to start.
     pub allow_empty: bool,
+    /// Loopback address for /metrics and /healthz.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Errors of `run`.
@@ -90,6 +94,9 @@ pub enum RunError {
     /// Kernel program problems.
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    /// The admin endpoint could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// Signal handlers or threads could not be set up.
     #[error("starting the agent's signal handlers and threads: {0}")]
     Signal(std::io::Error),
@@ -124,6 +131,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // 3. listeners
     let listeners = Listeners::bind(opts.proxy_port)?;
     let port = listeners.port();
+    let admin = match opts.metrics_addr {
+        Some(addr) => Some(crate::admin::bind(addr).await?),
+        None => None,
+    };
     // 4. audit
     let (auditor, _writer) = Auditor::start(&opts.audit)?;
     // 5. kernel
@@ -160,6 +171,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     tokio::spawn(listeners.serve(shared.clone()));
+    if let Some(admin) = admin {
+        let sources = Arc::new(crate::admin::Sources {
+            shared: shared.clone(),
+            kernel: kernel.clone(),
+        });
+        tokio::spawn(crate::admin::serve(admin, sources));
+    }
     if let Some(events) = kernel.take_events() {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -174,6 +192,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         "scopegate ready"
     );
     let mut rescan = tokio::time::interval(opts.rescan);
+    let mut events_lost = kernel.counter(scopegate_common::counters::EVENTS_LOST);
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
     let _watcher = watch_policies(&opts.policies, changed_tx);
     loop {
@@ -182,6 +201,20 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 let current = shared.enforcement.load().policy.clone();
                 if let Err(e) = control.publish(current, false) {
                     tracing::error!(error = %e, "cgroup rescan failed");
+                }
+                // Deny events the kernel could not deliver are surfaced, never silent.
+                let lost = kernel.counter(scopegate_common::counters::EVENTS_LOST);
+                if lost > events_lost {
+                    let mut record = Record::new("kernel");
+                    record.count = Some(lost - events_lost);
+                    tracing::error!(lost = lost - events_lost, "kernel deny events lost (ring buffer full)");
+                    shared.auditor.guard(record).finish(
+                        Decision::Error,
+                        None,
+                        Some("kernel_events_lost"),
+                        Some(Fault::Agent),
+                    );
+                    events_lost = lost;
                 }
             }
             _ = hup.recv() => control.reload("SIGHUP"),
@@ -291,26 +324,30 @@ fn watch_policies(
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let own = dir.to_path_buf();
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only changes in the directory, or to the directory entry itself (a symlink swap),
-        // not to its siblings.
-        let relevant = event.is_ok_and(|e| {
-            !e.kind.is_access() && e.paths.iter().any(|p| p.starts_with(&own))
-        });
-        if relevant {
-            // A full channel already holds a pending reload.
-            let _ = changed.try_send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
-            return None;
-        }
-    };
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Only changes in the directory, or to the directory entry itself (a symlink swap),
+            // not to its siblings.
+            let relevant = event
+                .is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| p.starts_with(&own)));
+            if relevant {
+                // A full channel already holds a pending reload.
+                let _ = changed.try_send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
+                return None;
+            }
+        };
     let mut watched = false;
     for path in [Some(dir), dir.parent()].into_iter().flatten() {
-        let path = if path.as_os_str().is_empty() { std::path::Path::new(".") } else { path };
+        let path = if path.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            path
+        };
         match watcher.watch(path, notify::RecursiveMode::NonRecursive) {
             Ok(()) => watched = true,
             Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot watch"),
@@ -328,11 +365,111 @@ struct KernelState {
     max_depth: u32,
     /// (workload, TCP port) pairs with proxied destinations.
     ports: HashSet<PortKey>,
+    /// L4 exceptions and DNS resolvers: (prefix length, key) → allowed ports and protocols.
+    l4: HashMap<(u32, L4Key), L4Allow>,
+}
+
+/// The `nameserver` addresses of a resolv.conf text.
+pub fn parse_resolv_conf(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                // A zone index (fe80::1%eth0) cannot be expressed in the kernel map.
+                .and_then(|addr| addr.parse().ok())
+        })
+        .collect()
+}
+
+/// The host's resolvers, for `dns: system`.
+fn system_resolvers() -> Vec<std::net::IpAddr> {
+    match std::fs::read_to_string("/etc/resolv.conf") {
+        Ok(text) => parse_resolv_conf(&text),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /etc/resolv.conf; `dns: system` allows no resolver");
+            Vec::new()
+        }
+    }
+}
+
+/// The L4 trie key of an address range for a workload.
+fn l4_key(workload: u32, addr: std::net::IpAddr, prefix: u8) -> (u32, L4Key) {
+    let (v6, bits) = match addr {
+        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped(), 96 + u32::from(prefix)),
+        std::net::IpAddr::V6(a) => (a, u32::from(prefix)),
+    };
+    let o = v6.octets();
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    (
+        32 + bits,
+        L4Key {
+            workload_be: workload.to_be(),
+            ip: [w(0), w(4), w(8), w(12)],
+        },
+    )
+}
+
+/// An LPM trie answers with the longest matching prefix only, so a longer entry must also
+/// carry the ports of every shorter entry of the same workload that contains it.
+fn inherit_shorter_prefixes(l4: &mut HashMap<(u32, L4Key), L4Allow>) {
+    let bits = |key: &L4Key| {
+        key.ip
+            .iter()
+            .fold(0u128, |acc, w| (acc << 32) | u128::from(u32::from_be(*w)))
+    };
+    let entries: Vec<((u32, L4Key), L4Allow)> = l4.iter().map(|(k, v)| (*k, *v)).collect();
+    for ((prefix, key), allow) in l4.iter_mut() {
+        for ((outer_prefix, outer), outer_allow) in &entries {
+            let ip_prefix = outer_prefix - 32;
+            let contains = outer.workload_be == key.workload_be
+                && outer_prefix < prefix
+                && (ip_prefix == 0 || (bits(outer) ^ bits(key)) >> (128 - ip_prefix) == 0);
+            if contains {
+                let tcp: Vec<u16> = outer_allow
+                    .tcp_ports
+                    .iter()
+                    .copied()
+                    .filter(|p| *p != 0)
+                    .collect();
+                let udp: Vec<u16> = outer_allow
+                    .udp_ports
+                    .iter()
+                    .copied()
+                    .filter(|p| *p != 0)
+                    .collect();
+                merge_l4(allow, &tcp, L4Protocol::Tcp);
+                merge_l4(allow, &udp, L4Protocol::Udp);
+            }
+        }
+    }
+}
+
+/// Adds ports of one protocol to an L4 entry, keeping at most [`L4_MAX_PORTS`] per
+/// protocol; false when some did not fit.
+fn merge_l4(entry: &mut L4Allow, ports: &[u16], protocol: L4Protocol) -> bool {
+    let slots = match protocol {
+        L4Protocol::Tcp => &mut entry.tcp_ports,
+        L4Protocol::Udp => &mut entry.udp_ports,
+    };
+    let mut fits = true;
+    for port in ports {
+        if slots.contains(port) {
+            continue;
+        }
+        match slots.iter_mut().find(|p| **p == 0) {
+            Some(slot) => *slot = *port,
+            None => fits = false,
+        }
+    }
+    fits
 }
 
 impl KernelState {
     fn from_policy(policy: &Snapshot, resolution: &workloads::Resolution) -> Self {
         let mut state = Self::default();
+        let mut system: Option<Vec<std::net::IpAddr>> = None;
         for (id, info) in &resolution.managed {
             if !info.selected {
                 continue;
@@ -345,13 +482,32 @@ impl KernelState {
             state.max_depth = state.max_depth.max(depth);
         }
         for (index, workload) in policy.workloads().iter().enumerate() {
+            let w = index as u32;
             for destination in &workload.destinations {
                 state.ports.insert(PortKey {
-                    workload: index as u32,
+                    workload: w,
                     port: u32::from(destination.port),
                 });
             }
+            for x in &workload.l4 {
+                let entry = state.l4.entry(l4_key(w, x.addr, x.prefix)).or_default();
+                if !merge_l4(entry, &x.ports, x.protocol) {
+                    tracing::warn!(workload = %workload.name, cidr = %x.addr, "more than {L4_MAX_PORTS} ports for one address range; extra ports ignored");
+                }
+            }
+            let resolvers = match &workload.dns {
+                Dns::None => Vec::new(),
+                Dns::System => system.get_or_insert_with(system_resolvers).clone(),
+                Dns::Resolvers(list) => list.clone(),
+            };
+            for ip in resolvers {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                let entry = state.l4.entry(l4_key(w, ip, prefix)).or_default();
+                merge_l4(entry, &[53], L4Protocol::Tcp);
+                merge_l4(entry, &[53], L4Protocol::Udp);
+            }
         }
+        inherit_shorter_prefixes(&mut state.l4);
         state
     }
 
@@ -359,6 +515,7 @@ impl KernelState {
     /// managed only once its destinations are known to the kernel.
     fn apply(&self, kernel: &Kernel) -> Result<(), BpfError> {
         kernel.sync_ports(&self.ports)?;
+        kernel.sync_l4(&self.l4)?;
         kernel.set_max_depth(self.max_depth)?;
         kernel.sync_managed(&self.managed)
     }
@@ -448,5 +605,77 @@ fn check_privileges() -> Result<(), RunError> {
         Ok(())
     } else {
         Err(RunError::NotPrivileged { missing })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# comment\nnameserver 192.0.2.53\nsearch example.com\nnameserver 2001:db8::53\nnameserver fe80::1%eth0\nnameserver\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec![
+                "192.0.2.53".parse::<std::net::IpAddr>().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn l4_keys_put_v4_in_the_mapped_range() {
+        let (prefix, key) = l4_key(7, "192.0.2.0".parse().unwrap(), 24);
+        assert_eq!(prefix, 32 + 96 + 24);
+        assert_eq!(key.workload_be, 7u32.to_be());
+        assert_eq!(key.ip[2], u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+        assert_eq!(key.ip[3], u32::from_ne_bytes([192, 0, 2, 0]));
+        let (prefix6, _) = l4_key(7, "2001:db8::".parse().unwrap(), 32);
+        assert_eq!(prefix6, 64);
+    }
+
+    #[test]
+    fn longer_prefixes_inherit_the_ports_of_containing_ranges() {
+        let mut l4 = HashMap::new();
+        let mut db = L4Allow::default();
+        merge_l4(&mut db, &[5432], L4Protocol::Tcp);
+        l4.insert(l4_key(1, "192.0.2.4".parse().unwrap(), 32), db);
+        let mut range = L4Allow::default();
+        merge_l4(&mut range, &[514], L4Protocol::Udp);
+        l4.insert(l4_key(1, "192.0.2.4".parse().unwrap(), 30), range);
+        let mut other_workload = L4Allow::default();
+        merge_l4(&mut other_workload, &[9], L4Protocol::Udp);
+        l4.insert(l4_key(2, "192.0.2.0".parse().unwrap(), 24), other_workload);
+        let mut elsewhere = L4Allow::default();
+        merge_l4(&mut elsewhere, &[7], L4Protocol::Tcp);
+        l4.insert(l4_key(1, "198.51.100.0".parse().unwrap(), 24), elsewhere);
+        inherit_shorter_prefixes(&mut l4);
+        let host = l4[&l4_key(1, "192.0.2.4".parse().unwrap(), 32)];
+        assert_eq!(host.tcp_ports[..2], [5432, 0]);
+        assert_eq!(
+            host.udp_ports[..2],
+            [514, 0],
+            "inherited from the /30, not from workload 2"
+        );
+        let range = l4[&l4_key(1, "192.0.2.4".parse().unwrap(), 30)];
+        assert_eq!(range.tcp_ports[0], 0, "a shorter prefix inherits nothing");
+    }
+
+    #[test]
+    fn merging_l4_ports_is_per_protocol_and_bounded() {
+        let mut entry = L4Allow::default();
+        assert!(merge_l4(&mut entry, &[5432, 5433], L4Protocol::Tcp));
+        assert!(merge_l4(&mut entry, &[5432, 53], L4Protocol::Udp));
+        assert!(merge_l4(&mut entry, &[5432], L4Protocol::Tcp));
+        assert_eq!(&entry.tcp_ports[..3], &[5432, 5433, 0]);
+        assert_eq!(&entry.udp_ports[..3], &[5432, 53, 0]);
+        assert!(!merge_l4(
+            &mut entry,
+            &[1, 2, 3, 4, 5, 6, 7],
+            L4Protocol::Tcp
+        ));
+        assert!(entry.tcp_ports.iter().all(|p| *p != 0));
     }
 }

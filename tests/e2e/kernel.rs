@@ -492,3 +492,70 @@ fn a_managed_subtree_denies_cgroups_without_a_policy() {
     assert_eq!(status_and_body(&out).0, 200);
     assert_eq!(upstream.seen().len(), 1);
 }
+
+#[test]
+fn l4_exceptions_and_dns_resolvers_pass_straight_through() {
+    privileged_test("l4_exceptions_and_dns_resolvers_pass_straight_through");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let upstream = Upstream::start("127.0.0.2");
+    let database = TcpSink::start("127.0.0.4");
+    let other_on_db_host = TcpSink::start("127.0.0.4");
+    let resolver = UdpSink::start_on("127.0.0.54:53");
+    let rogue_resolver = UdpSink::start_on("127.0.0.55:53");
+    let syslog = UdpSink::start("127.0.0.4");
+    let text = format!(
+        "{}  - cidr: 127.0.0.4/32\n    ports: [{}]\n  - cidr: 127.0.0.4/30\n    ports: [{}]\n    protocol: udp\ndns: [127.0.0.54]\n",
+        policy(&managed, &upstream),
+        database.addr.port(),
+        syslog.addr.port(),
+    );
+    let policies = policy_dir(&[("web.yaml", text)]);
+    let pins = PinDir::new();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        dir.path().join("a.jsonl"),
+    ));
+    let script = format!(
+        "{PY_PRELUDE}
+print('db', attempt(tcp(socket.AF_INET, ('127.0.0.4', {db}))))
+print('db_other_port', attempt(tcp(socket.AF_INET, ('127.0.0.4', {other}))))
+print('dns_allowed', attempt(udp_sendto(socket.AF_INET, ('127.0.0.54', 53))))
+print('dns_rogue', attempt(udp_sendto(socket.AF_INET, ('127.0.0.55', 53))))
+print('dns_allowed_wrong_port', attempt(udp_sendto(socket.AF_INET, ('127.0.0.54', 5353))))
+print('udp_exception', attempt(udp_sendto(socket.AF_INET, ('127.0.0.4', {syslog}))))
+print('udp_exception_as_tcp', attempt(tcp(socket.AF_INET, ('127.0.0.4', {syslog}))))
+",
+        db = database.addr.port(),
+        other = other_on_db_host.addr.port(),
+        syslog = syslog.addr.port(),
+    );
+    let out = python_in(&managed, &script);
+    let results: std::collections::BTreeMap<&str, &str> =
+        out.lines().filter_map(|l| l.split_once(' ')).collect();
+    assert_eq!(results["db"], "ok", "{out}");
+    assert_eq!(results["db_other_port"], "EPERM", "{out}");
+    assert_eq!(results["dns_allowed"], "ok", "{out}");
+    assert_eq!(results["dns_rogue"], "EPERM", "{out}");
+    assert_eq!(results["dns_allowed_wrong_port"], "EPERM", "{out}");
+    assert_eq!(results["udp_exception"], "ok", "{out}");
+    assert_eq!(results["udp_exception_as_tcp"], "EPERM", "{out}");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        database.count(),
+        1,
+        "the L4 exception went straight to the database"
+    );
+    assert_eq!(other_on_db_host.count(), 0);
+    assert_eq!(
+        (resolver.count(), rogue_resolver.count(), syslog.count()),
+        (1, 0, 1)
+    );
+    // Straight through means no proxy: no HTTP record, only the kernel's denials.
+    let records = agent.wait_audit(4);
+    assert_eq!(records.len(), 4, "{records:#?}");
+    assert!(records.iter().all(|r| r["decision"] == "deny"));
+}

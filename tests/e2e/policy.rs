@@ -186,3 +186,283 @@ fn a_symlink_swap_of_the_policy_directory_is_picked_up() {
     assert_eq!(records[0]["rule"], "read-v1");
     assert_eq!(records[1]["rule"], "read-v2");
 }
+
+/// The full matcher set through the real redirect: canonical paths, query and header
+/// constraints, JSON body constraints and caps, rate limits, and audit mode.
+#[test]
+fn l7_matchers_rate_limits_and_audit_mode_end_to_end() {
+    privileged_test("l7_matchers_rate_limits_and_audit_mode_end_to_end");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let observed = tree.child("observed");
+    let upstream = Upstream::start("127.0.0.2");
+    let (ip, port) = (upstream.addr.ip(), upstream.addr.port());
+    let enforce = format!(
+        r#"workload: api
+select:
+  cgroup: {managed}
+body_cap: 1024
+egress:
+  - host: {ip}
+    port: {port}
+    rules:
+      - id: read-item
+        methods: [GET]
+        path: /items/{{id:[0-9]+}}
+        query:
+          expand: absent
+          fields: {{ one_of: [name, price] }}
+      - id: create-charge
+        methods: [POST]
+        path: /charges
+        headers:
+          x-tenant: {{ pattern: "^[a-z]+$" }}
+        json:
+          - {{ field: currency, one_of: [usd, eur] }}
+          - {{ field: amount, max: 1000 }}
+      - id: limited
+        methods: [GET]
+        path: /limited
+        rate: 3/minute
+"#
+    );
+    let audit_mode = format!(
+        "workload: observed\nmode: audit\nselect:\n  cgroup: {observed}\negress:\n  - host: {ip}\n    port: {port}\n    rules:\n      - id: read-only\n        methods: [GET]\n        path: /items/**\n"
+    );
+    let policies = policy_dir(&[("api.yaml", enforce), ("observed.yaml", audit_mode)]);
+    let pins = PinDir::new();
+    let audit = tempfile::tempdir().unwrap();
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit.path().join("audit.jsonl"),
+    ));
+    let url = |p: &str| upstream.url(p);
+    let status = |cgroup: &str, args: &[&str]| {
+        let mut all = vec!["-w", STATUS];
+        all.extend_from_slice(args);
+        let out = curl_in(cgroup, &all);
+        status_and_body(&out)
+    };
+    // (expected status, expected reason or rule, curl args)
+    let charge = url("/charges");
+    let cases: Vec<(u16, &str, Vec<String>)> = vec![
+        (200, "read-item", vec![url("/items/42?fields=name")]),
+        (200, "read-item", vec![url("/%69tems/42?fields=price")]),
+        (200, "read-item", vec![url("/items/7/?fields=name")]),
+        (403, "path_not_allowed", vec![url("/items/abc")]),
+        (
+            403,
+            "path_not_allowed",
+            vec!["--path-as-is".into(), url("/items/%2e%2e/42")],
+        ),
+        (400, "", vec![url("/items%2f42")]),
+        (
+            403,
+            "query_param_not_allowed",
+            vec![url("/items/42?debug=1")],
+        ),
+        (
+            403,
+            "query_value_not_allowed",
+            vec![url("/items/42?fields=secret")],
+        ),
+        (
+            403,
+            "query_param_repeated",
+            vec![url("/items/42?fields=name&fields=price")],
+        ),
+        (
+            403,
+            "query_param_not_allowed",
+            vec![url("/items/42?expand=all")],
+        ),
+        (
+            200,
+            "create-charge",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                r#"{"currency":"usd","amount":10}"#.into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            403,
+            "json_constraint_failed",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                r#"{"currency":"gbp","amount":10}"#.into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            403,
+            "json_constraint_failed",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                r#"{"currency":"usd","amount":5000}"#.into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            400,
+            "duplicate_json_key",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                r#"{"currency":"usd","amount":1,"amount":9999}"#.into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            400,
+            "invalid_json",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                "{not json".into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            415,
+            "unsupported_media_type",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: text/plain".into(),
+                "-d".into(),
+                "hello".into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            413,
+            "body_too_large",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                format!(r#"{{"currency":"usd","pad":"{}"}}"#, "x".repeat(2000)),
+                charge.clone(),
+            ],
+        ),
+        (
+            403,
+            "header_not_allowed",
+            vec![
+                "-H".into(),
+                "x-tenant: ACME".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                r#"{"currency":"usd","amount":1}"#.into(),
+                charge.clone(),
+            ],
+        ),
+        (
+            403,
+            "duplicate_header",
+            vec![
+                "-H".into(),
+                "x-tenant: acme".into(),
+                "-H".into(),
+                "x-tenant: evil".into(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "-d".into(),
+                r#"{"currency":"usd","amount":1}"#.into(),
+                charge.clone(),
+            ],
+        ),
+    ];
+    let mut forwarded = 0;
+    for (i, (want, what, args)) in cases.iter().enumerate() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (got, body) = status(&managed, &args);
+        assert_eq!(got, *want, "case {i} {args:?}: {body}");
+        if *want == 200 {
+            forwarded += 1;
+        } else if !what.is_empty() {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["reason"], *what, "case {i}: {json}");
+        }
+    }
+    assert_eq!(
+        upstream.seen().len(),
+        forwarded,
+        "only allowed requests reach the upstream"
+    );
+    // The canonical form is what is forwarded.
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.target == "/items/42?fields=price"),
+        "{:?}",
+        upstream.seen()
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .any(|s| s.target == "/items/7?fields=name")
+    );
+
+    // Rate limit: 3 per minute; /limited, /limited/ and /%6cimited share one bucket.
+    let mut codes = Vec::new();
+    for p in ["/limited", "/limited/", "/%6cimited", "/limited"] {
+        let out = curl_in(&managed, &["-i", &url(p)]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        codes.push(text.split_whitespace().nth(1).unwrap_or("").to_owned());
+        if codes.len() == 4 {
+            assert!(text.to_ascii_lowercase().contains("retry-after:"), "{text}");
+        }
+    }
+    assert_eq!(codes, ["200", "200", "200", "429"]);
+
+    // Audit mode: a request the policy would deny passes and is recorded as would_deny.
+    let (got, body) = status(&observed, &["-X", "DELETE", &url("/items/1")]);
+    assert_eq!(got, 200, "{body}");
+    let before = upstream.seen().len();
+    let (got, _) = status(&observed, &[&url("/items/1")]);
+    assert_eq!(got, 200);
+    assert_eq!(upstream.seen().len(), before + 1);
+    let records = agent.wait_audit(cases.len() + 4 + 2);
+    let observed_records: Vec<_> = records
+        .iter()
+        .filter(|r| r["workload"] == "observed")
+        .collect();
+    assert_eq!(observed_records.len(), 2);
+    assert_eq!(observed_records[0]["decision"], "would_deny");
+    assert_eq!(observed_records[0]["reason"], "method_not_allowed");
+    assert_eq!(observed_records[0]["status"], 200);
+    assert_eq!(observed_records[1]["decision"], "allow");
+    assert_eq!(
+        records.len(),
+        cases.len() + 4 + 2,
+        "one record per decision"
+    );
+}

@@ -632,7 +632,12 @@ pub struct UdpSink {
 impl UdpSink {
     /// Binds `ip:0`.
     pub fn start(ip: &str) -> Self {
-        let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
+        Self::start_on(&format!("{ip}:0"))
+    }
+
+    /// Binds an exact address, e.g. `127.0.0.54:53`.
+    pub fn start_on(addr: &str) -> Self {
+        let socket = std::net::UdpSocket::bind(addr).expect("bind udp");
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");

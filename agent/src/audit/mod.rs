@@ -1,31 +1,56 @@
-//! Audit: exactly one record per decision, written off the request path.
+//! Audit: exactly one tamper-evident record per decision, written off the request path.
 //!
 //! Every decision point creates an [`AuditGuard`] holding a partly filled [`Record`]. The
 //! guard is finished with the decision; if it is dropped unfinished (an early return, a
 //! panic, a dropped connection), its `Drop` records an `error` decision, so a decision can
-//! never go unrecorded and never be recorded twice. Records go through a bounded queue to a
-//! dedicated writer thread that assigns `seq`, serialises one JSON object per line and
-//! writes each batch to the configured sinks (stdout and/or a file).
+//! never go unrecorded and never be recorded twice.
+//!
+//! Records go through a bounded queue to a dedicated writer thread (`writer.rs`) that
+//! assigns `seq`, seals each record into the hash chain ([`chain`]), and writes batches to
+//! the sinks ([`sink`]: a rotated file with an fsync policy, and/or stdout). A full queue
+//! blocks the recording task (backpressure); records are never dropped. When a sink
+//! cannot write (ENOSPC, EROFS, EIO), the writer keeps the unwritten records in memory,
+//! reports [`Auditor::healthy`] = false (the proxy then refuses requests with 503
+//! `audit_unavailable`), retries every 200 ms and, once a write succeeds, writes the
+//! backlog in order. Optional signed checkpoints ([`checkpoint`]) make truncation and
+//! wholesale rewriting detectable. [`verify`], [`query`] and [`cli`] read the files back.
+//!
+//! The record schema is `record.schema.json` in this directory.
 #![forbid(unsafe_code)]
 
+pub mod chain;
+pub mod checkpoint;
 pub mod cli;
+pub mod query;
+pub mod sink;
+pub mod verify;
+mod writer;
 
 use std::{
-    fs::{File, OpenOptions},
-    io::{self, Write as _},
+    io,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::mpsc::{Receiver, SyncSender, sync_channel},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{SyncSender, TrySendError, sync_channel},
+    },
     thread,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+pub use self::{
+    chain::ChainHash,
+    checkpoint::Checkpoint,
+    sink::{Fsync, Rotation, SinkFile, SinkOpener},
+};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    /// The audit file could not be opened.
+    /// The audit file could not be opened (or prepared: read, truncated, rotated).
     #[error("audit file {path}: {source}")]
     Open {
         /// The file.
@@ -33,6 +58,21 @@ pub enum AuditError {
         /// The error.
         source: io::Error,
     },
+    /// The existing audit file ends in a way that is not a crash artefact: the agent does
+    /// not continue a chain it cannot trust, and does not destroy the evidence either.
+    #[error(
+        "audit file {path}: {message}; run `scopegate audit verify` on it and move it aside \
+         to start a new chain"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The checkpoint signing key could not be loaded or generated.
+    #[error(transparent)]
+    Key(#[from] checkpoint::CheckpointError),
     /// The writer thread could not be started.
     #[error("starting the audit writer: {source}")]
     Spawn {
@@ -42,8 +82,9 @@ pub enum AuditError {
 }
 
 /// The decision a record documents.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Decision {
     /// Forwarded.
     Allow,
@@ -55,8 +96,20 @@ pub enum Decision {
     Error,
 }
 
+impl Decision {
+    /// The serialised name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::WouldDeny => "would_deny",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// Where a failure came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
     /// The client sent something wrong.
@@ -70,7 +123,7 @@ pub enum Fault {
 }
 
 /// The destination of a record.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dst {
     /// The host the request named (Host header), if known.
     pub host: Option<String>,
@@ -80,10 +133,12 @@ pub struct Dst {
     pub port: Option<u16>,
 }
 
-/// One audit record (one JSON line). Field order is the serialised order.
+/// One audit record (one JSON line). Field order is the serialised order, which is part
+/// of the hash chain's canonical bytes (see [`chain`]): do not reorder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Record {
-    /// Sequence number, assigned by the writer (contiguous per agent process and file).
+    /// Sequence number, assigned by the writer: contiguous along the chain, across
+    /// restarts and rotation.
     pub seq: u64,
     /// When the decision was made, RFC 3339 UTC with microseconds.
     pub ts: String,
@@ -97,9 +152,11 @@ pub struct Record {
     pub pid: Option<u32>,
     /// Real uid of the caller.
     pub uid: Option<u32>,
+    /// Executable of the caller, when cheaply known (the caller of the API fills it).
+    pub exe: Option<String>,
     /// Destination.
     pub dst: Dst,
-    /// `http`, `tcp` (kernel-level), ...
+    /// `http`, `tcp` (kernel-level), `audit` (records of the audit subsystem itself), ...
     pub proto: &'static str,
     /// HTTP method.
     pub method: Option<String>,
@@ -123,6 +180,19 @@ pub struct Record {
     pub latency_us: Option<u64>,
     /// Request id, also returned to the client in denials.
     pub request_id: Option<String>,
+    /// On checkpoint records only: the signed point of the chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+    /// On summary records only: how many decisions this record stands for (503
+    /// `audit_unavailable` refusals that could not be queued one by one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// On `recovered_truncation` records only: how many torn bytes were cut off the end of
+    /// the file at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_bytes: Option<u64>,
+    /// Hash of the previous record; set by the writer.
+    pub(crate) prev: ChainHash,
 }
 
 impl Record {
@@ -136,6 +206,7 @@ impl Record {
             cgroup: None,
             pid: None,
             uid: None,
+            exe: None,
             dst: Dst::default(),
             proto,
             method: None,
@@ -149,6 +220,10 @@ impl Record {
             bytes_down: None,
             latency_us: None,
             request_id: None,
+            checkpoint: None,
+            count: None,
+            truncated_bytes: None,
+            prev: chain::GENESIS,
         }
     }
 
@@ -166,58 +241,171 @@ pub fn now_rfc3339() -> String {
     format!("{now:.6}")
 }
 
+/// When to write signed checkpoints (only with [`Sinks::signing_key`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// After this many records since the last checkpoint.
+    pub every_records: Option<u64>,
+    /// After this much time since the last checkpoint (if anything was recorded).
+    pub interval: Option<Duration>,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            every_records: Some(10_000),
+            interval: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
 /// Where records go.
 #[derive(Clone, Debug, Default)]
 pub struct Sinks {
     /// Write each record to stdout (journald under systemd).
     pub stdout: bool,
-    /// Append each record to this file.
+    /// Append each record to this file (rotated set: `FILE.1` newest … `FILE.N` oldest).
     pub file: Option<PathBuf>,
+    /// Rotation and retention of the file.
+    pub rotation: Rotation,
+    /// When the file is fsynced.
+    pub fsync: Fsync,
+    /// ed25519 PKCS#8 PEM key for signed checkpoints; generated (0600, plus `.pub`) if
+    /// missing. `None`: no checkpoints.
+    pub signing_key: Option<PathBuf>,
+    /// When checkpoints are written.
+    pub checkpoints: CheckpointPolicy,
+}
+
+/// Counters of the audit writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditMetrics {
+    /// Records written to every sink (and, for the file, fsynced), including the audit
+    /// subsystem's own records (checkpoints, summaries). Counted when a whole batch has
+    /// reached every sink, so it lags by up to one fsync interval, and stays put during
+    /// an outage even for records already in the file.
+    pub records_written: u64,
+    /// Failed attempts to write, fsync or rotate.
+    pub write_errors: u64,
+    /// Records accepted but not yet written: in the queue plus the writer's backlog.
+    pub queue_depth: u64,
+    /// Whether the sinks currently cannot write (see [`Auditor::healthy`]).
+    pub unhealthy: bool,
+    /// Checkpoint records written.
+    pub checkpoints: u64,
+    /// `audit_unavailable` refusals that found the queue full and were recorded as part
+    /// of a summary record (`count`) instead of one record each.
+    pub unavailable_summarised: u64,
+}
+
+/// State shared by the handles and the writer.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) healthy: AtomicBool,
+    pub(crate) written: AtomicU64,
+    pub(crate) write_errors: AtomicU64,
+    pub(crate) queued: AtomicU64,
+    pub(crate) backlog: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
+    /// Refusals waiting to be summarised.
+    pub(crate) unavailable_pending: AtomicU64,
+    pub(crate) unavailable_summarised: AtomicU64,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            healthy: AtomicBool::new(true),
+            written: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            backlog: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            unavailable_pending: AtomicU64::new(0),
+            unavailable_summarised: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Handle to the audit writer; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Auditor {
     tx: SyncSender<Record>,
-    host: std::sync::Arc<str>,
+    host: Arc<str>,
+    shared: Arc<Shared>,
 }
 
 /// Queue capacity between the request path and the writer. A full queue blocks the
 /// recording task (backpressure); records are never dropped.
-const QUEUE: usize = 8192;
+pub(crate) const QUEUE: usize = 8192;
+
+/// Reason code of the refusal recorded when the audit sink cannot write.
+pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
 impl Auditor {
-    /// Opens the sinks and starts the writer thread.
+    /// Opens the sinks (continuing an existing chain, recovering a torn last line) and
+    /// starts the writer thread.
     pub fn start(sinks: &Sinks) -> Result<(Self, thread::JoinHandle<()>), AuditError> {
-        let file = match &sinks.file {
-            Some(path) => Some(open_append(path)?),
-            None => None,
-        };
-        let (tx, rx) = sync_channel(QUEUE);
-        let stdout = sinks.stdout;
-        let handle = thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer(rx, stdout, file))
-            .map_err(|source| AuditError::Spawn { source })?;
-        let host = nix::unistd::gethostname()
+        Self::start_with(sinks, sink::default_opener(), Box::new(io::stdout()))
+    }
+
+    /// [`Auditor::start`] with the file opener and the stdout writer supplied: the seam
+    /// for tests that simulate failing disks, and for embedding.
+    pub fn start_with(
+        sinks: &Sinks,
+        opener: SinkOpener,
+        stdout: Box<dyn io::Write + Send>,
+    ) -> Result<(Self, thread::JoinHandle<()>), AuditError> {
+        let host: Arc<str> = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "unknown".into());
-        Ok((
-            Self {
-                tx,
-                host: host.into(),
-            },
-            handle,
-        ))
+            .unwrap_or_else(|| "unknown".into())
+            .into();
+        let shared = Arc::new(Shared::new());
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = writer::Writer::open(sinks, opener, stdout, rx, shared.clone(), host.clone())?;
+        let handle = thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|source| AuditError::Spawn { source })?;
+        Ok((Self { tx, host, shared }, handle))
     }
 
     /// Queues a finished record. Blocks when the queue is full.
     pub fn record(&self, mut record: Record) {
         record.host = self.host.to_string();
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(record).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             // Only after shutdown; the writer is gone, so say so loudly.
             tracing::error!("audit writer stopped; record lost at shutdown");
+        }
+    }
+
+    /// Records a refusal because the audit sink is unavailable (`deny`, 503,
+    /// `audit_unavailable`, origin `agent`) **without blocking**: if the queue is full,
+    /// the refusal is counted and the writer records one summary record (`count` = how
+    /// many) as soon as it has room. Use it for the 503 the proxy answers while
+    /// [`Auditor::healthy`] is false; nothing was forwarded for these requests.
+    pub fn record_unavailable(&self, mut record: Record) {
+        record.host = self.host.to_string();
+        record.decision = Decision::Deny;
+        record.status = Some(503);
+        record.reason = Some(AUDIT_UNAVAILABLE.into());
+        record.origin = Some(Fault::Agent);
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                self.shared
+                    .unavailable_pending
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!("audit writer stopped; record lost at shutdown");
+            }
         }
     }
 
@@ -229,45 +417,24 @@ impl Auditor {
             started: Instant::now(),
         }
     }
-}
 
-fn open_append(path: &Path) -> Result<File, AuditError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| AuditError::Open {
-            path: path.into(),
-            source,
-        })
-}
+    /// Whether the sinks can write. False from the first failed write until the backlog
+    /// has been written; also false once the writer has stopped. While false, the proxy
+    /// must not forward anything (answer 503 `audit_unavailable`).
+    pub fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
 
-fn writer(rx: Receiver<Record>, stdout: bool, mut file: Option<File>) {
-    let mut seq: u64 = 0;
-    let mut batch = Vec::with_capacity(64 * 1024);
-    while let Ok(first) = rx.recv() {
-        batch.clear();
-        let mut next = Some(first);
-        while let Some(mut record) = next {
-            seq += 1;
-            record.seq = seq;
-            if serde_json::to_writer(&mut batch, &record).is_ok() {
-                batch.push(b'\n');
-            }
-            next = if batch.len() < 256 * 1024 {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if stdout {
-            let mut out = io::stdout().lock();
-            let _ = out.write_all(&batch).and_then(|()| out.flush());
-        }
-        if let Some(f) = file.as_mut()
-            && let Err(e) = f.write_all(&batch)
-        {
-            tracing::error!(error = %e, "writing the audit file failed");
+    /// Current counters.
+    pub fn metrics(&self) -> AuditMetrics {
+        let s = &self.shared;
+        AuditMetrics {
+            records_written: s.written.load(Ordering::Relaxed),
+            write_errors: s.write_errors.load(Ordering::Relaxed),
+            queue_depth: s.queued.load(Ordering::Relaxed) + s.backlog.load(Ordering::Relaxed),
+            unhealthy: !s.healthy.load(Ordering::Relaxed),
+            checkpoints: s.checkpoints.load(Ordering::Relaxed),
+            unavailable_summarised: s.unavailable_summarised.load(Ordering::Relaxed),
         }
     }
 }
@@ -287,6 +454,10 @@ impl AuditGuard {
         self.record.get_or_insert_with(|| Record::new("http"))
     }
 
+    fn elapsed_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// Records the decision.
     pub fn finish(
         mut self,
@@ -295,100 +466,40 @@ impl AuditGuard {
         reason: Option<&str>,
         origin: Option<Fault>,
     ) {
+        let latency = self.elapsed_us();
         if let Some(mut record) = self.record.take() {
             record.decision = decision;
             record.status = status;
             record.reason = reason.map(str::to_owned);
             record.origin = origin;
-            record.latency_us = Some(self.started.elapsed().as_micros() as u64);
+            record.latency_us = Some(latency);
             self.auditor.record(record);
+        }
+    }
+
+    /// Records the 503 `audit_unavailable` refusal without blocking (see
+    /// [`Auditor::record_unavailable`]).
+    pub fn finish_unavailable(mut self) {
+        let latency = self.elapsed_us();
+        if let Some(mut record) = self.record.take() {
+            record.latency_us = Some(latency);
+            self.auditor.record_unavailable(record);
         }
     }
 }
 
 impl Drop for AuditGuard {
     fn drop(&mut self) {
+        let latency = self.elapsed_us();
         if let Some(mut record) = self.record.take() {
             record.decision = Decision::Error;
             record.reason = Some("aborted".into());
             record.origin = Some(Fault::Agent);
-            record.latency_us = Some(self.started.elapsed().as_micros() as u64);
+            record.latency_us = Some(latency);
             self.auditor.record(record);
         }
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "tests")]
-mod tests {
-    use super::*;
-
-    fn lines(path: &Path) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn one_record_per_guard_finished_or_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let (auditor, handle) = Auditor::start(&Sinks {
-            stdout: false,
-            file: Some(path.clone()),
-        })
-        .unwrap();
-        let mut g = auditor.guard(Record::new("http"));
-        g.record_mut().workload = Some("billing".into());
-        g.finish(
-            Decision::Deny,
-            Some(403),
-            Some("path_not_allowed"),
-            Some(Fault::Policy),
-        );
-        {
-            let _dropped = auditor.guard(Record::new("http"));
-        }
-        let g = auditor.guard(Record::new("http"));
-        g.finish(Decision::Allow, Some(200), None, None);
-        drop(auditor);
-        handle.join().unwrap();
-        let records = lines(&path);
-        assert_eq!(records.len(), 3);
-        assert_eq!(records[0]["seq"], 1);
-        assert_eq!(records[0]["decision"], "deny");
-        assert_eq!(records[0]["reason"], "path_not_allowed");
-        assert_eq!(records[0]["origin"], "policy");
-        assert_eq!(records[0]["workload"], "billing");
-        assert_eq!(records[1]["seq"], 2);
-        assert_eq!(records[1]["decision"], "error");
-        assert_eq!(records[1]["reason"], "aborted");
-        assert_eq!(records[1]["origin"], "agent");
-        assert_eq!(records[2]["decision"], "allow");
-        assert_eq!(records[2]["status"], 200);
-        assert!(records[2]["host"].as_str().is_some_and(|h| !h.is_empty()));
-    }
-
-    #[test]
-    fn timestamps_are_utc_microseconds() {
-        let ts = now_rfc3339();
-        assert!(ts.ends_with('Z'), "{ts}");
-        let frac = ts.rsplit('.').next().unwrap();
-        assert_eq!(frac.len(), 7, "{ts}"); // 6 digits + Z
-    }
-
-    #[test]
-    fn unopenable_file_is_a_clear_error() {
-        let err = Auditor::start(&Sinks {
-            stdout: false,
-            file: Some("/nonexistent-dir/audit.jsonl".into()),
-        })
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("/nonexistent-dir/audit.jsonl"),
-            "{err}"
-        );
-    }
-}
+mod tests;

@@ -393,6 +393,22 @@ pub enum PolicyError {
         /// What is wrong, naming the offending value.
         reason: String,
     },
+    /// An egress entry, L4 exception or DNS setting is malformed.
+    #[error("{file}:{line}:{col}: {path}: {value:?}: {reason}")]
+    InvalidEgress {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// Two rules of one workload have the same id.
     #[error("{file}:{line}:{col}: {path}: rule id {id:?} is already used at {first}")]
     DuplicateRuleId {
@@ -510,6 +526,7 @@ impl PolicyError {
             | Self::InvalidCgroup { file, .. }
             | Self::InvalidSystemdUnit { file, .. }
             | Self::InvalidHost { file, .. }
+            | Self::InvalidEgress { file, .. }
             | Self::InvalidPort { file, .. }
             | Self::NoRules { file, .. }
             | Self::InvalidRuleId { file, .. }
@@ -544,6 +561,7 @@ impl PolicyError {
             | Self::InvalidCgroup { line, col, .. }
             | Self::InvalidSystemdUnit { line, col, .. }
             | Self::InvalidHost { line, col, .. }
+            | Self::InvalidEgress { line, col, .. }
             | Self::InvalidPort { line, col, .. }
             | Self::NoRules { line, col, .. }
             | Self::InvalidRuleId { line, col, .. }
@@ -573,6 +591,7 @@ impl PolicyError {
             | Self::InvalidCgroup { path, .. }
             | Self::InvalidSystemdUnit { path, .. }
             | Self::InvalidHost { path, .. }
+            | Self::InvalidEgress { path, .. }
             | Self::InvalidPort { path, .. }
             | Self::NoRules { path, .. }
             | Self::InvalidRuleId { path, .. }
@@ -604,6 +623,7 @@ impl PolicyError {
             | Self::InvalidCgroup { file, line, col, path, .. }
             | Self::InvalidSystemdUnit { file, line, col, path, .. }
             | Self::InvalidHost { file, line, col, path, .. }
+            | Self::InvalidEgress { file, line, col, path, .. }
             | Self::InvalidPort { file, line, col, path, .. }
             | Self::NoRules { file, line, col, path }
             | Self::InvalidRuleId { file, line, col, path, .. }

@@ -178,7 +178,8 @@ pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
 pub use model::{
-    Destination, Host, Mode, PathPattern, PatternSegment, Rule, Selector, Workload, WorkloadId,
+    Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
+    PatternSegment, Rule, Selector, Workload, WorkloadId,
 };
 pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
 pub use when::TimeWindow;
@@ -1150,5 +1151,69 @@ egress:
         assert_eq!(d.rules()[0].json().len(), 6);
         assert_eq!(d.rules()[1].query().unwrap().params().count(), 5);
         assert_eq!(d.rules()[0].headers().unwrap().headers().count(), 3);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod readme_tests {
+    use super::*;
+
+    /// The README's policy reference is real: its YAML block parses and validates, and it
+    /// mentions every top-level field the parser accepts.
+    #[test]
+    fn readme_policy_reference_parses() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## Policy reference")
+            .nth(1)
+            .expect("README has a Policy reference section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a yaml block in the Policy reference");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("reference.yaml"), yaml).unwrap();
+        let snapshot = Snapshot::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let w = &snapshot.workloads()[0];
+        assert_eq!(w.name, "billing");
+        assert_eq!(w.destinations.len(), 1);
+        assert_eq!(w.l4.len(), 1);
+        assert_eq!(w.dns, Dns::System);
+        for field in [
+            "workload:",
+            "select:",
+            "mode:",
+            "body_cap:",
+            "dns:",
+            "egress:",
+            "host:",
+            "port:",
+            "path_params:",
+            "rate:",
+            "when:",
+            "rules:",
+            "methods:",
+            "path:",
+            "headers:",
+            "json:",
+            "query:",
+            "query_repeat:",
+            "cidr:",
+            "ports:",
+            "protocol:",
+            "uid:",
+        ] {
+            assert!(yaml.contains(field), "the reference shows {field}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_policies_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let snapshot = Snapshot::load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert!(snapshot.workload_by_name("demo").is_some());
+        assert!(snapshot.workload_by_name("billing").is_some());
     }
 }

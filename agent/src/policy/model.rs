@@ -40,9 +40,51 @@ pub struct Workload {
     pub source: PathBuf,
     /// Allowed destinations, in file order; empty denies everything.
     pub destinations: Vec<Destination>,
+    /// L4 exceptions: address ranges and ports passed straight through in the kernel.
+    pub l4: Vec<L4Exception>,
+    /// Which DNS resolvers the workload may query (UDP and TCP port 53).
+    pub dns: Dns,
     mode: Mode,
     body_cap: usize,
 }
+
+/// An `egress` entry with `cidr` and `ports`: allowed by the kernel without the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct L4Exception {
+    /// Network address (host bits zero).
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Allowed ports.
+    pub ports: Vec<u16>,
+    /// The protocol.
+    pub protocol: L4Protocol,
+}
+
+/// Protocol of an [`L4Exception`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// `dns:` of a workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Dns {
+    /// No DNS (the default): every UDP datagram and every TCP connect to port 53 is denied.
+    #[default]
+    None,
+    /// The host's configured resolvers (`nameserver` lines of /etc/resolv.conf, read by
+    /// the agent).
+    System,
+    /// These resolvers.
+    Resolvers(Vec<IpAddr>),
+}
+
+/// Most ports one L4 exception may list (the kernel's per-entry limit).
+pub const MAX_L4_PORTS: usize = 8;
 
 impl Workload {
     /// `enforce` (deny what no rule allows) or `audit` (record it, allow it).
@@ -466,11 +508,27 @@ impl TryFrom<raw::Workload> for Workload {
             }),
         };
 
+        // Split the egress list into HTTP destinations and L4 exceptions, keeping each
+        // entry's index for error positions.
+        let mut http = Vec::new();
+        let mut l4 = Vec::new();
+        for (d, entry) in raw.egress.into_iter().enumerate() {
+            match split_egress(entry) {
+                Ok(EgressKind::Http(dest)) => http.push((d, dest)),
+                Ok(EgressKind::L4(x)) => l4.push(x),
+                Err(errs) => {
+                    let prefix = format!("egress[{d}]");
+                    errors.extend(errs.into_iter().map(|e| e.nested(&prefix)));
+                }
+            }
+        }
+        let dns = parse_dns(raw.dns, &mut errors);
+
         // Duplicates are found on the raw values so that they are reported even when the
         // destination or rule has other problems.
         let mut rule_ids: HashMap<&str, String> = HashMap::new();
         let mut hosts: HashMap<(Host, i64), String> = HashMap::new();
-        for (d, dest) in raw.egress.iter().enumerate() {
+        for (d, dest) in http.iter().map(|(d, dest)| (*d, dest)) {
             if let Ok(host) = parse_host(&dest.host) {
                 match hosts.entry((host, dest.port)) {
                     Entry::Occupied(first) => errors.push(invalid!(DuplicateDestination {
@@ -499,8 +557,8 @@ impl TryFrom<raw::Workload> for Workload {
             }
         }
 
-        let mut destinations = Vec::with_capacity(raw.egress.len());
-        for (d, dest) in raw.egress.into_iter().enumerate() {
+        let mut destinations = Vec::with_capacity(http.len());
+        for (d, dest) in http {
             match Destination::try_from(dest) {
                 Ok(dest) => destinations.push(dest),
                 Err(errs) => {
@@ -521,6 +579,8 @@ impl TryFrom<raw::Workload> for Workload {
                     uid,
                     source: PathBuf::new(),
                     destinations,
+                    l4,
+                    dns,
                     mode: match raw.mode {
                         Some(raw::Mode::Audit) => Mode::Audit,
                         Some(raw::Mode::Enforce) | None => Mode::Enforce,
@@ -529,6 +589,209 @@ impl TryFrom<raw::Workload> for Workload {
                 })
             }
             _ => Err(errors),
+        }
+    }
+}
+
+enum EgressKind {
+    Http(raw::Destination),
+    L4(L4Exception),
+}
+
+/// Decides whether an `egress` entry is an HTTP destination or an L4 exception, and
+/// validates the L4 kind.
+fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
+    let bad = |path: &str, value: String, reason: &'static str| {
+        invalid!(InvalidEgress {
+            path: path.to_owned(),
+            value,
+            reason,
+        })
+    };
+    match raw.cidr {
+        None => {
+            let mut errors = Vec::new();
+            if raw.ports.is_some() || raw.protocol.is_some() {
+                errors.push(bad(
+                    "ports",
+                    String::new(),
+                    "`ports` and `protocol` belong to an L4 exception (`cidr`), not to an HTTP destination",
+                ));
+            }
+            let Some(host) = raw.host else {
+                errors.push(bad(
+                    "",
+                    String::new(),
+                    "an egress entry needs `host` (HTTP) or `cidr` (L4)",
+                ));
+                return Err(errors);
+            };
+            let Some(port) = raw.port else {
+                errors.push(bad("host", host, "an HTTP destination needs `port`"));
+                return Err(errors);
+            };
+            let Some(rules) = raw.rules else {
+                errors.push(bad("host", host, "an HTTP destination needs `rules`"));
+                return Err(errors);
+            };
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            Ok(EgressKind::Http(raw::Destination {
+                host,
+                port,
+                path_params: raw.path_params,
+                rate: raw.rate,
+                when: raw.when,
+                rules,
+            }))
+        }
+        Some(cidr) => {
+            let mut errors = Vec::new();
+            if raw.host.is_some()
+                || raw.port.is_some()
+                || raw.rules.is_some()
+                || raw.rate.is_some()
+                || raw.when.is_some()
+                || raw.path_params
+            {
+                errors.push(bad(
+                    "cidr",
+                    cidr.clone(),
+                    "an L4 exception has only `cidr`, `ports` and `protocol`; HTTP fields (`host`, `port`, `rules`, …) do not apply",
+                ));
+            }
+            let net = parse_cidr(&cidr)
+                .map_err(|reason| errors.push(bad("cidr", cidr.clone(), reason)))
+                .ok();
+            let protocol = match raw.protocol.as_deref() {
+                None | Some("tcp") => L4Protocol::Tcp,
+                Some("udp") => L4Protocol::Udp,
+                Some(other) => {
+                    errors.push(bad("protocol", other.to_owned(), "expected `tcp` or `udp`"));
+                    L4Protocol::Tcp
+                }
+            };
+            let mut ports = Vec::new();
+            match raw.ports {
+                None => errors.push(bad("cidr", cidr.clone(), "an L4 exception needs `ports`")),
+                Some(list) if list.is_empty() || list.len() > MAX_L4_PORTS => errors.push(bad(
+                    "ports",
+                    format!("{list:?}"),
+                    "list 1 to 8 ports (use several entries for more)",
+                )),
+                Some(list) => {
+                    for (i, p) in list.into_iter().enumerate() {
+                        match u16::try_from(p).ok().filter(|p| *p != 0) {
+                            Some(p) => ports.push(p),
+                            None => errors.push(invalid!(InvalidPort {
+                                path: format!("ports[{i}]"),
+                                value: p,
+                            })),
+                        }
+                    }
+                }
+            }
+            match net {
+                Some((addr, prefix)) if errors.is_empty() => Ok(EgressKind::L4(L4Exception {
+                    addr,
+                    prefix,
+                    ports,
+                    protocol,
+                })),
+                _ => Err(errors),
+            }
+        }
+    }
+}
+
+/// `a.b.c.d/n` or `x::y/n`; host bits must be zero.
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), &'static str> {
+    let (addr, prefix) = text
+        .split_once('/')
+        .ok_or("expected ADDRESS/PREFIX, e.g. 192.0.2.10/32")?;
+    let addr: IpAddr = addr.parse().map_err(|_| "not an IP address")?;
+    let prefix: u8 = prefix
+        .parse()
+        .map_err(|_| "the prefix length is not a number")?;
+    let (host_bits_clear, max) = match addr {
+        IpAddr::V4(a) => {
+            let v = u32::from(a);
+            (prefix >= 32 || v & (u32::MAX >> prefix) == 0, 32)
+        }
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            (prefix >= 128 || v & (u128::MAX >> prefix) == 0, 128)
+        }
+    };
+    if prefix > max {
+        return Err("the prefix length is longer than the address");
+    }
+    if !host_bits_clear {
+        return Err("host bits are set; write the network address");
+    }
+    Ok((addr, prefix))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod l4_tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("192.0.2.10/32"),
+            Ok(("192.0.2.10".parse().unwrap(), 32))
+        );
+        assert_eq!(
+            parse_cidr("192.0.2.0/24"),
+            Ok(("192.0.2.0".parse().unwrap(), 24))
+        );
+        assert_eq!(parse_cidr("0.0.0.0/0"), Ok(("0.0.0.0".parse().unwrap(), 0)));
+        assert_eq!(
+            parse_cidr("2001:db8::/32"),
+            Ok(("2001:db8::".parse().unwrap(), 32))
+        );
+        for bad in [
+            "192.0.2.1/24",
+            "192.0.2.0/33",
+            "192.0.2.0",
+            "nope/8",
+            "::1/129",
+            "1.2.3.4/x",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+/// `dns:`.
+fn parse_dns(raw: Option<raw::Dns>, errors: &mut Vec<PolicyError>) -> Dns {
+    match raw {
+        None => Dns::None,
+        Some(raw::Dns::Keyword(k)) if k == "system" => Dns::System,
+        Some(raw::Dns::Keyword(k)) => {
+            errors.push(invalid!(InvalidEgress {
+                path: "dns".to_owned(),
+                value: k,
+                reason: "expected `system` or a list of resolver addresses",
+            }));
+            Dns::None
+        }
+        Some(raw::Dns::Resolvers(list)) => {
+            let mut out = Vec::new();
+            for (i, text) in list.into_iter().enumerate() {
+                match text.parse::<IpAddr>() {
+                    Ok(ip) => out.push(ip),
+                    Err(_) => errors.push(invalid!(InvalidEgress {
+                        path: format!("dns[{i}]"),
+                        value: text,
+                        reason: "not an IP address",
+                    })),
+                }
+            }
+            Dns::Resolvers(out)
         }
     }
 }

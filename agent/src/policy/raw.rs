@@ -25,8 +25,51 @@ pub(crate) struct Workload {
     /// Largest request body buffered for `json` rules, e.g. `64KiB`.
     #[serde(default)]
     pub body_cap: Option<Scalar>,
-    /// Allowed destinations; an empty list denies everything.
-    pub egress: Vec<Destination>,
+    /// Allowed destinations and L4 exceptions; an empty list denies everything.
+    pub egress: Vec<Egress>,
+    /// DNS: `system` (the resolvers of /etc/resolv.conf) or a list of resolver addresses.
+    /// Absent: no DNS at all.
+    #[serde(default)]
+    pub dns: Option<Dns>,
+}
+
+/// `dns:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Dns {
+    /// `system`.
+    Keyword(String),
+    /// Resolver IP addresses.
+    Resolvers(Vec<String>),
+}
+
+/// One `egress` entry as written: an HTTP destination (`host`, `port`, `rules`, …) or an
+/// L4 exception (`cidr`, `ports`, `protocol`). Which one is decided in validation, so that
+/// a mix-up gets a precise error with its position.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Egress {
+    /// A DNS name or an IP literal (HTTP destination).
+    pub host: Option<String>,
+    /// Kept wide so that an out-of-range port is reported by validation, with the value.
+    pub port: Option<i64>,
+    /// Whether request paths may carry `;` path parameters.
+    #[serde(default)]
+    pub path_params: bool,
+    /// `N/second|minute|hour` for the whole destination.
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// Time window for the whole destination.
+    #[serde(default)]
+    pub when: Option<When>,
+    /// The L7 rules; a request passes if one of them allows it.
+    pub rules: Option<Vec<Rule>>,
+    /// An address range passed straight through in the kernel (L4 exception).
+    pub cidr: Option<String>,
+    /// The L4 exception's ports.
+    pub ports: Option<Vec<i64>>,
+    /// The L4 exception's protocol: `tcp` (default) or `udp`.
+    pub protocol: Option<String>,
 }
 
 /// `mode:` as written.

@@ -136,24 +136,15 @@ pub struct L4Key {
 /// Maximum ports in one [`L4Allow`].
 pub const L4_MAX_PORTS: usize = 8;
 
-/// Value of an [`maps::L4`] entry.
+/// Value of an [`maps::L4`] entry: the ports allowed per protocol (host order; 0 = an
+/// unused slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct L4Allow {
-    /// Allowed ports (host order); 0 = unused slot.
-    pub ports: [u16; L4_MAX_PORTS],
-    /// Bit 0: TCP allowed, bit 1: UDP allowed.
-    pub protocols: u32,
-    /// Reserved, zero.
-    pub _reserved: u32,
-}
-
-/// [`L4Allow::protocols`] bits.
-pub mod l4_protocols {
-    /// TCP.
-    pub const TCP: u32 = 1;
-    /// UDP.
-    pub const UDP: u32 = 2;
+    /// Allowed TCP ports.
+    pub tcp_ports: [u16; L4_MAX_PORTS],
+    /// Allowed UDP ports.
+    pub udp_ports: [u16; L4_MAX_PORTS],
 }
 
 /// Key of [`maps::ORIGINS`]: the client's local address, as the proxy sees its peer.

@@ -25,7 +25,6 @@ use aya_ebpf::{
 use scopegate_common::{
     Config, DenyEvent, FAMILY_V4, FAMILY_V6, L4_MAX_PORTS, L4Allow, L4Key, MAX_CGROUP_DEPTH,
     ManagedCgroup, NO_WORKLOAD, Origin, PortKey, SockKey, counters, deny_reasons, hooks,
-    l4_protocols,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -151,7 +150,7 @@ fn emit(cgroup_id: u64, dest: &Dest, hook: u32, reason: u32, sock_type: u32, pro
 
 /// Is `dest` an L4 exception of `workload` for this protocol and port?
 #[inline(always)]
-fn l4_allowed(workload: u32, dest: &Dest, protocol_bit: u32) -> bool {
+fn l4_allowed(workload: u32, dest: &Dest, udp: bool) -> bool {
     let ip = if dest.family == FAMILY_V4 {
         [0, 0, V4MAPPED_W2, dest.ip[0]]
     } else {
@@ -167,13 +166,15 @@ fn l4_allowed(workload: u32, dest: &Dest, protocol_bit: u32) -> bool {
     let Some(allow) = L4.get(&key) else {
         return false;
     };
-    if allow.protocols & protocol_bit == 0 {
-        return false;
-    }
+    let ports = if udp {
+        &allow.udp_ports
+    } else {
+        &allow.tcp_ports
+    };
     let port = dest.port() as u16;
     let mut i = 0;
     while i < L4_MAX_PORTS {
-        if allow.ports[i] == port {
+        if ports[i] == port {
             return true;
         }
         i += 1;
@@ -252,7 +253,7 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         if caller.workload == NO_WORKLOAD {
             return deny(deny_reasons::NO_POLICY);
         }
-        if l4_allowed(caller.workload, dest, l4_protocols::TCP) {
+        if l4_allowed(caller.workload, dest, false) {
             return Verdict::Pass;
         }
         let port_key = PortKey {
@@ -283,7 +284,7 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         return Verdict::Redirect(config.proxy_port_be);
     }
     if sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP {
-        if caller.workload != NO_WORKLOAD && l4_allowed(caller.workload, dest, l4_protocols::UDP) {
+        if caller.workload != NO_WORKLOAD && l4_allowed(caller.workload, dest, true) {
             return Verdict::Pass;
         }
         return deny(deny_reasons::UDP_NOT_ALLOWED);

@@ -1,0 +1,1234 @@
+//! Tests of the audit subsystem: writer, chain continuation, failures, tampering, CLI.
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::{
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU8},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    chain::StoredRecord,
+    cli::{AuditCommand, run_to},
+    sink::{numbered, rotated_set},
+    verify::{DamageKind, Report, VerifyOptions, verify},
+    writer::BACKLOG_MAX,
+    *,
+};
+
+// ---------------------------------------------------------------- helpers
+
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn records(path: &Path) -> Vec<StoredRecord> {
+    query::read_records(path).unwrap()
+}
+
+fn file_sinks(path: &Path) -> Sinks {
+    Sinks {
+        stdout: false,
+        file: Some(path.to_path_buf()),
+        ..Sinks::default()
+    }
+}
+
+fn sample(i: usize) -> Record {
+    let mut r = Record::new("http").with_dst_addr("192.0.2.7:443".parse().unwrap());
+    r.workload = Some(
+        if i.is_multiple_of(3) {
+            "billing"
+        } else {
+            "search"
+        }
+        .into(),
+    );
+    r.cgroup = Some("/system.slice/billing.service".into());
+    r.pid = Some(4242);
+    r.uid = Some(1001);
+    r.dst.host = Some("api.example.com".into());
+    r.method = Some("POST".into());
+    r.path = Some(format!("/v1/charges/{i}"));
+    r.decision = if i.is_multiple_of(2) {
+        Decision::Allow
+    } else {
+        Decision::Deny
+    };
+    r.rule = (i.is_multiple_of(2)).then(|| "create-charge".into());
+    r.reason = (i % 2 == 1).then(|| "path_not_allowed".into());
+    r.status = Some(if i.is_multiple_of(2) { 200 } else { 403 });
+    r.request_id = Some(format!("req-{i}"));
+    r
+}
+
+/// Starts an auditor with `sinks`, records `n` samples, stops it.
+fn write_with(sinks: &Sinks, n: usize) {
+    let (auditor, handle) = Auditor::start(sinks).unwrap();
+    for i in 0..n {
+        auditor.record(sample(i));
+    }
+    drop(auditor);
+    handle.join().unwrap();
+}
+
+fn check(files: &[PathBuf]) -> Report {
+    verify(&VerifyOptions {
+        files: files.to_vec(),
+        ..VerifyOptions::default()
+    })
+    .unwrap()
+}
+
+fn assert_contiguous(recs: &[StoredRecord], from: u64) {
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.seq, from + i as u64, "seq not contiguous at index {i}");
+        if i > 0 {
+            assert_eq!(r.prev, recs[i - 1].hash, "chain broken at seq {}", r.seq);
+        }
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn raw_lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap()
+        .split_inclusive('\n')
+        .map(str::to_owned)
+        .collect()
+}
+
+fn append(path: &Path, bytes: &[u8]) {
+    let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+    io::Write::write_all(&mut f, bytes).unwrap();
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    fs::write(path, lines.concat()).unwrap();
+}
+
+/// A stdout stand-in.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Fault injection for the file sink.
+#[derive(Clone, Default)]
+struct Faults {
+    /// 0: writes work; 1: fail (ENOSPC) without writing; 2: write half, then fail.
+    write: Arc<AtomicU8>,
+    /// fsync fails (EIO).
+    sync: Arc<AtomicBool>,
+}
+
+impl Faults {
+    fn set_write(&self, mode: u8) {
+        self.write.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn set_sync(&self, fail: bool) {
+        self.sync.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn opener(&self) -> SinkOpener {
+        let faults = self.clone();
+        Box::new(move |path| {
+            Ok(Box::new(FlakyFile {
+                inner: sink::open_append(path)?,
+                faults: faults.clone(),
+            }))
+        })
+    }
+}
+
+struct FlakyFile {
+    inner: File,
+    faults: Faults,
+}
+
+impl SinkFile for FlakyFile {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self.faults.write.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => io::Write::write_all(&mut self.inner, buf),
+            1 => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            _ => {
+                io::Write::write_all(&mut self.inner, &buf[..buf.len() / 2])?;
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+        }
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        if self.faults.sync.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.inner.sync_data()
+        }
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+// ---------------------------------------------------------------- one record per decision
+
+#[test]
+fn one_record_per_guard_finished_or_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (auditor, handle) = Auditor::start(&file_sinks(&path)).unwrap();
+    let mut g = auditor.guard(Record::new("http"));
+    g.record_mut().workload = Some("billing".into());
+    g.finish(
+        Decision::Deny,
+        Some(403),
+        Some("path_not_allowed"),
+        Some(Fault::Policy),
+    );
+    {
+        let _dropped = auditor.guard(Record::new("http"));
+    }
+    let g = auditor.guard(Record::new("http"));
+    g.finish(Decision::Allow, Some(200), None, None);
+    // A guard whose task panics still records exactly once.
+    let a = auditor.clone();
+    let _ = thread::spawn(move || {
+        let mut g = a.guard(Record::new("http"));
+        g.record_mut().request_id = Some("panicked".into());
+        panic!("handler panicked");
+    })
+    .join();
+    auditor.guard(Record::new("http")).finish_unavailable();
+    drop(auditor);
+    handle.join().unwrap();
+    let records = json_lines(&path);
+    assert_eq!(records.len(), 5);
+    assert_eq!(records[0]["seq"], 1);
+    assert_eq!(records[0]["decision"], "deny");
+    assert_eq!(records[0]["reason"], "path_not_allowed");
+    assert_eq!(records[0]["origin"], "policy");
+    assert_eq!(records[0]["workload"], "billing");
+    assert_eq!(records[1]["seq"], 2);
+    assert_eq!(records[1]["decision"], "error");
+    assert_eq!(records[1]["reason"], "aborted");
+    assert_eq!(records[1]["origin"], "agent");
+    assert_eq!(records[2]["decision"], "allow");
+    assert_eq!(records[2]["status"], 200);
+    assert!(records[2]["host"].as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(records[3]["request_id"], "panicked");
+    assert_eq!(records[3]["reason"], "aborted");
+    assert_eq!(records[4]["decision"], "deny");
+    assert_eq!(records[4]["status"], 503);
+    assert_eq!(records[4]["reason"], "audit_unavailable");
+    assert_eq!(records[4]["origin"], "agent");
+    assert!(check(&[path]).ok());
+}
+
+#[test]
+fn timestamps_are_utc_microseconds() {
+    let ts = now_rfc3339();
+    assert!(ts.ends_with('Z'), "{ts}");
+    let frac = ts.rsplit('.').next().unwrap();
+    assert_eq!(frac.len(), 7, "{ts}"); // 6 digits + Z
+}
+
+#[test]
+fn unopenable_file_is_a_clear_error() {
+    let err = Auditor::start(&file_sinks(Path::new("/nonexistent-dir/audit.jsonl"))).unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent-dir/audit.jsonl"),
+        "{err}"
+    );
+}
+
+#[test]
+fn burst_of_n_records_gives_n_contiguous_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (auditor, handle) = Auditor::start(&file_sinks(&path)).unwrap();
+    const THREADS: usize = 4;
+    const EACH: usize = 5_000;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let a = auditor.clone();
+            thread::spawn(move || {
+                for i in 0..EACH {
+                    let mut g = a.guard(sample(i));
+                    g.record_mut().request_id = Some(format!("{t}-{i}"));
+                    g.finish(Decision::Allow, Some(200), None, None);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let metrics_before = auditor.metrics();
+    drop(auditor);
+    handle.join().unwrap();
+    let recs = records(&path);
+    assert_eq!(recs.len(), THREADS * EACH);
+    assert_eq!(raw_lines(&path).len(), THREADS * EACH);
+    assert_contiguous(&recs, 1);
+    let mut ids: Vec<_> = recs.iter().map(|r| r.request_id.clone().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), THREADS * EACH, "every decision exactly once");
+    assert!(!metrics_before.unhealthy);
+    let report = check(&[path]);
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, (THREADS * EACH) as u64);
+}
+
+#[test]
+fn stdout_and_file_get_the_same_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let out = SharedBuf::default();
+    let sinks = Sinks {
+        stdout: true,
+        ..file_sinks(&path)
+    };
+    let (auditor, handle) =
+        Auditor::start_with(&sinks, sink::default_opener(), Box::new(out.clone())).unwrap();
+    for i in 0..100 {
+        auditor.record(sample(i));
+    }
+    drop(auditor);
+    handle.join().unwrap();
+    let stdout = out.0.lock().unwrap().clone();
+    assert_eq!(stdout, fs::read(&path).unwrap());
+}
+
+// ---------------------------------------------------------------- chain continuation
+
+#[test]
+fn chain_continues_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_with(&file_sinks(&path), 5);
+    write_with(&file_sinks(&path), 5);
+    write_with(&file_sinks(&path), 1);
+    let recs = records(&path);
+    assert_eq!(recs.len(), 11);
+    assert_eq!(recs[0].prev, chain::GENESIS);
+    assert_contiguous(&recs, 1);
+    let report = check(&[path]);
+    assert!(report.ok(), "{report:?}");
+    assert_eq!((report.first_seq, report.last_seq), (Some(1), Some(11)));
+}
+
+#[test]
+fn size_rotation_continues_the_chain_and_verify_walks_the_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sinks = Sinks {
+        rotation: Rotation {
+            max_bytes: Some(4000),
+            ..Rotation::default()
+        },
+        ..file_sinks(&path)
+    };
+    write_with(&sinks, 30);
+    // Restart after rotations: continues from the live file.
+    write_with(&sinks, 30);
+    let set = rotated_set(&path).unwrap();
+    assert!(set.len() >= 4, "{set:?}");
+    let mut all = Vec::new();
+    for f in &set {
+        assert!(fs::metadata(f).unwrap().len() <= 4000, "{f:?} too big");
+        let recs = records(f);
+        assert!(!recs.is_empty());
+        all.extend(recs);
+    }
+    assert_eq!(all.len(), 60);
+    assert_contiguous(&all, 1);
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 60);
+    assert_eq!(report.files, set);
+}
+
+#[test]
+fn retention_keeps_n_files_and_verify_accepts_a_later_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sinks = Sinks {
+        rotation: Rotation {
+            max_bytes: Some(3000),
+            keep: Some(2),
+            ..Rotation::default()
+        },
+        ..file_sinks(&path)
+    };
+    write_with(&sinks, 60);
+    let set = rotated_set(&path).unwrap();
+    assert_eq!(
+        set,
+        vec![numbered(&path, 2), numbered(&path, 1), path.clone()]
+    );
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert!(report.first_seq.unwrap() > 1);
+    assert_eq!(report.last_seq, Some(60));
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("the chain starts at seq")),
+        "{:?}",
+        report.notes
+    );
+}
+
+#[test]
+fn age_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sinks = Sinks {
+        rotation: Rotation {
+            max_age: Some(Duration::from_millis(100)),
+            ..Rotation::default()
+        },
+        ..file_sinks(&path)
+    };
+    let (auditor, handle) = Auditor::start(&sinks).unwrap();
+    auditor.record(sample(0));
+    auditor.record(sample(1));
+    wait_until("first records written", || {
+        auditor.metrics().records_written == 2
+    });
+    thread::sleep(Duration::from_millis(150));
+    auditor.record(sample(2));
+    drop(auditor);
+    handle.join().unwrap();
+    assert_eq!(records(&numbered(&path, 1)).len(), 2);
+    assert_eq!(records(&path).len(), 1);
+    assert!(check(std::slice::from_ref(&path)).ok());
+    // After a restart, the age comes from the live file's first record.
+    thread::sleep(Duration::from_millis(150));
+    write_with(&sinks, 1);
+    assert_eq!(records(&numbered(&path, 1)).len(), 1);
+    assert_eq!(records(&numbered(&path, 2)).len(), 2);
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 4);
+}
+
+#[test]
+fn continues_from_the_rotated_file_when_the_live_one_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_with(&file_sinks(&path), 3);
+    // A crash right after the rename of a rotation.
+    fs::rename(&path, numbered(&path, 1)).unwrap();
+    write_with(&file_sinks(&path), 2);
+    let recs = records(&path);
+    assert_eq!(recs[0].seq, 4);
+    assert!(check(std::slice::from_ref(&path)).ok());
+}
+
+// ---------------------------------------------------------------- crash recovery
+
+#[test]
+fn torn_last_line_is_cut_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_with(&file_sinks(&path), 5);
+    let good_len = fs::metadata(&path).unwrap().len();
+    let torn = br#"{"seq":6,"ts":"2026-11-22T10:00:00.123456Z","host":"we"#;
+    append(&path, torn);
+    // verify sees the torn line before the restart.
+    let before = check(std::slice::from_ref(&path));
+    let d = before.damage.clone().unwrap();
+    assert_eq!((d.kind, d.line, d.seq), (DamageKind::Truncated, 6, Some(6)));
+
+    write_with(&file_sinks(&path), 2);
+    let recs = records(&path);
+    assert_eq!(recs.len(), 8);
+    assert_contiguous(&recs, 1);
+    let rec = &recs[5];
+    assert_eq!(rec.seq, 6);
+    assert_eq!(rec.proto, "audit");
+    assert_eq!(rec.decision, Decision::Error);
+    assert_eq!(rec.origin, Some(Fault::Agent));
+    assert_eq!(rec.reason.as_deref(), Some("recovered_truncation"));
+    assert_eq!(rec.truncated_bytes, Some(torn.len() as u64));
+    assert!(fs::metadata(&path).unwrap().len() > good_len);
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("recovered_truncation")),
+        "{:?}",
+        report.notes
+    );
+}
+
+#[test]
+fn garbage_last_line_counts_as_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_with(&file_sinks(&path), 3);
+    append(&path, b"\0\0\0\0garbage\n\0\0");
+    write_with(&file_sinks(&path), 1);
+    let recs = records(&path);
+    assert_eq!(recs.len(), 5);
+    assert_eq!(recs[3].truncated_bytes, Some(14));
+    assert!(check(&[path]).ok());
+}
+
+#[test]
+fn a_tampered_last_record_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_with(&file_sinks(&path), 3);
+    let mut lines = raw_lines(&path);
+    lines[2] = lines[2].replace("\"decision\":\"allow\"", "\"decision\":\"deny\"");
+    write_lines(&path, &lines);
+    let before = fs::read(&path).unwrap();
+    let err = Auditor::start(&file_sinks(&path)).unwrap_err();
+    assert!(matches!(err, AuditError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("seq 3"), "{err}");
+    assert_eq!(fs::read(&path).unwrap(), before, "evidence untouched");
+}
+
+#[test]
+fn an_unchained_file_from_an_older_version_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    fs::write(&path, "{\"seq\":1,\"decision\":\"allow\"}\n").unwrap();
+    write_with(&file_sinks(&path), 2);
+    let recs = records(&path);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[0].seq, 1);
+    let aside: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("audit.jsonl.unchained-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert!(check(&[path]).ok());
+}
+
+// ---------------------------------------------------------------- failing sinks
+
+fn flaky_start(path: &Path, fsync: Fsync, faults: &Faults) -> (Auditor, thread::JoinHandle<()>) {
+    let sinks = Sinks {
+        fsync,
+        ..file_sinks(path)
+    };
+    Auditor::start_with(&sinks, faults.opener(), Box::new(io::sink())).unwrap()
+}
+
+#[test]
+fn failing_writes_make_it_unhealthy_then_it_recovers_without_loss() {
+    for mode in [1u8, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let faults = Faults::default();
+        let (auditor, handle) = flaky_start(&path, Fsync::default(), &faults);
+        for i in 0..100 {
+            auditor.record(sample(i));
+        }
+        wait_until("first batch", || auditor.metrics().records_written == 100);
+        assert!(auditor.healthy());
+        faults.set_write(mode);
+        for i in 100..300 {
+            auditor.record(sample(i));
+        }
+        wait_until("unhealthy", || !auditor.healthy());
+        let m = auditor.metrics();
+        assert!(m.unhealthy && m.write_errors > 0, "{m:?}");
+        assert!(m.queue_depth > 0, "{m:?}");
+        // Keep failing across several retries; nothing half-written stays in the file.
+        thread::sleep(Duration::from_millis(500));
+        assert!(!auditor.healthy());
+        assert!(auditor.metrics().write_errors >= 2);
+        assert_eq!(records(&path).len(), 100, "mode {mode}");
+        assert!(check(std::slice::from_ref(&path)).ok(), "mode {mode}");
+        faults.set_write(0);
+        wait_until("healthy again", || auditor.healthy());
+        wait_until("backlog written", || auditor.metrics().queue_depth == 0);
+        for i in 300..310 {
+            auditor.record(sample(i));
+        }
+        drop(auditor);
+        handle.join().unwrap();
+        let recs = records(&path);
+        assert_eq!(recs.len(), 310, "mode {mode}");
+        assert_eq!(raw_lines(&path).len(), 310);
+        assert_contiguous(&recs, 1);
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(r.request_id.as_deref(), Some(format!("req-{i}").as_str()));
+        }
+        assert!(check(&[path]).ok());
+    }
+}
+
+#[test]
+fn failing_fsync_rewrites_what_may_have_been_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let (auditor, handle) = flaky_start(&path, Fsync::EveryRecord, &faults);
+    for i in 0..10 {
+        auditor.record(sample(i));
+    }
+    wait_until("first batch", || auditor.metrics().records_written == 10);
+    faults.set_sync(true);
+    for i in 10..20 {
+        auditor.record(sample(i));
+    }
+    wait_until("unhealthy", || !auditor.healthy());
+    thread::sleep(Duration::from_millis(300));
+    // The unsynced records were cut off again.
+    assert_eq!(records(&path).len(), 10);
+    faults.set_sync(false);
+    wait_until("healthy again", || auditor.healthy());
+    drop(auditor);
+    handle.join().unwrap();
+    let recs = records(&path);
+    assert_eq!(recs.len(), 20);
+    assert_contiguous(&recs, 1);
+}
+
+#[test]
+fn full_backlog_applies_backpressure_and_summarises_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    faults.set_write(1);
+    let (auditor, handle) = flaky_start(&path, Fsync::default(), &faults);
+    let total = BACKLOG_MAX + QUEUE;
+    let a = auditor.clone();
+    let producer = thread::spawn(move || {
+        for i in 0..total {
+            a.record(sample(i));
+        }
+    });
+    wait_until("backlog and queue full", || {
+        auditor.metrics().queue_depth == total as u64
+    });
+    assert!(!auditor.healthy());
+    // The queue is full: refusals do not block, they are counted.
+    let started = Instant::now();
+    for _ in 0..5 {
+        auditor.guard(Record::new("http")).finish_unavailable();
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    producer.join().unwrap();
+    faults.set_write(0);
+    wait_until("healthy again", || auditor.healthy());
+    wait_until("all written", || auditor.metrics().queue_depth == 0);
+    let m = auditor.metrics();
+    assert_eq!(m.unavailable_summarised, 5, "{m:?}");
+    drop(auditor);
+    handle.join().unwrap();
+    let recs = records(&path);
+    assert_eq!(recs.len(), total + 1);
+    assert_contiguous(&recs, 1);
+    let summary: Vec<_> = recs.iter().filter(|r| r.count.is_some()).collect();
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0].count, Some(5));
+    assert_eq!(summary[0].status, Some(503));
+    assert_eq!(summary[0].reason.as_deref(), Some("audit_unavailable"));
+}
+
+// ---------------------------------------------------------------- checkpoints
+
+fn signed_sinks(path: &Path, key: &Path, every: u64) -> Sinks {
+    Sinks {
+        signing_key: Some(key.to_path_buf()),
+        checkpoints: CheckpointPolicy {
+            every_records: Some(every),
+            interval: None,
+        },
+        ..file_sinks(path)
+    }
+}
+
+#[test]
+fn checkpoints_are_signed_chained_and_anchored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let key = dir.path().join("audit.key");
+    write_with(&signed_sinks(&path, &key, 10), 35);
+    let recs = records(&path);
+    let cps: Vec<_> = recs.iter().filter(|r| r.checkpoint.is_some()).collect();
+    // At least every 10 records, plus one at shutdown.
+    assert!(cps.len() >= 4, "{}", cps.len());
+    assert!(
+        recs.last().unwrap().checkpoint.is_some(),
+        "final checkpoint"
+    );
+    for c in &cps {
+        let cp = c.checkpoint.as_ref().unwrap();
+        assert_eq!(cp.seq + 1, c.seq);
+        assert_eq!(cp.hash, c.prev.to_hex());
+        assert_eq!(c.proto, "audit");
+    }
+    let anchor = fs::read_to_string(sink::with_suffix(&path, ".anchor")).unwrap();
+    assert_eq!(anchor, raw_lines(&path).last().unwrap().clone());
+
+    let pubkey = checkpoint::load_verifying_key(&checkpoint::public_key_path(&key)).unwrap();
+    let report = verify(&VerifyOptions {
+        files: vec![path.clone()],
+        pubkey: Some(pubkey),
+        ..VerifyOptions::default()
+    })
+    .unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.checkpoints_verified, cps.len() as u64);
+
+    // Another key: bad_signature at the first checkpoint.
+    let stranger = checkpoint::generate().verifying_key();
+    let report = verify(&VerifyOptions {
+        files: vec![path.clone()],
+        pubkey: Some(stranger),
+        ..VerifyOptions::default()
+    })
+    .unwrap();
+    let d = report.damage.unwrap();
+    assert_eq!(d.kind, DamageKind::BadSignature);
+    assert_eq!(d.seq, Some(cps[0].seq));
+}
+
+// ---------------------------------------------------------------- tampering
+
+/// A 20-record chain in `dir/audit.jsonl` (no checkpoints).
+fn chain20(dir: &Path) -> (PathBuf, Vec<String>) {
+    let path = dir.join("audit.jsonl");
+    write_with(&file_sinks(&path), 20);
+    let lines = raw_lines(&path);
+    assert_eq!(lines.len(), 20);
+    (path, lines)
+}
+
+fn damage_of(files: &[PathBuf]) -> verify::Damage {
+    let report = check(files);
+    match report.damage {
+        Some(d) => d,
+        None => panic!("not detected: {report:?}"),
+    }
+}
+
+#[test]
+fn tamper_flip_one_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, lines) = chain20(dir.path());
+    for (at, what) in [(40, "content"), (lines[6].len() - 10, "hash")] {
+        let mut bytes = fs::read(&path).unwrap();
+        let offset: usize = lines[..6].iter().map(String::len).sum::<usize>() + at;
+        bytes[offset] ^= 0x01;
+        let copy = dir.path().join(format!("flip-{what}.jsonl"));
+        fs::write(&copy, bytes).unwrap();
+        let d = damage_of(std::slice::from_ref(&copy));
+        assert_eq!(d.kind, DamageKind::Edited, "{what}: {d:?}");
+        assert_eq!((d.file.clone(), d.line), (copy.clone(), 7), "{what}: {d:?}");
+        assert_eq!(d.expected_seq, 7);
+    }
+}
+
+#[test]
+fn tamper_edit_and_rehash_is_caught_at_the_next_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut lines) = chain20(dir.path());
+    // Rewrite record 7 with a new, self-consistent hash.
+    let mut rec: serde_json::Value = serde_json::from_str(&lines[6]).unwrap();
+    rec["decision"] = "allow".into();
+    rec["reason"] = serde_json::Value::Null;
+    let parsed: StoredRecord = serde_json::from_value(rec).unwrap();
+    let mut r = Record::new("http");
+    r.ts = parsed.ts.clone();
+    r.host = parsed.host.clone();
+    r.decision = parsed.decision;
+    let mut out = Vec::new();
+    chain::seal(&mut r, 7, &parsed.prev, &mut out);
+    lines[6] = String::from_utf8(out).unwrap();
+    write_lines(&path, &lines);
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!(
+        (d.kind, d.line, d.seq),
+        (DamageKind::Edited, 8, Some(8)),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn tamper_delete_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut lines) = chain20(dir.path());
+    lines.remove(6);
+    write_lines(&path, &lines);
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!(
+        (d.kind, d.line, d.seq),
+        (DamageKind::Deleted, 7, Some(8)),
+        "{d:?}"
+    );
+    assert!(d.detail.contains("seq 7 is missing"), "{}", d.detail);
+}
+
+#[test]
+fn tamper_swap_two_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut lines) = chain20(dir.path());
+    lines.swap(6, 7);
+    write_lines(&path, &lines);
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!(
+        (d.kind, d.line, d.seq),
+        (DamageKind::Reordered, 7, Some(8)),
+        "{d:?}"
+    );
+    // Swapping distant lines too.
+    let (path, mut lines) = chain20(&dir.path().join("x").tap_mkdir());
+    lines.swap(3, 15);
+    write_lines(&path, &lines);
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!((d.kind, d.line), (DamageKind::Reordered, 4), "{d:?}");
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn tamper_truncate_mid_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = chain20(dir.path());
+    let len = fs::metadata(&path).unwrap().len();
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!(
+        (d.kind, d.line, d.seq),
+        (DamageKind::Truncated, 20, Some(20)),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn tamper_remove_the_whole_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let key = dir.path().join("audit.key");
+    write_with(&signed_sinks(&path, &key, 1000), 20);
+    let lines = raw_lines(&path);
+    assert_eq!(lines.len(), 21, "20 records + the final checkpoint");
+    // Without an anchor, tail removal is invisible: verify says so.
+    let copy = dir.path().join("copy.jsonl");
+    write_lines(&copy, &lines[..15]);
+    let report = check(std::slice::from_ref(&copy));
+    assert!(report.ok());
+    assert!(
+        report.notes.iter().any(|n| n.contains(
+            "verified up to seq 15; tail truncation is detectable only against a signed checkpoint"
+        )),
+        "{:?}",
+        report.notes
+    );
+    // With the anchor next to the file (and with --anchor), it is detected.
+    write_lines(&path, &lines[..15]);
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!((d.kind, d.line), (DamageKind::Truncated, 16), "{d:?}");
+    assert!(
+        d.detail.contains("records 16..=21 were removed"),
+        "{}",
+        d.detail
+    );
+    let pubkey = checkpoint::load_verifying_key(&key).unwrap();
+    let report = verify(&VerifyOptions {
+        files: vec![copy.clone()],
+        pubkey: Some(pubkey),
+        anchors: vec![sink::with_suffix(&path, ".anchor")],
+    })
+    .unwrap();
+    assert_eq!(report.damage.unwrap().kind, DamageKind::Truncated);
+    // Removing only the checkpoint line is caught too.
+    write_lines(&path, &lines[..20]);
+    let d = damage_of(std::slice::from_ref(&path));
+    assert_eq!((d.kind, d.line), (DamageKind::Truncated, 21), "{d:?}");
+}
+
+#[test]
+fn tamper_splice_two_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a").tap_mkdir().join("audit.jsonl");
+    let b = dir.path().join("b").tap_mkdir().join("audit.jsonl");
+    write_with(&file_sinks(&a), 10);
+    write_with(&file_sinks(&b), 10);
+    let d = damage_of(&[a.clone(), b.clone()]);
+    assert_eq!(
+        (d.kind, d.file.clone(), d.line, d.seq),
+        (DamageKind::Spliced, b.clone(), 1, Some(1)),
+        "{d:?}"
+    );
+    // A chain continued on another host with the right seq still does not link.
+    let c = dir.path().join("c").tap_mkdir().join("audit.jsonl");
+    write_with(&file_sinks(&c), 20);
+    let tail = dir.path().join("tail.jsonl");
+    write_lines(&tail, &raw_lines(&c)[10..]);
+    let d = damage_of(&[a, tail.clone()]);
+    assert_eq!(
+        (d.kind, &d.file, d.line),
+        (DamageKind::Spliced, &tail, 1),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn tamper_missing_rotated_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sinks = Sinks {
+        rotation: Rotation {
+            max_bytes: Some(3000),
+            ..Rotation::default()
+        },
+        ..file_sinks(&path)
+    };
+    write_with(&sinks, 40);
+    let set = rotated_set(&path).unwrap();
+    assert!(set.len() >= 3);
+    let mut files = set.clone();
+    files.remove(1);
+    let d = damage_of(&files);
+    assert_eq!(d.kind, DamageKind::Deleted, "{d:?}");
+    assert_eq!(d.file, files[1]);
+}
+
+// ---------------------------------------------------------------- schema
+
+/// Checks `value` against the subset of JSON Schema used by record.schema.json.
+fn validate(schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    if let Some(types) = schema.get("type") {
+        let types: Vec<&str> = match types {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().map(|t| t.as_str().unwrap()).collect(),
+            _ => panic!("bad type in schema at {at}"),
+        };
+        let ok = types.iter().any(|t| match *t {
+            "string" => value.is_string(),
+            "integer" => value.is_u64() || value.is_i64(),
+            "null" => value.is_null(),
+            "object" => value.is_object(),
+            other => panic!("type {other} not supported by the test"),
+        });
+        assert!(ok, "{at}: {value} is not of type {types:?}");
+    }
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        assert!(values.contains(value), "{at}: {value} not in {values:?}");
+    }
+    if let (Some(pattern), Some(s)) = (
+        schema.get("pattern").and_then(Value::as_str),
+        value.as_str(),
+    ) {
+        assert!(
+            regex::Regex::new(pattern).unwrap().is_match(s),
+            "{at}: {s} !~ {pattern}"
+        );
+    }
+    if let Some(n) = value.as_u64() {
+        if let Some(min) = schema.get("minimum").and_then(Value::as_u64) {
+            assert!(n >= min, "{at}: {n} < {min}");
+        }
+        if let Some(max) = schema.get("maximum").and_then(Value::as_u64) {
+            assert!(n <= max, "{at}: {n} > {max}");
+        }
+    }
+    if let Some(obj) = value.as_object() {
+        let props = schema.get("properties").and_then(Value::as_object);
+        for req in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let req = req.as_str().unwrap();
+            assert!(obj.contains_key(req), "{at}: missing required {req}");
+        }
+        for (k, v) in obj {
+            let sub = props.and_then(|p| p.get(k));
+            match sub {
+                Some(sub) => validate(sub, v, &format!("{at}.{k}")),
+                None => assert!(
+                    schema.get("additionalProperties") != Some(&Value::Bool(false)),
+                    "{at}: unexpected key {k}"
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn real_records_match_the_schema() {
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("record.schema.json")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let key = dir.path().join("audit.key");
+    write_with(&signed_sinks(&path, &key, 3), 4);
+    // A torn tail, recovered at the next start.
+    append(&path, b"{\"seq\":");
+    let (auditor, handle) = Auditor::start(&signed_sinks(&path, &key, 3)).unwrap();
+    let mut full = sample(1);
+    full.exe = Some("/usr/bin/curl".into());
+    full.bytes_up = Some(312);
+    full.bytes_down = Some(1048);
+    full.latency_us = Some(840);
+    full.origin = Some(Fault::Policy);
+    auditor.record(full);
+    auditor.record(Record::new("tcp"));
+    auditor.guard(Record::new("http")).finish_unavailable();
+    drop(auditor);
+    handle.join().unwrap();
+    let values = json_lines(&path);
+    let mut seen = std::collections::HashSet::new();
+    for (i, v) in values.iter().enumerate() {
+        validate(&schema, v, &format!("line {}", i + 1));
+        if v.get("checkpoint").is_some() {
+            seen.insert("checkpoint");
+        }
+        if v.get("truncated_bytes").is_some() {
+            seen.insert("recovered");
+        }
+        if v["exe"].is_string() {
+            seen.insert("exe");
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // A summary record validates too.
+    let mut summary = Record::new("audit");
+    summary.decision = Decision::Deny;
+    summary.status = Some(503);
+    summary.count = Some(3);
+    let mut out = Vec::new();
+    chain::seal(&mut summary, 1, &chain::GENESIS, &mut out);
+    validate(&schema, &serde_json::from_slice(&out).unwrap(), "summary");
+}
+
+// ---------------------------------------------------------------- command line
+
+fn cli(command: AuditCommand) -> (bool, String) {
+    let mut out = Vec::new();
+    let ok = run_to(command, &mut out, false).unwrap();
+    (ok, String::from_utf8(out).unwrap())
+}
+
+#[test]
+fn cli_verify_prints_ok_or_the_first_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let key = dir.path().join("audit.key");
+    write_with(&signed_sinks(&path, &key, 10), 25);
+    let (ok, out) = cli(AuditCommand::Verify {
+        files: vec![path.clone()],
+        pubkey: Some(checkpoint::public_key_path(&key)),
+        anchor: vec![],
+    });
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("OK: 28 records, seq 1..28, 3 checkpoints verified\n"),
+        "{out}"
+    );
+    let mut lines = raw_lines(&path);
+    lines.remove(4);
+    write_lines(&path, &lines);
+    let (ok, out) = cli(AuditCommand::Verify {
+        files: vec![path.clone()],
+        pubkey: None,
+        anchor: vec![],
+    });
+    assert!(!ok);
+    let first = out.lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!(
+            "FAIL: deleted: {}:5 seq 6: seq 5 is missing",
+            path.display()
+        )
+    );
+    assert!(
+        out.contains("verified before the damage: 4 records, seq 1..4"),
+        "{out}"
+    );
+}
+
+#[test]
+fn cli_query_filters_and_spans_rotated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sinks = Sinks {
+        rotation: Rotation {
+            max_bytes: Some(3000),
+            ..Rotation::default()
+        },
+        ..file_sinks(&path)
+    };
+    write_with(&sinks, 30);
+    assert!(rotated_set(&path).unwrap().len() > 2);
+    let query = |workload: Option<&str>, decision, json| AuditCommand::Query {
+        files: vec![path.clone()],
+        workload: workload.map(str::to_owned),
+        decision,
+        since: Some("1h".into()),
+        until: None,
+        dst: Some("api.example.com:443".into()),
+        rule: None,
+        json,
+    };
+    // billing: i.is_multiple_of(3) → 10 records; deny: odd i → 5 of them.
+    let (_, out) = cli(query(Some("billing"), Some(Decision::Deny), true));
+    let got: Vec<StoredRecord> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 5);
+    assert!(got.iter().all(|r| r.decision == Decision::Deny));
+    assert!(
+        got.windows(2).all(|w| w[0].seq < w[1].seq),
+        "in chain order"
+    );
+    let (_, table) = cli(query(Some("billing"), None, false));
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 11, "{table}");
+    assert!(rows[0].contains("DECISION"));
+    let (_, none) = cli(AuditCommand::Query {
+        files: vec![path.clone()],
+        workload: None,
+        decision: None,
+        since: None,
+        until: Some("1h".into()),
+        dst: None,
+        rule: Some("create-charge".into()),
+        json: true,
+    });
+    assert!(none.is_empty(), "{none}");
+    let (_, by_rule) = cli(AuditCommand::Query {
+        files: vec![path.clone()],
+        workload: None,
+        decision: None,
+        since: None,
+        until: None,
+        dst: Some("192.0.2.7".into()),
+        rule: Some("create-charge".into()),
+        json: true,
+    });
+    assert_eq!(by_rule.lines().count(), 15);
+}
+
+#[test]
+fn cli_tail_last_lines_and_follow_across_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_with(&file_sinks(&path), 20);
+    let (_, out) = cli(AuditCommand::Tail {
+        file: Some(path.clone()),
+        follow: false,
+        lines: 3,
+        workload: None,
+        decision: Some(Decision::Allow),
+    });
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    assert!(rows[3].trim_start().starts_with("19 "), "{out}");
+
+    // Follow: new records, then a rotation.
+    let sinks = Sinks {
+        rotation: Rotation {
+            max_bytes: Some(fs::metadata(&path).unwrap().len() + 1500),
+            ..Rotation::default()
+        },
+        ..file_sinks(&path)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = SharedBuf::default();
+    let follower = {
+        let stop = stop.clone();
+        let mut out = out.clone();
+        let path = path.clone();
+        thread::spawn(move || {
+            query::tail(
+                &query::TailSource::File(path),
+                0,
+                &query::Filter::default(),
+                true,
+                false,
+                &mut out,
+                &move || stop.load(std::sync::atomic::Ordering::SeqCst),
+            )
+            .unwrap();
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    write_with(&sinks, 10);
+    assert!(numbered(&path, 1).exists(), "rotated");
+    let text = || String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    wait_until("followed records", || text().lines().count() >= 11);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    follower.join().unwrap();
+    let seqs: Vec<u64> = text()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(seqs, (21..=30).collect::<Vec<_>>());
+}
+
+#[test]
+fn cli_keygen_writes_a_usable_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let (ok, out) = cli(AuditCommand::Keygen { out: key.clone() });
+    assert!(ok, "{out}");
+    let signing = checkpoint::load_or_generate(&key).unwrap();
+    let public = checkpoint::load_verifying_key(&checkpoint::public_key_path(&key)).unwrap();
+    assert_eq!(signing.verifying_key(), public);
+    // Never overwrites.
+    let mut sink = Vec::new();
+    assert!(run_to(AuditCommand::Keygen { out: key }, &mut sink, false).is_err());
+}
