@@ -36,6 +36,10 @@ pub struct Allowed {
     pub upstream: SocketAddr,
     /// The destination host as the policy names it, when a destination matched.
     pub host: Option<Host>,
+    /// Speak verified TLS upstream with this server name (the policy host).
+    pub tls_name: Option<String>,
+    /// The credential to inject, when the allowing rule or destination has one.
+    pub credential: Option<policy::Credential>,
 }
 
 /// A refusal: the status, a stable reason code, a human detail, and whose fault it is.
@@ -95,6 +99,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The host the request names (Host header, port stripped, lowercased).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Whether the workload is in audit mode (denials are recorded, not enforced).
     pub fn audit_mode(&self) -> bool {
         self.mode == Mode::Audit
@@ -114,10 +123,14 @@ pub enum Verdict {
 
 /// First phase: who is calling, which destination the request names, its canonical
 /// path, and whether its body must be inspected. Fills the audit record as it goes.
+///
+/// `default_port` is the port an authority without one means: 80 for plain HTTP, 443
+/// inside intercepted TLS.
 pub fn prepare(
     enforcement: &Enforcement,
     identity: &Identity,
     parts: &http::request::Parts,
+    default_port: u16,
     record: &mut Record,
 ) -> Result<Prepared, Refused> {
     let (workload, cgroup) = identity.workload(&enforcement.cgroups);
@@ -134,7 +147,7 @@ pub fn prepare(
         .workload(workload)
         .ok_or_else(|| Refused::policy("unknown_workload", "workload not in snapshot".into()))?;
     record.workload = Some(w.name.clone());
-    let (host, port) = authority(parts)?;
+    let (host, port) = authority(parts, default_port)?;
     record.dst.host = Some(host.clone());
     let raw_target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let destination = w.destination_for(&host, identity.original_dst.port());
@@ -187,12 +200,19 @@ pub fn decide(
                 .workload(prepared.workload)
                 .and_then(|w| w.destination_for(&prepared.host, identity.original_dst.port()))
                 .map(|(_, d)| d.host.clone());
+            let tls_name = policy
+                .workload(prepared.workload)
+                .and_then(|w| w.destination_for(&prepared.host, identity.original_dst.port()))
+                .filter(|(_, d)| d.upstream_tls())
+                .map(|(_, d)| d.host.to_string());
             Verdict::WouldDeny(
                 Allowed {
                     rule: None,
                     target: prepared.path.as_request_target(),
                     upstream: identity.original_dst,
                     host,
+                    tls_name,
+                    credential: None,
                 },
                 refused,
             )
@@ -261,11 +281,17 @@ fn decide_enforced(
                 refused.retry_after = Some(limited.retry_after);
                 return Err(refused);
             }
+            // Never on TRACE, which echoes the request (and so the credential) back.
+            let credential = (parts.method != http::Method::TRACE)
+                .then(|| dest.credential(rule.index()).cloned())
+                .flatten();
             Ok(Allowed {
                 rule: Some(rule.rule_id().to_owned()),
                 target: prepared.path.as_request_target(),
                 upstream: identity.original_dst,
                 host: Some(dest.host.clone()),
+                tls_name: dest.upstream_tls().then(|| dest.host.to_string()),
+                credential,
             })
         }
     }
@@ -273,29 +299,30 @@ fn decide_enforced(
 
 /// The host and port the request names: the Host header (exactly one), which an
 /// absolute-form target must agree with.
-fn authority(parts: &http::request::Parts) -> Result<(String, u16), Refused> {
+fn authority(parts: &http::request::Parts, default_port: u16) -> Result<(String, u16), Refused> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => h,
-        (None, _) => return Err(Refused::client("missing_host", "no Host header".into())),
-        (Some(_), Some(_)) => {
+    let host = match (hosts.next(), hosts.next(), parts.uri.authority()) {
+        (Some(h), None, _) => h
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .filter(|a| !a.as_str().contains('@'))
+            .ok_or_else(|| {
+                Refused::client(
+                    "invalid_host",
+                    format!("Host header {h:?} is not a valid authority"),
+                )
+            })?,
+        // HTTP/2 carries the authority in :authority (the request URI), not in Host.
+        (None, _, Some(authority)) if parts.version == http::Version::HTTP_2 => authority.clone(),
+        (None, _, _) => return Err(Refused::client("missing_host", "no Host header".into())),
+        (Some(_), Some(_), _) => {
             return Err(Refused::client(
                 "duplicate_host",
                 "more than one Host header".into(),
             ));
         }
     };
-    let host = host
-        .to_str()
-        .ok()
-        .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .filter(|a| !a.as_str().contains('@'))
-        .ok_or_else(|| {
-            Refused::client(
-                "invalid_host",
-                format!("Host header {:?} is not a valid authority", host),
-            )
-        })?;
     if let Some(uri_authority) = parts.uri.authority()
         && !uri_authority.as_str().eq_ignore_ascii_case(host.as_str())
     {
@@ -312,7 +339,7 @@ fn authority(parts: &http::request::Parts) -> Result<(String, u16), Refused> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_ascii_lowercase();
-    Ok((name, host.port_u16().unwrap_or(80)))
+    Ok((name, host.port_u16().unwrap_or(default_port)))
 }
 
 /// Confirms that the original destination address belongs to the destination the policy

@@ -7,9 +7,11 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -22,6 +24,8 @@ use hyper_util::{
 };
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::tls::{UpstreamTls, UpstreamTlsError};
+
 /// Errors of this stage.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -33,6 +37,9 @@ pub enum ForwardError {
         /// The error.
         source: hyper_util::client::legacy::Error,
     },
+    /// No trust roots are loaded, so no upstream TLS can be verified.
+    #[error("no trust roots for upstream TLS (system roots missing and no --upstream-ca)")]
+    NoTrustRoots,
     /// The request could not be rebuilt for the upstream.
     #[error("building the upstream request for {target}: {source}")]
     Build {
@@ -43,46 +50,173 @@ pub enum ForwardError {
     },
 }
 
-/// The upstream HTTP client (pooled).
+/// The upstream HTTP clients (pooled): one for plain HTTP, one per TLS server name.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<MarkedConnector, crate::pipeline::Body>,
+    mark: u32,
+    tls: Option<UpstreamTls>,
+    tls_clients: Arc<Mutex<HashMap<String, Client<TlsConnector, crate::pipeline::Body>>>>,
 }
 
 impl Upstream {
-    /// A client whose sockets carry `mark` (0: no mark).
-    pub fn new(mark: u32) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .set_host(false)
-            .build(MarkedConnector { mark });
-        Self { client }
+    /// A client whose sockets carry `mark` (0: no mark), verifying upstream TLS with
+    /// `tls` (None: no trust roots could be loaded; TLS upstreams then fail with 502).
+    pub fn new(mark: u32, tls: Option<UpstreamTls>) -> Self {
+        let client = builder().build(MarkedConnector { mark });
+        Self {
+            client,
+            mark,
+            tls,
+            tls_clients: Arc::default(),
+        }
     }
 
     /// Sends `req` to `addr` with the canonical `target`, relaying the client's headers
-    /// minus hop-by-hop ones.
+    /// minus hop-by-hop ones. With `tls_name`, the upstream connection is verified TLS with
+    /// that server name (the policy host, never the client's).
     pub async fn send(
         &self,
         req: Request<crate::pipeline::Body>,
         addr: SocketAddr,
         target: &str,
+        tls_name: Option<&str>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let (mut parts, body) = req.into_parts();
-        parts.uri =
-            Uri::try_from(format!("http://{addr}{target}")).map_err(|e| ForwardError::Build {
+        let scheme = if tls_name.is_some() { "https" } else { "http" };
+        parts.uri = Uri::try_from(format!("{scheme}://{addr}{target}")).map_err(|e| {
+            ForwardError::Build {
                 target: target.into(),
                 source: e.into(),
-            })?;
+            }
+        })?;
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
-        let mut response = self
-            .client
-            .request(Request::from_parts(parts, body))
-            .await
-            .map_err(|source| ForwardError::Upstream { addr, source })?;
+        let request = Request::from_parts(parts, body);
+        let mut response = match tls_name {
+            None => self.client.request(request).await,
+            Some(name) => {
+                let tls = self.tls.clone().ok_or(ForwardError::NoTrustRoots)?;
+                let client = {
+                    let mut clients = self.tls_clients.lock().unwrap_or_else(|p| p.into_inner());
+                    clients
+                        .entry(name.to_owned())
+                        .or_insert_with(|| {
+                            builder().build(TlsConnector {
+                                mark: self.mark,
+                                name: name.into(),
+                                tls,
+                            })
+                        })
+                        .clone()
+                };
+                client.request(request).await
+            }
+        }
+        .map_err(|source| ForwardError::Upstream { addr, source })?;
         strip_hop_by_hop(response.headers_mut());
         Ok(response)
+    }
+}
+
+fn builder() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .set_host(false);
+    builder
+}
+
+/// Whether an upstream failure was a certificate that did not verify.
+pub fn bad_certificate(error: &ForwardError) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(UpstreamTlsError::BadCertificate { host, reason }) = e.downcast_ref() {
+            return Some(format!("{host}: {reason}"));
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(UpstreamTlsError::BadCertificate { host, reason }) =
+                io.get_ref().and_then(|inner| inner.downcast_ref())
+        {
+            return Some(format!("{host}: {reason}"));
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Connects like [`MarkedConnector`], then speaks verified TLS with a fixed server name.
+#[derive(Clone, Debug)]
+pub struct TlsConnector {
+    mark: u32,
+    name: Arc<str>,
+    tls: UpstreamTls,
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TlsConnection;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut plain = MarkedConnector { mark: self.mark };
+        let (name, tls) = (self.name.clone(), self.tls.clone());
+        Box::pin(async move {
+            let stream = plain.call(uri).await?.into_inner();
+            let stream = tokio::time::timeout(Duration::from_secs(10), tls.connect(stream, &name))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "upstream TLS handshake timed out",
+                    )
+                })?
+                .map_err(std::io::Error::other)?;
+            Ok(TlsConnection(TokioIo::new(stream)))
+        })
+    }
+}
+
+/// A verified TLS connection to an upstream, for the pooled client.
+#[derive(Debug)]
+pub struct TlsConnection(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl hyper_util::client::legacy::connect::Connection for TlsConnection {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -113,6 +247,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Connects to `addr` with SO_MARK `mark` (0: none) and TCP_NODELAY.
+pub async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if mark != 0 {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(addr).await
+}
+
 /// Connects to the socket address in the URI (never resolving a name), with SO_MARK set.
 #[derive(Clone, Copy, Debug)]
 pub struct MarkedConnector {
@@ -140,17 +288,7 @@ impl tower_service::Service<Uri> for MarkedConnector {
                         format!("upstream URI {uri} does not name a socket address"),
                     )
                 })?;
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            if mark != 0 {
-                socket2::SockRef::from(&socket).set_mark(mark)?;
-            }
-            socket.set_nodelay(true)?;
-            let stream = socket.connect(addr).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(connect_marked(addr, mark).await?))
         })
     }
 }

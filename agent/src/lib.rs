@@ -24,6 +24,7 @@ pub mod forward;
 pub mod identify;
 pub mod pipeline;
 pub mod run;
+pub mod secrets;
 pub mod sys;
 pub mod tls;
 pub mod workloads;

@@ -58,6 +58,12 @@ enum Command {
         /// audit stream; verify with `scopegate audit verify --pubkey KEY.pub`.
         #[arg(long, value_name = "FILE")]
         audit_signing_key: Option<PathBuf>,
+        /// State directory (created 0700): holds the host CA for TLS interception.
+        #[arg(long, default_value = "/var/lib/scopegate")]
+        state_dir: PathBuf,
+        /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
+        #[arg(long, value_name = "FILE")]
+        upstream_ca: Option<PathBuf>,
         /// Serve Prometheus metrics (/metrics) and health (/healthz) on this loopback
         /// address.
         #[arg(long, value_name = "ADDR")]
@@ -93,11 +99,27 @@ enum Command {
         #[command(subcommand)]
         command: scopegate::audit::cli::AuditCommand,
     },
+    /// The host CA used for TLS interception.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Remove the pinned hooks and maps: enforcement stops.
     Uninstall {
         /// bpffs directory given to `run --pin-dir`.
         #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
         pin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the host CA certificate (PEM) for the system trust store; creates the CA if
+    /// it does not exist yet.
+    Export {
+        /// The agent's state directory.
+        #[arg(long, default_value = "/var/lib/scopegate")]
+        state_dir: PathBuf,
     },
 }
 
@@ -138,6 +160,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             audit_fsync_every_record,
             audit_signing_key,
             metrics_addr,
+            state_dir,
+            upstream_ca,
             rescan_secs,
             managed_subtrees,
             allow_empty,
@@ -164,6 +188,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Sinks::default()
                 },
                 metrics_addr,
+                state_dir,
+                upstream_ca,
                 rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
                 managed_subtrees,
                 allow_empty,
@@ -181,6 +207,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Policy { command } => Ok(exit(scopegate::policy::cli::run(command)?)),
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
+        Command::Ca {
+            command: CaCommand::Export { state_dir },
+        } => {
+            let ca = scopegate::tls::HostCa::load_or_create(&state_dir)?;
+            print!("{}", ca.cert_pem());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Uninstall { pin_dir } => {
             let removed = bpf::uninstall(&pin_dir)?;
             println!(

@@ -16,8 +16,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::{
@@ -26,7 +26,9 @@ use crate::{
     detect::{self, Protocol},
     forward::Upstream,
     identify::{self, Identity, OriginTable},
-    policy::{self, RateLimiter},
+    policy::{self, RateLimiter, TlsMode},
+    secrets::Secrets,
+    tls::LeafCache,
     workloads::Resolution,
 };
 
@@ -66,6 +68,10 @@ pub struct Shared {
     pub limiter: RateLimiter,
     /// How long a client may take to send its first bytes.
     pub detect_timeout: Duration,
+    /// Leaf certificates for intercepted TLS (None: no host CA, interception refused).
+    pub leaves: Option<LeafCache>,
+    /// Secrets for credential injection.
+    pub secrets: Secrets,
 }
 
 /// The body type of requests and responses through the proxy.
@@ -91,34 +97,149 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
     // detect
     let protocol = detect::detect(&stream, shared.detect_timeout).await;
     match protocol {
-        Ok(Protocol::Http1) => {}
-        Ok(other) => {
-            connection_refused(&shared, &identity, other.refusal(), Fault::Client);
-            return;
-        }
+        Ok(Protocol::Http1) => serve_http(shared, TokioIo::new(stream), identity, None).await,
+        Ok(Protocol::Tls) => serve_tls(shared, stream, identity).await,
+        Ok(other) => connection_refused(&shared, &identity, other.refusal(), Fault::Client),
         Err(detect::DetectError::Timeout { .. }) => {
             connection_refused(&shared, &identity, "detect_timeout", Fault::Client);
-            return;
         }
         Err(detect::DetectError::Io { .. }) => {
             connection_refused(&shared, &identity, "client_closed", Fault::Client);
-            return;
         }
     }
-    // decide → forward → audit, per request
+}
+
+/// decide → forward → audit, per request, over plain or intercepted TLS connections (HTTP/1.1
+/// and, after TLS with ALPN h2, HTTP/2: every stream is one request through the same path).
+async fn serve_http<I>(shared: Arc<Shared>, io: I, identity: Identity, sni: Option<Arc<str>>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let shared = shared.clone();
         let identity = identity.clone();
-        async move { Ok::<_, Infallible>(handle_request(&shared, &identity, req).await) }
+        let sni = sni.clone();
+        async move { Ok::<_, Infallible>(handle_request(&shared, &identity, sni.as_deref(), req).await) }
     });
-    if let Err(e) = http1::Builder::new()
-        .keep_alive(true)
-        .half_close(false)
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
-        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(true).half_close(false);
+    if let Err(e) = builder.serve_connection(io, service).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
+}
+
+/// A TLS connection: decided by its SNI, then spliced (`tls: passthrough`) or terminated
+/// with a host-CA leaf minted only for the allowed name (`tls: intercept`).
+async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, identity: Identity) {
+    let enforcement = shared.enforcement.load_full();
+    let mut record = identity_record(&enforcement, &identity, "tls");
+    let refuse = |record: Record, reason: &str, fault: Fault| {
+        shared
+            .auditor
+            .guard(record)
+            .finish(Decision::Deny, None, Some(reason), Some(fault));
+    };
+    let hello = match crate::tls::read_client_hello(&stream, shared.detect_timeout).await {
+        Ok(hello) => hello,
+        Err(crate::tls::HelloError::Timeout { .. }) => {
+            return refuse(record, "tls_hello_timeout", Fault::Client);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "refusing a TLS ClientHello");
+            return refuse(record, "tls_hello_invalid", Fault::Client);
+        }
+    };
+    let Some(sni) = hello.sni else {
+        return refuse(record, "tls_no_sni", Fault::Client);
+    };
+    record.dst.host = Some(sni.clone());
+    let (workload, _) = identity.workload(&enforcement.cgroups);
+    let destination = workload
+        .and_then(|w| enforcement.policy.workload(w))
+        .and_then(|w| w.destination_for(&sni, identity.original_dst.port()))
+        .map(|(_, d)| (d.tls(), d.host.clone()));
+    let Some((mode, host)) = destination else {
+        return refuse(record, "sni_not_allowed", Fault::Policy);
+    };
+    let allowed = decide::Allowed {
+        rule: None,
+        target: String::new(),
+        upstream: identity.original_dst,
+        host: Some(host),
+        tls_name: None,
+        credential: None,
+    };
+    if let Err(refused) = decide::confirm_address(&shared.resolver, &allowed).await {
+        return refuse(record, refused.reason, refused.fault);
+    }
+    match mode {
+        TlsMode::None => refuse(record, "tls_not_allowed", Fault::Policy),
+        TlsMode::Passthrough => passthrough(&shared, stream, identity.original_dst, record).await,
+        TlsMode::Intercept => {
+            let Some(config) = shared.leaves.as_ref().map(|l| l.server_config(&sni)) else {
+                return refuse(record, "no_host_ca", Fault::Agent);
+            };
+            let config = match config {
+                Ok(config) => config,
+                Err(e) => {
+                    tracing::error!(error = %e, "minting a leaf certificate failed");
+                    return refuse(record, "leaf_mint_failed", Fault::Agent);
+                }
+            };
+            let tls = match tokio::time::timeout(
+                shared.detect_timeout,
+                tokio_rustls::TlsAcceptor::from(config).accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(_)) | Err(_) => {
+                    return refuse(record, "tls_handshake_failed", Fault::Client);
+                }
+            };
+            serve_http(
+                shared.clone(),
+                TokioIo::new(tls),
+                identity,
+                Some(sni.into()),
+            )
+            .await;
+        }
+    }
+}
+
+/// Splices a passthrough TLS connection to its original destination; one record when it
+/// ends, with bytes and duration.
+async fn passthrough(
+    shared: &Shared,
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut record: Record,
+) {
+    record.rule = None;
+    let guard = shared.auditor.guard(record);
+    if !shared.auditor.healthy() {
+        return guard.finish_unavailable();
+    }
+    let mut guard = guard;
+    let connect = crate::forward::connect_marked(upstream, crate::run::AGENT_MARK);
+    let mut server = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(server)) => server,
+        Ok(Err(_)) | Err(_) => {
+            return guard.finish(
+                Decision::Error,
+                None,
+                Some("upstream_unreachable"),
+                Some(Fault::Upstream),
+            );
+        }
+    };
+    let result = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    let (up, down) = result.unwrap_or((0, 0));
+    let record = guard.record_mut();
+    record.bytes_up = Some(up);
+    record.bytes_down = Some(down);
+    guard.finish(Decision::Allow, None, None, None);
 }
 
 /// One connection-level refusal, recorded with the caller's identity.
@@ -149,6 +270,7 @@ fn identity_record(enforcement: &Enforcement, identity: &Identity, proto: &'stat
 pub async fn handle_request(
     shared: &Shared,
     identity: &Identity,
+    sni: Option<&str>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let enforcement = shared.enforcement.load_full();
@@ -159,10 +281,30 @@ pub async fn handle_request(
 
     // decide, phase 1: identity, destination, canonical path
     let (parts, body) = req.into_parts();
-    let prepared = match decide::prepare(&enforcement, identity, &parts, guard.record_mut()) {
+    let default_port = if sni.is_some() { 443 } else { 80 };
+    let prepared = match decide::prepare(
+        &enforcement,
+        identity,
+        &parts,
+        default_port,
+        guard.record_mut(),
+    ) {
         Ok(prepared) => prepared,
         Err(refused) => return refuse(guard, &refused, &request_id),
     };
+    // Inside intercepted TLS, the request must name the host the handshake named.
+    if let Some(sni) = sni
+        && !prepared.host().eq_ignore_ascii_case(sni)
+    {
+        let refused = Refused::policy(
+            "host_sni_mismatch",
+            format!(
+                "Host {} does not match the TLS server name {sni}",
+                prepared.host()
+            ),
+        );
+        return refuse(guard, &refused, &request_id);
+    }
     // the body, buffered and parsed only when a rule inspects it
     let (json, body) = if prepared.needs_body {
         match read_json_body(&parts, body, prepared.body_cap).await {
@@ -205,11 +347,50 @@ pub async fn handle_request(
         Verdict::WouldDeny(allowed, refused) => (allowed, Some(refused)),
     };
 
-    // forward
+    // forward, with the credential the workload never holds
+    let mut parts = parts;
+    if let Some(credential) = &allowed.credential {
+        match shared.secrets.get(&credential.source) {
+            Ok(secret) => match header::HeaderValue::from_str(&credential.render(&secret)) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    // Exactly one goes upstream: whatever the workload sent is replaced.
+                    parts.headers.insert(credential.header.clone(), value);
+                }
+                Err(_) => {
+                    let refused = Refused::status(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "credential_invalid",
+                        format!(
+                            "the credential for header {} is not a valid header value",
+                            credential.header
+                        ),
+                        Fault::Agent,
+                    );
+                    return refuse(guard, &refused, &request_id);
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "credential unavailable");
+                let refused = Refused::status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "credential_unavailable",
+                    e.to_string(),
+                    Fault::Agent,
+                );
+                return refuse(guard, &refused, &request_id);
+            }
+        }
+    }
     let req = Request::from_parts(parts, body);
     match shared
         .upstream
-        .send(req, allowed.upstream, &allowed.target)
+        .send(
+            req,
+            allowed.upstream,
+            &allowed.target,
+            allowed.tls_name.as_deref(),
+        )
         .await
     {
         Ok(response) => {
@@ -228,12 +409,20 @@ pub async fn handle_request(
         }
         Err(e) => {
             tracing::warn!(error = %e, "upstream request failed");
-            let refused = Refused::status(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unreachable",
-                e.to_string(),
-                Fault::Upstream,
-            );
+            let refused = match crate::forward::bad_certificate(&e) {
+                Some(reason) => Refused::status(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_certificate_invalid",
+                    reason,
+                    Fault::Upstream,
+                ),
+                None => Refused::status(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unreachable",
+                    e.to_string(),
+                    Fault::Upstream,
+                ),
+            };
             let workload = guard.record_mut().workload.clone();
             guard.finish(
                 Decision::Error,

@@ -60,6 +60,10 @@ pub struct RunOptions {
     pub allow_empty: bool,
     /// Loopback address for /metrics and /healthz.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// State directory (0700): the host CA for TLS interception lives here.
+    pub state_dir: PathBuf,
+    /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// Errors of `run`.
@@ -94,6 +98,12 @@ pub enum RunError {
     /// Kernel program problems.
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    /// The host CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] crate::tls::CaError),
+    /// The upstream trust roots could not be loaded.
+    #[error(transparent)]
+    UpstreamTls(#[from] crate::tls::UpstreamTlsError),
     /// The admin endpoint could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
@@ -137,6 +147,26 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     };
     // 4. audit
     let (auditor, _writer) = Auditor::start(&opts.audit)?;
+    // TLS: the host CA (interception) and the upstream trust roots.
+    let ca = Arc::new(crate::tls::HostCa::load_or_create(&opts.state_dir)?);
+    let leaves = crate::tls::LeafCache::new(
+        ca,
+        crate::tls::ca::DEFAULT_LEAF_CAPACITY,
+        &[
+            crate::tls::upstream::ALPN_H2,
+            crate::tls::upstream::ALPN_HTTP1,
+        ],
+    );
+    let upstream_tls = match &opts.upstream_ca {
+        Some(bundle) => Some(crate::tls::UpstreamTls::with_bundle(bundle)?),
+        None => match crate::tls::UpstreamTls::system() {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::warn!(error = %e, "no system trust roots; upstream TLS will fail with 502");
+                None
+            }
+        },
+    };
     // 5. kernel
     let own_cgroup = workloads::cgroup_of_pid("self")?;
     let own_id = workloads::cgroup_id(&mount.join(own_cgroup.trim_start_matches('/')))?;
@@ -151,10 +181,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         enforcement: ArcSwap::from_pointee(Enforcement::empty()),
         origins: kernel.clone(),
         auditor: auditor.clone(),
-        upstream: Upstream::new(AGENT_MARK),
+        upstream: Upstream::new(AGENT_MARK, upstream_tls),
         resolver: Resolver::default(),
         limiter: crate::policy::RateLimiter::new(),
         detect_timeout: Duration::from_secs(10),
+        leaves: Some(leaves),
+        secrets: crate::secrets::Secrets::default(),
     });
     let control = Control {
         shared: shared.clone(),

@@ -215,6 +215,9 @@ pub fn free_port() -> u16 {
 pub struct Agent {
     child: Child,
     reaped: bool,
+    /// The agent's state directory (host CA).
+    pub state_dir: PathBuf,
+    _state: Option<tempfile::TempDir>,
     stderr: Arc<Mutex<Vec<String>>>,
     /// Proxy port.
     pub port: u16,
@@ -238,6 +241,8 @@ pub struct AgentConfig<'a> {
     pub port: Option<u16>,
     /// More arguments for `scopegate run`.
     pub extra: Vec<String>,
+    /// State directory (default: a fresh temporary one).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -251,6 +256,7 @@ impl<'a> AgentConfig<'a> {
             inside: None,
             port: None,
             extra: Vec::new(),
+            state_dir: None,
         }
     }
 }
@@ -259,6 +265,13 @@ impl Agent {
     /// Starts the agent and waits until it prints `scopegate ready` (or fails).
     pub fn start(cfg: AgentConfig<'_>) -> Self {
         let port = cfg.port.unwrap_or_else(free_port);
+        let (state_dir, state_guard) = match &cfg.state_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let dir = tempfile::tempdir().expect("state dir");
+                (dir.path().join("state"), Some(dir))
+            }
+        };
         let mut cmd = Command::new(bin());
         if let Some(cgroup) = &cfg.inside {
             cmd.arg("exec")
@@ -281,6 +294,8 @@ impl Agent {
             .arg("--no-audit-stdout")
             .arg("--rescan-secs")
             .arg("0.2")
+            .arg("--state-dir")
+            .arg(&state_dir)
             .args(&cfg.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -305,6 +320,8 @@ impl Agent {
         let agent = Self {
             child,
             reaped: false,
+            state_dir,
+            _state: state_guard,
             stderr,
             port,
             audit: cfg.audit,

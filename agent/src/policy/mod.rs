@@ -178,8 +178,8 @@ pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
 pub use model::{
-    Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
-    PatternSegment, Rule, Selector, Workload, WorkloadId,
+    Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
+    PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
 };
 pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
 pub use when::TimeWindow;
@@ -524,6 +524,60 @@ egress:
     }
 
     #[test]
+    fn tls_credential_l4_and_dns_errors_name_file_line_and_column() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "    port: 443\n",
+                "    port: 443\n    tls: maybe\n",
+                "p.yaml:7:10: egress[0].tls: \"maybe\": expected `none`, `passthrough` or `intercept`",
+            ),
+            (
+                "  - host: api.example.com\n",
+                "  - host: 192.0.2.7\n    tls: intercept\n",
+                "p.yaml:6:10: egress[0].tls: \"192.0.2.7\": TLS destinations are matched by SNI, which is a DNS name: `host` must be a name",
+            ),
+            (
+                "    port: 443\n",
+                "    port: 443\n    tls: intercept\n    credential:\n      header: Authorization\n      secret_file: /nonexistent/secret\n",
+                "p.yaml:10:20: egress[0].credential.secret_file: \"/nonexistent/secret\": cannot be read (missing or not readable)",
+            ),
+            (
+                "    port: 443\n",
+                "    port: 443\n    credential:\n      header: Authorization\n      secret_file: /etc/hostname\n",
+                "p.yaml:8:7: egress[0].credential: \"Authorization\": the credential would travel in cleartext: set `upstream_tls: true` (or name a loopback IP as host)",
+            ),
+            (
+                "    port: 443\n",
+                "    port: 443\n    tls: intercept\n    credential:\n      header: Authorization\n      format: Bearer\n      secret_file: /etc/hostname\n",
+                "p.yaml:10:15: egress[0].credential.format: \"Bearer\": must contain {secret}",
+            ),
+            (
+                "egress:\n",
+                "dns: sometimes\negress:\n",
+                "p.yaml:4:6: dns: \"sometimes\": expected `system` or a list of resolver addresses",
+            ),
+            (
+                "egress:\n",
+                "egress:\n  - cidr: 192.0.2.1/24\n    ports: [5432]\n",
+                "p.yaml:5:11: egress[0].cidr: \"192.0.2.1/24\": host bits are set; write the network address",
+            ),
+            (
+                "egress:\n",
+                "egress:\n  - cidr: 192.0.2.0/24\n    ports: [0]\n",
+                "p.yaml:6:13: egress[0].ports[0]: 0 is not a port (expected 1..=65535)",
+            ),
+            (
+                "egress:\n",
+                "egress:\n  - cidr: 192.0.2.0/24\n    ports: [53]\n    protocol: sctp\n",
+                "p.yaml:7:15: egress[0].protocol: \"sctp\": expected `tcp` or `udp`",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(error_with(from, to), *want);
+        }
+    }
+
+    #[test]
     fn valid_file_loads() {
         let snap = load(&[("billing.yaml", BASE)]).unwrap();
         assert_eq!(snap.workloads().len(), 1);
@@ -648,14 +702,18 @@ egress:
     #[test]
     fn unknown_field() {
         assert_eq!(
-            error_with("    port: 443\n", "    port: 443\n    tls: intercept\n"),
-            "p.yaml:7:5: egress[0]: unknown field `tls`, expected one of `host`, `port`, \
-             `path_params`, `rate`, `when`, `rules`"
+            error_with(
+                "    port: 443\n",
+                "    port: 443\n    tls_mode: intercept\n"
+            ),
+            "p.yaml:7:5: egress[0]: unknown field `tls_mode`, expected one of `host`, `port`, \
+             `path_params`, `rate`, `when`, `rules`, `cidr`, `ports`, `protocol`, `tls`, \
+             `upstream_tls`, `credential`"
         );
         assert_eq!(
             error_with("workload: billing\n", "workload: billing\nmodes: audit\n"),
             "p.yaml:2:1: unknown field `modes`, expected one of `workload`, `select`, `mode`, \
-             `body_cap`, `egress`"
+             `body_cap`, `egress`, `dns`"
         );
     }
 

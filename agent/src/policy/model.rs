@@ -83,6 +83,45 @@ pub enum Dns {
     Resolvers(Vec<IpAddr>),
 }
 
+/// How a destination's TLS is handled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP from the workload (the default).
+    #[default]
+    None,
+    /// TLS decided by its SNI alone and spliced through; requests are not inspected.
+    Passthrough,
+    /// TLS terminated with a leaf from the host CA; every request is decided.
+    Intercept,
+}
+
+/// Where a credential's secret comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file (re-read when it changes).
+    File(PathBuf),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
+    Systemd(String),
+}
+
+/// A credential the proxy injects upstream; the workload never holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    /// The header to set (any header of that name the workload sent is replaced).
+    pub header: http::HeaderName,
+    prefix: String,
+    suffix: String,
+    /// Where the secret comes from.
+    pub source: SecretSource,
+}
+
+impl Credential {
+    /// The header value for `secret` (`format` with `{secret}` replaced).
+    pub fn render(&self, secret: &str) -> String {
+        format!("{}{secret}{}", self.prefix, self.suffix)
+    }
+}
+
 /// Most ports one L4 exception may list (the kernel's per-entry limit).
 pub const MAX_L4_PORTS: usize = 8;
 
@@ -231,9 +270,31 @@ pub struct Destination {
     path_params: bool,
     when: Option<TimeWindow>,
     rate: Option<(RateKey, RateLimit)>,
+    tls: TlsMode,
+    upstream_tls: bool,
+    credential: Option<Credential>,
 }
 
 impl Destination {
+    /// How the workload's TLS to this destination is handled.
+    pub fn tls(&self) -> TlsMode {
+        self.tls
+    }
+
+    /// Whether the proxy speaks verified TLS to the upstream (SNI = the policy host).
+    pub fn upstream_tls(&self) -> bool {
+        self.upstream_tls
+    }
+
+    /// The credential for a request allowed by rule `rule` (the rule's, else the
+    /// destination's).
+    pub fn credential(&self, rule: usize) -> Option<&Credential> {
+        self.rules
+            .get(rule)
+            .and_then(|r| r.credential.as_ref())
+            .or(self.credential.as_ref())
+    }
+
     /// The rules, in file order; [`RuleRef::index`](super::RuleRef::index) indexes this.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
@@ -365,6 +426,7 @@ pub struct Rule {
     json: Vec<JsonRule>,
     when: Option<TimeWindow>,
     rate: Option<(RateKey, RateLimit)>,
+    credential: Option<Credential>,
 }
 
 impl Rule {
@@ -559,7 +621,7 @@ impl TryFrom<raw::Workload> for Workload {
 
         let mut destinations = Vec::with_capacity(http.len());
         for (d, dest) in http {
-            match Destination::try_from(dest) {
+            match Destination::try_from(*dest) {
                 Ok(dest) => destinations.push(dest),
                 Err(errs) => {
                     let prefix = format!("egress[{d}]");
@@ -594,7 +656,7 @@ impl TryFrom<raw::Workload> for Workload {
 }
 
 enum EgressKind {
-    Http(raw::Destination),
+    Http(Box<raw::Destination>),
     L4(L4Exception),
 }
 
@@ -630,21 +692,29 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 errors.push(bad("host", host, "an HTTP destination needs `port`"));
                 return Err(errors);
             };
-            let Some(rules) = raw.rules else {
-                errors.push(bad("host", host, "an HTTP destination needs `rules`"));
-                return Err(errors);
+            let passthrough = raw.tls.as_deref() == Some("passthrough");
+            let rules = match raw.rules {
+                Some(rules) => rules,
+                None if passthrough => Vec::new(),
+                None => {
+                    errors.push(bad("host", host, "an HTTP destination needs `rules`"));
+                    return Err(errors);
+                }
             };
             if !errors.is_empty() {
                 return Err(errors);
             }
-            Ok(EgressKind::Http(raw::Destination {
+            Ok(EgressKind::Http(Box::new(raw::Destination {
                 host,
                 port,
                 path_params: raw.path_params,
                 rate: raw.rate,
                 when: raw.when,
                 rules,
-            }))
+                tls: raw.tls,
+                upstream_tls: raw.upstream_tls,
+                credential: raw.credential,
+            })))
         }
         Some(cidr) => {
             let mut errors = Vec::new();
@@ -654,6 +724,9 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 || raw.rate.is_some()
                 || raw.when.is_some()
                 || raw.path_params
+                || raw.tls.is_some()
+                || raw.upstream_tls.is_some()
+                || raw.credential.is_some()
             {
                 errors.push(bad(
                     "cidr",
@@ -703,6 +776,68 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
             }
         }
     }
+}
+
+/// `credential:`; errors are (field, value, reason).
+fn parse_credential(
+    raw: raw::Credential,
+) -> Result<Credential, (&'static str, String, &'static str)> {
+    let header = http::HeaderName::from_bytes(raw.header.as_bytes())
+        .map_err(|_| ("header", raw.header.clone(), "not a valid header name"))?;
+    let format = raw.format.unwrap_or_else(|| "{secret}".to_owned());
+    let (prefix, suffix) =
+        format
+            .split_once("{secret}")
+            .ok_or(("format", format.clone(), "must contain {secret}"))?;
+    if suffix.contains("{secret}") {
+        return Err((
+            "format",
+            format.clone(),
+            "must contain {secret} exactly once",
+        ));
+    }
+    if format.contains(['\r', '\n']) {
+        return Err(("format", format.clone(), "must not contain CR or LF"));
+    }
+    let source = match (raw.secret_file, raw.systemd_credential) {
+        (Some(file), None) => {
+            let path = PathBuf::from(&file);
+            if !path.is_absolute() {
+                return Err(("secret_file", file, "must be an absolute path"));
+            }
+            if std::fs::File::open(&path).is_err() {
+                return Err((
+                    "secret_file",
+                    file,
+                    "cannot be read (missing or not readable)",
+                ));
+            }
+            SecretSource::File(path)
+        }
+        (None, Some(name)) => {
+            if name.is_empty() || name.contains('/') {
+                return Err((
+                    "systemd_credential",
+                    name,
+                    "must be a credential name without '/'",
+                ));
+            }
+            SecretSource::Systemd(name)
+        }
+        _ => {
+            return Err((
+                "secret_file",
+                String::new(),
+                "give exactly one of `secret_file` and `systemd_credential`",
+            ));
+        }
+    };
+    Ok(Credential {
+        header,
+        prefix: prefix.to_owned(),
+        suffix: suffix.to_owned(),
+        source,
+    })
 }
 
 /// `a.b.c.d/n` or `x::y/n`; host bits must be zero.
@@ -854,15 +989,99 @@ impl TryFrom<raw::Destination> for Destination {
             });
         let rate = parse_rate(raw.rate, &mut errors);
         let when = parse_when(raw.when, &mut errors);
-        if raw.rules.is_empty() {
+        let bad = |path: &str, value: String, reason: &'static str| {
+            invalid!(InvalidEgress {
+                path: path.to_owned(),
+                value,
+                reason,
+            })
+        };
+        let tls = match raw.tls.as_deref() {
+            None | Some("none") => TlsMode::None,
+            Some("passthrough") => TlsMode::Passthrough,
+            Some("intercept") => TlsMode::Intercept,
+            Some(other) => {
+                errors.push(bad(
+                    "tls",
+                    other.to_owned(),
+                    "expected `none`, `passthrough` or `intercept`",
+                ));
+                TlsMode::None
+            }
+        };
+        let upstream_tls = raw.upstream_tls.unwrap_or(tls == TlsMode::Intercept);
+        if tls != TlsMode::None && matches!(host, Some(Host::Ip(_))) {
+            errors.push(bad(
+                "tls",
+                raw.host.clone(),
+                "TLS destinations are matched by SNI, which is a DNS name: `host` must be a name",
+            ));
+        }
+        if tls == TlsMode::Passthrough && !raw.rules.is_empty() {
+            errors.push(bad(
+                "rules",
+                raw.host.clone(),
+                "`tls: passthrough` cannot inspect requests; remove `rules` or use `tls: intercept`",
+            ));
+        }
+        if tls == TlsMode::Passthrough && raw.upstream_tls == Some(true) {
+            errors.push(bad(
+                "upstream_tls",
+                raw.host.clone(),
+                "passthrough splices the workload's own TLS",
+            ));
+        }
+        if raw.rules.is_empty() && tls != TlsMode::Passthrough {
             errors.push(invalid!(NoRules {
                 path: "rules".to_owned(),
             }));
         }
-        let mut rules = Vec::with_capacity(raw.rules.len());
-        for (r, rule) in raw.rules.into_iter().enumerate() {
+        let loopback = matches!(host, Some(Host::Ip(ip)) if ip.is_loopback());
+        let credential_for = |raw: Option<raw::Credential>,
+                              path: &str,
+                              errors: &mut Vec<PolicyError>| {
+            let raw = raw?;
+            if tls == TlsMode::Passthrough {
+                errors.push(bad(
+                    path,
+                    raw.header.clone(),
+                    "a credential cannot be injected into passthrough TLS",
+                ));
+                return None;
+            }
+            if !upstream_tls && !loopback {
+                errors.push(bad(
+                    path,
+                    raw.header.clone(),
+                    "the credential would travel in cleartext: set `upstream_tls: true` (or name a loopback IP as host)",
+                ));
+                return None;
+            }
+            match parse_credential(raw) {
+                Ok(c) => Some(c),
+                Err((field, value, reason)) => {
+                    errors.push(bad(&format!("{path}.{field}"), value, reason));
+                    None
+                }
+            }
+        };
+        let credential = credential_for(raw.credential, "credential", &mut errors);
+        let mut rule_credentials = Vec::with_capacity(raw.rules.len());
+        let mut raw_rules = raw.rules;
+        for (r, rule) in raw_rules.iter_mut().enumerate() {
+            rule_credentials.push(credential_for(
+                rule.credential.take(),
+                &format!("rules[{r}].credential"),
+                &mut errors,
+            ));
+        }
+        let mut rules = Vec::with_capacity(raw_rules.len());
+        for ((r, rule), credential) in raw_rules.into_iter().enumerate().zip(rule_credentials) {
             match Rule::build(rule, raw.path_params) {
-                Ok(rule) => rules.push(rule),
+                Ok(mut rule) => {
+                    rule.credential = credential;
+                    rules.push(rule)
+                }
                 Err(errs) => {
                     let prefix = format!("rules[{r}]");
                     errors.extend(errs.into_iter().map(|e| e.nested(&prefix)));
@@ -880,6 +1099,9 @@ impl TryFrom<raw::Destination> for Destination {
                     path_params: raw.path_params,
                     when,
                     rate,
+                    tls,
+                    upstream_tls,
+                    credential,
                 })
             }
             _ => Err(errors),
@@ -971,6 +1193,7 @@ impl Rule {
                 json,
                 when,
                 rate,
+                credential: None,
             }),
             _ => Err(errors),
         }

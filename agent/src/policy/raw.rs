@@ -70,6 +70,28 @@ pub(crate) struct Egress {
     pub ports: Option<Vec<i64>>,
     /// The L4 exception's protocol: `tcp` (default) or `udp`.
     pub protocol: Option<String>,
+    /// `none` (plain HTTP, default), `passthrough` (TLS, decided by SNI, spliced) or
+    /// `intercept` (TLS terminated with a host-CA leaf, every request decided).
+    pub tls: Option<String>,
+    /// Originate verified TLS to the upstream (default: true for `intercept`, false
+    /// otherwise).
+    pub upstream_tls: Option<bool>,
+    /// A credential injected into every allowed request to this destination.
+    pub credential: Option<Credential>,
+}
+
+/// `credential:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Credential {
+    /// The header to set (replacing whatever the workload sent).
+    pub header: String,
+    /// The header value, with `{secret}` standing for the secret (default `{secret}`).
+    pub format: Option<String>,
+    /// A file holding the secret (re-read when it changes).
+    pub secret_file: Option<String>,
+    /// A systemd credential name (`$CREDENTIALS_DIRECTORY/NAME`, from `LoadCredential=`).
+    pub systemd_credential: Option<String>,
 }
 
 /// `mode:` as written.
@@ -114,6 +136,12 @@ pub(crate) struct Destination {
     pub when: Option<When>,
     /// The L7 rules; a request passes if one of them allows it.
     pub rules: Vec<Rule>,
+    /// TLS mode as written.
+    pub tls: Option<String>,
+    /// Upstream TLS as written.
+    pub upstream_tls: Option<bool>,
+    /// Destination credential.
+    pub credential: Option<Credential>,
 }
 
 /// One L7 rule.
@@ -144,6 +172,9 @@ pub(crate) struct Rule {
     /// `N/second|minute|hour` for this rule.
     #[serde(default)]
     pub rate: Option<String>,
+    /// A credential for requests this rule allows (instead of the destination's).
+    #[serde(default)]
+    pub credential: Option<Credential>,
 }
 
 /// A time window.
