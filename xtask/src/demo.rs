@@ -157,6 +157,12 @@ pub fn demo(ctx: &Ctx, keep: bool) -> Result<()> {
     let mut upstream = Background::spawn("demo upstream", upstream_cmd, &upstream_log)?;
     wait_listening(&mut upstream, upstream_addr, &upstream_log)?;
 
+    // The demo cgroup exists before the agent starts, so the agent selects it from its
+    // first scan; `--managed-subtree` makes any other cgroup under /scopegate-demo deny-all.
+    let host = crate::setup::check_host()?;
+    let demo_dir = host.cgroup2.join(DEMO_CGROUP.trim_start_matches('/'));
+    fs::create_dir_all(&demo_dir)
+        .with_context(|| format!("creating the demo cgroup {}", demo_dir.display()))?;
     let audit = ctx.target_dir.join("demo-audit.jsonl");
     let audit_start = fs::metadata(&audit).map(|m| m.len()).unwrap_or(0);
     let mut agent_cmd = ctx.command(&bin);
@@ -166,6 +172,10 @@ pub fn demo(ctx: &Ctx, keep: bool) -> Result<()> {
         .arg(&policies)
         .arg("--audit-file")
         .arg(&audit)
+        .arg("--managed-subtree")
+        .arg("/scopegate-demo")
+        .arg("--state-dir")
+        .arg(ctx.target_dir.join("demo-state"))
         .env("NO_COLOR", "1");
     let agent_log = ctx.target_dir.join("demo-agent.log");
     let mut agent = Background::spawn("scopegate agent", agent_cmd, &agent_log)?;
