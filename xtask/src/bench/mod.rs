@@ -74,7 +74,8 @@ pub enum Scenario {
     Paced,
     /// connect() through the hooks, and agent memory with 10,000 idle connections.
     Micro,
-    /// The criterion policy-decision bench (`cargo bench -p scopegate --bench decide`).
+    /// The agent's criterion benches: policy decision, audit sink, TLS interception
+    /// (`cargo bench -p scopegate --bench decide|audit|tls`).
     Decide,
 }
 
@@ -1479,42 +1480,43 @@ impl Drop for Holder {
 
 /// Runs the criterion decide bench if the agent has one; returns its result lines.
 fn decide(ctx: &Ctx) -> Result<String> {
-    let bench = ctx.root.join("agent").join("benches").join("decide.rs");
-    if !bench.is_file() {
-        return Ok(format!("(skipped: {} does not exist yet)", bench.display()));
-    }
-    eprintln!("\n==> bench: cargo bench -p scopegate --bench decide");
-    let mut cmd = ctx.cargo(["bench", "-p", "scopegate", "--bench", "decide"]);
-    let out = procs::run_bounded(&mut cmd, Duration::from_secs(1800))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            ctx::describe(&cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    // The agent's criterion benches: policy decision, audit sink, TLS interception
+    // (leaf minting vs the leaf cache, a full intercepted handshake, ClientHello parsing).
     let mut kept = String::new();
-    let mut last_name = "";
-    for line in text.lines() {
-        if line.contains("time:") {
-            let name = line.split("time:").next().unwrap_or("").trim();
-            let name = if name.is_empty() { last_name } else { name };
-            let _ = writeln!(
-                kept,
-                "{name}: time:{}",
-                line.split("time:").nth(1).unwrap_or("")
+    for name in ["decide", "audit", "tls"] {
+        let bench = ctx.root.join("agent").join("benches").join(format!("{name}.rs"));
+        if !bench.is_file() {
+            let _ = writeln!(kept, "(skipped: {} does not exist)", bench.display());
+            continue;
+        }
+        eprintln!("\n==> bench: cargo bench -p scopegate --bench {name}");
+        let mut cmd = ctx.cargo(["bench", "-p", "scopegate", "--bench", name]);
+        let out = procs::run_bounded(&mut cmd, Duration::from_secs(1800))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "`{}` failed ({}): {}",
+                ctx::describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
             );
-        } else if !line.trim().is_empty() && !line.starts_with(' ') {
-            last_name = line.trim();
+        }
+        let mut last_name = "";
+        for line in text.lines() {
+            if line.contains("time:") {
+                let label = line.split("time:").next().unwrap_or("").trim();
+                let label = if label.is_empty() { last_name } else { label };
+                let _ = writeln!(
+                    kept,
+                    "{label}: time:{}",
+                    line.split("time:").nth(1).unwrap_or("")
+                );
+            } else if !line.trim().is_empty() && !line.starts_with(' ') {
+                last_name = line.trim();
+            }
         }
     }
-    Ok(if kept.is_empty() {
-        text.into_owned()
-    } else {
-        kept
-    })
+    Ok(kept)
 }
 
 #[cfg(test)]
