@@ -1484,7 +1484,11 @@ fn decide(ctx: &Ctx) -> Result<String> {
     // (leaf minting vs the leaf cache, a full intercepted handshake, ClientHello parsing).
     let mut kept = String::new();
     for name in ["decide", "audit", "tls"] {
-        let bench = ctx.root.join("agent").join("benches").join(format!("{name}.rs"));
+        let bench = ctx
+            .root
+            .join("agent")
+            .join("benches")
+            .join(format!("{name}.rs"));
         if !bench.is_file() {
             let _ = writeln!(kept, "(skipped: {} does not exist)", bench.display());
             continue;
