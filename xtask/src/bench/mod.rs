@@ -17,6 +17,7 @@
 mod client;
 mod procs;
 mod report;
+mod tls;
 mod workload;
 
 use std::{
@@ -77,6 +78,9 @@ pub enum Scenario {
     /// The agent's criterion benches: policy decision, audit sink, TLS interception
     /// (`cargo bench -p scopegate --bench decide|audit|tls`).
     Decide,
+    /// TLS interception through the redirect: keep-alive and a new TLS connection per
+    /// request, next to plain HTTP through the same agent.
+    Tls,
 }
 
 /// What the load goes through.
@@ -553,6 +557,9 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
         }
     }
 
+    if settings.scenarios.contains(&Scenario::Tls) {
+        results.tls = Some(tls::run(&env, &settings, &host.cgroup2, &name)?);
+    }
     if settings.scenarios.contains(&Scenario::Decide) {
         results.decide = Some(decide(ctx)?);
     }

@@ -103,6 +103,8 @@ pub struct Results {
     pub memory: Option<Memory>,
     /// Criterion output lines of the decide bench, if run.
     pub decide: Option<String>,
+    /// The TLS scenario's Markdown section, if run.
+    pub tls: Option<String>,
     /// How each kind was run (shown under its heading).
     pub kind_notes: Vec<(Kind, String)>,
 }
@@ -290,7 +292,11 @@ impl Results {
 
     /// connect() and memory.
     fn micro_section(&self, md: &mut String) {
-        if self.connect.is_empty() && self.memory.is_none() && self.decide.is_none() {
+        if self.connect.is_empty()
+            && self.memory.is_none()
+            && self.decide.is_none()
+            && self.tls.is_none()
+        {
             return;
         }
         md.push_str("\n## Micro-benchmarks\n");
@@ -353,6 +359,9 @@ impl Results {
                 m.errors,
                 m.non2xx,
             );
+        }
+        if let Some(tls) = &self.tls {
+            md.push_str(tls);
         }
         if let Some(decide) = &self.decide {
             let _ = write!(
