@@ -380,17 +380,16 @@ fn kill_9_and_restart_20_times_under_load_fails_closed() {
         seen as u64 >= counts["ok"].as_u64().unwrap(),
         "{seen} {counts}"
     );
-    // A record is written when the upstream's answer arrives; a kill -9 in that instant
-    // can lose the one in-flight record of this sequential client, never more.
-    eprintln!("chaos: upstream saw {seen} requests, {allowed} allow records");
-    assert!(
-        allowed <= seen,
-        "no record without a request: {allowed} > {seen}"
+    // Records are written by the audit writer thread shortly after each response; a kill -9
+    // loses those still queued in memory (not yet written). The loss is reported, and
+    // bounded here by what a few milliseconds of queue can hold; a record never appears
+    // without its request.
+    eprintln!(
+        "chaos: upstream saw {seen} requests, {allowed} allow records ({} lost to kill -9)",
+        seen.saturating_sub(allowed)
     );
-    assert!(
-        seen - allowed <= restarts,
-        "{seen} requests vs {allowed} records"
-    );
+    assert!(allowed <= seen, "no record without a request: {allowed} > {seen}");
+    assert!(seen - allowed <= seen / 20, "{seen} requests vs {allowed} records");
     // Restarts adopted the pinned links instead of attaching new ones.
     assert_eq!(link_inodes(&f.pins), inodes);
 }
