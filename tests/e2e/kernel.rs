@@ -388,8 +388,14 @@ fn kill_9_and_restart_20_times_under_load_fails_closed() {
         "chaos: upstream saw {seen} requests, {allowed} allow records ({} lost to kill -9)",
         seen.saturating_sub(allowed)
     );
-    assert!(allowed <= seen, "no record without a request: {allowed} > {seen}");
-    assert!(seen - allowed <= seen / 20, "{seen} requests vs {allowed} records");
+    assert!(
+        allowed <= seen,
+        "no record without a request: {allowed} > {seen}"
+    );
+    assert!(
+        seen - allowed <= seen / 20,
+        "{seen} requests vs {allowed} records"
+    );
     // Restarts adopted the pinned links instead of attaching new ones.
     assert_eq!(link_inodes(&f.pins), inodes);
 }
