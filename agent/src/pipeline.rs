@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::{
-    audit::{Auditor, Decision, Fault, Record},
+    audit::{Auditor, Decision, Fault, Record, Written},
     decide::{self, Refused, Resolver, Verdict},
     detect::{self, Protocol},
     forward::Upstream,
@@ -290,7 +290,7 @@ pub async fn handle_request(
         guard.record_mut(),
     ) {
         Ok(prepared) => prepared,
-        Err(refused) => return refuse(guard, &refused, &request_id),
+        Err(refused) => return refuse(guard, &refused, &request_id).await,
     };
     // Inside intercepted TLS, the request must name the host the handshake named.
     if let Some(sni) = sni
@@ -303,13 +303,13 @@ pub async fn handle_request(
                 prepared.host()
             ),
         );
-        return refuse(guard, &refused, &request_id);
+        return refuse(guard, &refused, &request_id).await;
     }
     // the body, buffered and parsed only when a rule inspects it
     let (json, body) = if prepared.needs_body {
         match read_json_body(&parts, body, prepared.body_cap).await {
             Ok((json, bytes)) => (Some(json), full_body(bytes)),
-            Err(refused) => return refuse(guard, &refused, &request_id),
+            Err(refused) => return refuse(guard, &refused, &request_id).await,
         }
     } else {
         (None, body.boxed())
@@ -337,10 +337,10 @@ pub async fn handle_request(
         return json_response(&refused, workload.as_deref(), &request_id, "unavailable");
     }
     let (allowed, would_deny) = match verdict {
-        Verdict::Deny(refused) => return refuse(guard, &refused, &request_id),
+        Verdict::Deny(refused) => return refuse(guard, &refused, &request_id).await,
         Verdict::Allow(allowed) => {
             if let Err(refused) = decide::confirm_address(&shared.resolver, &allowed).await {
-                return refuse(guard, &refused, &request_id);
+                return refuse(guard, &refused, &request_id).await;
             }
             (allowed, None)
         }
@@ -367,7 +367,7 @@ pub async fn handle_request(
                         ),
                         Fault::Agent,
                     );
-                    return refuse(guard, &refused, &request_id);
+                    return refuse(guard, &refused, &request_id).await;
                 }
             },
             Err(e) => {
@@ -378,7 +378,7 @@ pub async fn handle_request(
                     e.to_string(),
                     Fault::Agent,
                 );
-                return refuse(guard, &refused, &request_id);
+                return refuse(guard, &refused, &request_id).await;
             }
         }
     }
@@ -395,17 +395,24 @@ pub async fn handle_request(
     {
         Ok(response) => {
             let status = response.status().as_u16();
-            // audit
-            match would_deny {
-                None => guard.finish(Decision::Allow, Some(status), None, None),
-                Some(refused) => guard.finish(
+            // audit: the response head goes back only once its record is written
+            let workload = guard.record_mut().workload.clone();
+            let written = match would_deny {
+                None => guard.finish_written(Decision::Allow, Some(status), None, None),
+                Some(refused) => guard.finish_written(
                     Decision::WouldDeny,
                     Some(status),
                     Some(refused.reason),
                     Some(Fault::Policy),
                 ),
-            }
-            response.map(BodyExt::boxed)
+            };
+            respond_when_written(
+                written,
+                response.map(BodyExt::boxed),
+                workload.as_deref(),
+                &request_id,
+            )
+            .await
         }
         Err(e) => {
             tracing::warn!(error = %e, "upstream request failed");
@@ -424,13 +431,15 @@ pub async fn handle_request(
                 ),
             };
             let workload = guard.record_mut().workload.clone();
-            guard.finish(
+            let written = guard.finish_written(
                 Decision::Error,
                 Some(refused.status.as_u16()),
                 Some(refused.reason),
                 Some(refused.fault),
             );
-            json_response(&refused, workload.as_deref(), &request_id, "upstream_error")
+            let response =
+                json_response(&refused, workload.as_deref(), &request_id, "upstream_error");
+            respond_when_written(written, response, workload.as_deref(), &request_id).await
         }
     }
 }
@@ -477,14 +486,38 @@ fn full_body(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// Records a refusal and builds its response.
-fn refuse(
+/// Returns `response` once its record is written (write before respond). If the writer
+/// stopped first, the record may be lost, so the client gets a 503 `audit_unavailable`
+/// instead of an answer nobody can account for.
+async fn respond_when_written(
+    written: Written,
+    response: Response<Body>,
+    workload: Option<&str>,
+    request_id: &str,
+) -> Response<Body> {
+    match written.wait().await {
+        Ok(()) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "withholding a response whose audit record was not written");
+            let refused = Refused::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::audit::AUDIT_UNAVAILABLE,
+                "the audit log cannot be written; nothing is forwarded until it can".into(),
+                Fault::Agent,
+            );
+            json_response(&refused, workload, request_id, "unavailable")
+        }
+    }
+}
+
+/// Records a refusal and builds its response, returned once the record is written.
+async fn refuse(
     mut guard: crate::audit::AuditGuard,
     refused: &Refused,
     request_id: &str,
 ) -> Response<Body> {
     let workload = guard.record_mut().workload.clone();
-    guard.finish(
+    let written = guard.finish_written(
         Decision::Deny,
         Some(refused.status.as_u16()),
         Some(refused.reason),
@@ -497,7 +530,8 @@ fn refuse(
         StatusCode::BAD_GATEWAY => "upstream_error",
         _ => "bad_request",
     };
-    json_response(refused, workload.as_deref(), request_id, error)
+    let response = json_response(refused, workload.as_deref(), request_id, error);
+    respond_when_written(written, response, workload.as_deref(), request_id).await
 }
 
 /// `{"error":…,"workload":…,"reason":…,"detail":…,"request_id":…}`

@@ -12,7 +12,14 @@
 //! cannot write (ENOSPC, EROFS, EIO), the writer keeps the unwritten records in memory,
 //! reports [`Auditor::healthy`] = false (the proxy then refuses requests with 503
 //! `audit_unavailable`), retries every 200 ms and, once a write succeeds, writes the
-//! backlog in order. Optional signed checkpoints ([`checkpoint`]) make truncation and
+//! backlog in order.
+//!
+//! **Write before respond.** [`AuditGuard::finish_written`] returns a [`Written`] that
+//! resolves once the writer has handed the record to every sink (the file: `write(2)`
+//! done, and fsynced too under `--audit-fsync every-record`). The proxy awaits it before
+//! it returns a response, so a client never holds an answer whose record exists only in
+//! the agent's memory: a `kill -9` can lose at most the records of requests that had not
+//! been answered yet. Optional signed checkpoints ([`checkpoint`]) make truncation and
 //! wholesale rewriting detectable. [`verify`], [`query`] and [`cli`] read the files back.
 //!
 //! The record schema is `record.schema.json` in this directory.
@@ -27,19 +34,23 @@ pub mod verify;
 mod writer;
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     path::PathBuf,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{SyncSender, TrySendError, sync_channel},
     },
+    task::{Context, Poll},
     thread,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 pub use self::{
     chain::ChainHash,
@@ -78,6 +89,13 @@ pub enum AuditError {
     Spawn {
         /// The error.
         source: io::Error,
+    },
+    /// The writer stopped (shutdown, or a crash of the writer thread) before it wrote
+    /// the record of this request.
+    #[error("the audit writer stopped before it wrote record of request {request_id}")]
+    WriterStopped {
+        /// The request id of the record (empty for records without one).
+        request_id: String,
     },
 }
 
@@ -327,10 +345,62 @@ impl Shared {
     }
 }
 
+/// One record on its way to the writer, with whom to tell once it is written.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) record: Record,
+    pub(crate) written: Option<oneshot::Sender<()>>,
+}
+
+/// Resolves once the writer has handed one record to every sink (see
+/// [`AuditGuard::finish_written`]).
+#[derive(Debug)]
+#[must_use = "a Written does nothing unless awaited with `wait`"]
+pub struct Written {
+    rx: Option<oneshot::Receiver<()>>,
+    request_id: Option<String>,
+}
+
+impl Written {
+    /// Already written (or nothing to wait for).
+    fn done() -> Self {
+        Self {
+            rx: None,
+            request_id: None,
+        }
+    }
+
+    /// Waits until the record is in every sink. Errs only if the writer stopped first;
+    /// the record may then be lost (it was printed on stderr if the writer shut down).
+    pub async fn wait(self) -> Result<(), AuditError> {
+        self.await
+    }
+}
+
+/// Awaiting a `Written` (also by `&mut`, e.g. under a timeout) is [`Written::wait`].
+impl Future for Written {
+    type Output = Result<(), AuditError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        match Pin::new(rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(result) => {
+                self.rx = None;
+                Poll::Ready(result.map_err(|_| AuditError::WriterStopped {
+                    request_id: self.request_id.take().unwrap_or_default(),
+                }))
+            }
+        }
+    }
+}
+
 /// Handle to the audit writer; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Auditor {
-    tx: SyncSender<Record>,
+    tx: SyncSender<Entry>,
     host: Arc<str>,
     shared: Arc<Shared>,
 }
@@ -372,10 +442,27 @@ impl Auditor {
     }
 
     /// Queues a finished record. Blocks when the queue is full.
-    pub fn record(&self, mut record: Record) {
+    pub fn record(&self, record: Record) {
+        self.send(record, None);
+    }
+
+    /// Queues a finished record and returns what resolves once it is written. Blocks
+    /// when the queue is full.
+    pub fn record_written(&self, record: Record) -> Written {
+        let request_id = record.request_id.clone();
+        let (tx, rx) = oneshot::channel();
+        // If the writer is gone, the sender is dropped with the entry and `wait` says so.
+        self.send(record, Some(tx));
+        Written {
+            rx: Some(rx),
+            request_id,
+        }
+    }
+
+    fn send(&self, mut record: Record, written: Option<oneshot::Sender<()>>) {
         record.host = self.host.to_string();
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(record).is_err() {
+        if self.tx.send(Entry { record, written }).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             // Only after shutdown; the writer is gone, so say so loudly.
             tracing::error!("audit writer stopped; record lost at shutdown");
@@ -394,7 +481,10 @@ impl Auditor {
         record.reason = Some(AUDIT_UNAVAILABLE.into());
         record.origin = Some(Fault::Agent);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(record) {
+        match self.tx.try_send(Entry {
+            record,
+            written: None,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.shared.queued.fetch_sub(1, Ordering::Relaxed);
@@ -474,6 +564,29 @@ impl AuditGuard {
             record.origin = origin;
             record.latency_us = Some(latency);
             self.auditor.record(record);
+        }
+    }
+
+    /// Records the decision like [`AuditGuard::finish`], and returns what resolves once
+    /// the record is written: await it before answering the client.
+    pub fn finish_written(
+        mut self,
+        decision: Decision,
+        status: Option<u16>,
+        reason: Option<&str>,
+        origin: Option<Fault>,
+    ) -> Written {
+        let latency = self.elapsed_us();
+        match self.record.take() {
+            Some(mut record) => {
+                record.decision = decision;
+                record.status = status;
+                record.reason = reason.map(str::to_owned);
+                record.origin = origin;
+                record.latency_us = Some(latency);
+                self.auditor.record_written(record)
+            }
+            None => Written::done(),
         }
     }
 

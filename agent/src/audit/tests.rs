@@ -596,6 +596,60 @@ fn failing_writes_make_it_unhealthy_then_it_recovers_without_loss() {
     }
 }
 
+/// Write before respond: `Written` resolves only once the record is in the file, and
+/// while the sink fails it stays pending (the response is held), then resolves with the
+/// backlog.
+#[test]
+fn written_resolves_only_once_the_record_is_in_the_file() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let (auditor, handle) = flaky_start(&path, Fsync::default(), &faults);
+    let in_file = |id: &str| {
+        records(&path)
+            .iter()
+            .any(|r| r.request_id.as_deref() == Some(id))
+    };
+    // Healthy: every resolved record is already in the file.
+    for i in 0..200 {
+        let written =
+            auditor
+                .guard(sample(i))
+                .finish_written(Decision::Allow, Some(200), None, None);
+        rt.block_on(written.wait()).unwrap();
+        assert!(
+            in_file(&format!("req-{i}")),
+            "record {i} acknowledged before written"
+        );
+    }
+    // Failing sink: the acknowledgement waits for the recovery.
+    faults.set_write(1);
+    let mut written = auditor.guard(sample(200)).finish_written(
+        Decision::Deny,
+        Some(403),
+        Some("no_rule"),
+        Some(Fault::Policy),
+    );
+    wait_until("unhealthy", || !auditor.healthy());
+    let pending =
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(600), &mut written).await });
+    assert!(
+        pending.is_err(),
+        "acknowledged while the sink could not write"
+    );
+    assert!(!in_file("req-200"));
+    faults.set_write(0);
+    rt.block_on(written.wait()).unwrap();
+    assert!(in_file("req-200"));
+    drop(auditor);
+    handle.join().unwrap();
+    assert_contiguous(&records(&path), 1);
+}
+
 #[test]
 fn failing_fsync_rewrites_what_may_have_been_lost() {
     let dir = tempfile::tempdir().unwrap();

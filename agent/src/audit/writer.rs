@@ -10,6 +10,10 @@
 //! handle dropped) it writes a final checkpoint, fsyncs, and retries a failing sink for
 //! [`SHUTDOWN_GRACE`]; what still cannot be written is printed on stderr as a last resort.
 //!
+//! After each successful write of the pending records, the writer answers the
+//! [`Written`](super::Written) handles of the records in them, so the proxy can hold each
+//! response until its record is out of the agent's memory.
+//!
 //! [`Auditor`]: super::Auditor
 #![forbid(unsafe_code)]
 
@@ -28,9 +32,11 @@ use std::{
 };
 
 use ed25519_dalek::SigningKey;
+use tokio::sync::oneshot;
 
 use super::{
-    AUDIT_UNAVAILABLE, AuditError, CheckpointPolicy, Decision, Fault, QUEUE, Record, Shared, Sinks,
+    AUDIT_UNAVAILABLE, AuditError, CheckpointPolicy, Decision, Entry, Fault, QUEUE, Record, Shared,
+    Sinks,
     chain::{self, ChainHash, GENESIS, RECOVERED_TRUNCATION},
     checkpoint,
     sink::{self, FileSink, Fsync, Pending, SinkOpener, StdoutSink},
@@ -52,7 +58,9 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 const MAX_LINE: u64 = 16 << 20;
 
 pub(crate) struct Writer {
-    rx: Receiver<Record>,
+    rx: Receiver<Entry>,
+    /// Whom to tell when the pending records are in every sink.
+    acks: Vec<oneshot::Sender<()>>,
     shared: Arc<Shared>,
     host: Arc<str>,
     seq: u64,
@@ -90,7 +98,7 @@ impl Writer {
         sinks: &Sinks,
         opener: SinkOpener,
         stdout: Box<dyn io::Write + Send>,
-        rx: Receiver<Record>,
+        rx: Receiver<Entry>,
         shared: Arc<Shared>,
         host: Arc<str>,
     ) -> Result<Self, AuditError> {
@@ -120,6 +128,7 @@ impl Writer {
         let (seq, prev) = end.last.unwrap_or((0, GENESIS));
         let mut writer = Self {
             rx,
+            acks: Vec::new(),
             shared,
             host,
             seq,
@@ -199,14 +208,14 @@ impl Writer {
                 .recv_timeout(at.saturating_duration_since(Instant::now())),
         };
         match first {
-            Ok(record) => self.push(record),
+            Ok(entry) => self.push(entry),
             Err(RecvTimeoutError::Timeout) => return true,
             Err(RecvTimeoutError::Disconnected) => return false,
         }
         let limit = room.min(BATCH);
         for _ in 1..limit {
             match self.rx.try_recv() {
-                Ok(record) => self.push(record),
+                Ok(entry) => self.push(entry),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return false,
             }
@@ -236,9 +245,12 @@ impl Writer {
     }
 
     /// A record from the queue.
-    fn push(&mut self, record: Record) {
+    fn push(&mut self, entry: Entry) {
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-        self.seal(record);
+        self.seal(entry.record);
+        if let Some(ack) = entry.written {
+            self.acks.push(ack);
+        }
         self.checkpoint_if_count();
     }
 
@@ -335,6 +347,10 @@ impl Writer {
         let force_sync = last || self.anchor.is_some() || self.pending.len() >= SYNC_AT;
         match self.try_write(now, force_sync) {
             Ok(()) => {
+                // Every pending record is now in every sink: answer the waiting requests.
+                for ack in self.acks.drain(..) {
+                    let _ = ack.send(());
+                }
                 self.retry_at = None;
                 if let Some(since) = self.failing_since.take() {
                     tracing::info!(
