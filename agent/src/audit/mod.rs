@@ -1,4 +1,4 @@
-//! Audit: exactly one tamper-evident record per decision, written off the request path.
+//! Audit: exactly one tamper-evident record per decision, written by a dedicated thread.
 //!
 //! Every decision point creates an [`AuditGuard`] holding a partly filled [`Record`]. The
 //! guard is finished with the decision; if it is dropped unfinished (an early return, a
