@@ -27,4 +27,5 @@ pub mod run;
 pub mod secrets;
 pub mod sys;
 pub mod tls;
+pub mod watch;
 pub mod workloads;

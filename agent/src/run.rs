@@ -226,7 +226,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut rescan = tokio::time::interval(opts.rescan);
     let mut events_lost = kernel.counter(scopegate_common::counters::EVENTS_LOST);
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-    let _watcher = watch_policies(&opts.policies, changed_tx);
+    let _watch = match crate::watch::watch(&opts.policies, changed_tx) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = rescan.tick() => {
@@ -346,46 +352,6 @@ impl Control {
             }
         }
     }
-}
-
-/// Watches the policy directory (and its parent, so a symlink swap of the directory itself
-/// is seen) and signals `changed`. The watcher lives as long as the returned value.
-fn watch_policies(
-    dir: &std::path::Path,
-    changed: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let own = dir.to_path_buf();
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Only changes in the directory, or to the directory entry itself (a symlink swap),
-            // not to its siblings.
-            let relevant = event
-                .is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(|p| p.starts_with(&own)));
-            if relevant {
-                // A full channel already holds a pending reload.
-                let _ = changed.try_send(());
-            }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
-                return None;
-            }
-        };
-    let mut watched = false;
-    for path in [Some(dir), dir.parent()].into_iter().flatten() {
-        let path = if path.as_os_str().is_empty() {
-            std::path::Path::new(".")
-        } else {
-            path
-        };
-        match watcher.watch(path, notify::RecursiveMode::NonRecursive) {
-            Ok(()) => watched = true,
-            Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot watch"),
-        }
-    }
-    watched.then_some(watcher)
 }
 
 /// What the kernel maps must hold for a snapshot.

@@ -182,9 +182,19 @@ fn a_symlink_swap_of_the_policy_directory_is_picked_up() {
     thread::sleep(Duration::from_millis(600));
     let out = curl_in(&managed, &["-w", STATUS, &upstream.url("/allowed/2")]);
     assert_eq!(status_and_body(&out).0, 200);
-    let records = agent.wait_audit(2);
-    assert_eq!(records[0]["rule"], "read-v1");
-    assert_eq!(records[1]["rule"], "read-v2");
+    // An edit inside the NEW target is seen too (the watch follows the swap), and an edit
+    // inside the old one, no longer current, changes nothing.
+    atomic_write(&b, "web.yaml", &web(&managed, &upstream, 3, ""));
+    thread::sleep(Duration::from_millis(600));
+    let out = curl_in(&managed, &["-w", STATUS, &upstream.url("/allowed/3")]);
+    assert_eq!(status_and_body(&out).0, 200);
+    atomic_write(&a, "web.yaml", &web(&managed, &upstream, 4, ""));
+    thread::sleep(Duration::from_millis(600));
+    let out = curl_in(&managed, &["-w", STATUS, &upstream.url("/allowed/4")]);
+    assert_eq!(status_and_body(&out).0, 200);
+    let records = agent.wait_audit(4);
+    let rules: Vec<_> = records.iter().map(|r| r["rule"].clone()).collect();
+    assert_eq!(rules, ["read-v1", "read-v2", "read-v3", "read-v3"]);
 }
 
 /// The full matcher set through the real redirect: canonical paths, query and header
