@@ -502,7 +502,7 @@ async fn respond_when_written(
             let refused = Refused::status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 crate::audit::AUDIT_UNAVAILABLE,
-                "the audit log cannot be written; nothing is forwarded until it can".into(),
+                "the audit record of this request could not be written, so its response is withheld".into(),
                 Fault::Agent,
             );
             json_response(&refused, workload, request_id, "unavailable")

@@ -92,7 +92,7 @@ pub enum AuditError {
     },
     /// The writer stopped (shutdown, or a crash of the writer thread) before it wrote
     /// the record of this request.
-    #[error("the audit writer stopped before it wrote record of request {request_id}")]
+    #[error("the audit writer stopped before it wrote the record of request {request_id}")]
     WriterStopped {
         /// The request id of the record (empty for records without one).
         request_id: String,
