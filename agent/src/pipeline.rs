@@ -498,7 +498,11 @@ async fn respond_when_written(
     match written.wait().await {
         Ok(()) => response,
         Err(e) => {
-            tracing::error!(error = %e, "withholding a response whose audit record was not written");
+            tracing::error!(
+                error = %e,
+                request_id,
+                "withholding a response whose audit record was not written"
+            );
             let refused = Refused::status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 crate::audit::AUDIT_UNAVAILABLE,

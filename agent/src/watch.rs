@@ -198,10 +198,10 @@ fn classify(
         return (ours, ours);
     }
     if Some(wd) == dir_wd {
-        let gone = mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF);
         if mask.contains(EventMask::IGNORED) {
             return (false, true);
         }
+        let gone = mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF);
         return (true, gone);
     }
     // Events of a watch already replaced.

@@ -91,12 +91,9 @@ pub enum AuditError {
         source: io::Error,
     },
     /// The writer stopped (shutdown, or a crash of the writer thread) before it wrote
-    /// the record of this request.
-    #[error("the audit writer stopped before it wrote the record of request {request_id}")]
-    WriterStopped {
-        /// The request id of the record (empty for records without one).
-        request_id: String,
-    },
+    /// the awaited record (the caller knows which one; nothing is cloned for it per request).
+    #[error("the audit writer stopped before it wrote the awaited record")]
+    WriterStopped,
 }
 
 /// The decision a record documents.
@@ -358,16 +355,12 @@ pub(crate) struct Entry {
 #[must_use = "a Written does nothing unless awaited with `wait`"]
 pub struct Written {
     rx: Option<oneshot::Receiver<()>>,
-    request_id: Option<String>,
 }
 
 impl Written {
     /// Already written (or nothing to wait for).
     fn done() -> Self {
-        Self {
-            rx: None,
-            request_id: None,
-        }
+        Self { rx: None }
     }
 
     /// Waits until the record is in every sink. Errs only if the writer stopped first;
@@ -389,9 +382,7 @@ impl Future for Written {
             Poll::Pending => Poll::Pending,
             Poll::Ready(result) => {
                 self.rx = None;
-                Poll::Ready(result.map_err(|_| AuditError::WriterStopped {
-                    request_id: self.request_id.take().unwrap_or_default(),
-                }))
+                Poll::Ready(result.map_err(|_| AuditError::WriterStopped))
             }
         }
     }
@@ -449,14 +440,10 @@ impl Auditor {
     /// Queues a finished record and returns what resolves once it is written. Blocks
     /// when the queue is full.
     pub fn record_written(&self, record: Record) -> Written {
-        let request_id = record.request_id.clone();
         let (tx, rx) = oneshot::channel();
         // If the writer is gone, the sender is dropped with the entry and `wait` says so.
         self.send(record, Some(tx));
-        Written {
-            rx: Some(rx),
-            request_id,
-        }
+        Written { rx: Some(rx) }
     }
 
     fn send(&self, mut record: Record, written: Option<oneshot::Sender<()>>) {
