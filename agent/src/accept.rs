@@ -2,11 +2,9 @@
 //! every managed connect.
 #![forbid(unsafe_code)]
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr};
 
-use tokio::net::{TcpListener, TcpSocket};
-
-use crate::pipeline::{self, Shared};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Errors of this stage.
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +57,16 @@ impl Listeners {
         self.v4.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Accepts connections forever, serving each on its own task.
-    pub async fn serve(self, shared: Arc<Shared>) {
-        let v4 = tokio::spawn(accept_loop(self.v4, shared.clone()));
+    /// Accepts connections forever, handing each accepted stream and its peer address to
+    /// `serve` (which spawns the connection's task; see
+    /// [`pipeline::serve_connection`](crate::pipeline::serve_connection)).
+    pub async fn serve<F>(self, serve: F)
+    where
+        F: Fn(TcpStream, SocketAddr) + Clone + Send + 'static,
+    {
+        let v4 = tokio::spawn(accept_loop(self.v4, serve.clone()));
         if let Some(v6) = self.v6 {
-            tokio::spawn(accept_loop(v6, shared));
+            tokio::spawn(accept_loop(v6, serve));
         }
         let _ = v4.await;
     }
@@ -90,12 +93,15 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, AcceptError> {
     socket.listen(1024).map_err(err)
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop<F>(listener: TcpListener, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr),
+{
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(pipeline::serve_connection(shared.clone(), stream, peer));
+                serve(stream, peer);
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

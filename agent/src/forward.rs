@@ -1,7 +1,11 @@
-//! Forward: send an allowed request to its upstream and relay the response.
+//! Forward: send an admitted request to its upstream, unchanged, and hand back the response.
 //!
-//! The upstream address is the original destination the kernel recorded (already confirmed
-//! against policy by the decide stage); this module never resolves names. Connections are
+//! The only input is an [`Admitted`] request, which only the
+//! [`enforce`](crate::enforce) stage makes: what was decided is what is sent. The upstream
+//! address is the original destination the kernel recorded (already bound to the policy's
+//! destination by that stage); this module never resolves names and edits no request
+//! header (the [`outbound`](crate::outbound) stage already removed the hop-by-hop ones and
+//! set Host). Connections are
 //! pooled per address. Every upstream socket carries the agent's SO_MARK, so the hooks can
 //! recognise the agent's own traffic and never loop it back.
 #![forbid(unsafe_code)]
@@ -24,7 +28,11 @@ use hyper_util::{
 };
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::tls::{UpstreamTls, UpstreamTlsError};
+use crate::{
+    enforce::Admitted,
+    state::Body,
+    tls::{UpstreamTls, UpstreamTlsError},
+};
 
 /// Errors of this stage.
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +61,10 @@ pub enum ForwardError {
 /// The upstream HTTP clients (pooled): one for plain HTTP, one per TLS server name.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<MarkedConnector, crate::pipeline::Body>,
+    client: Client<MarkedConnector, Body>,
     mark: u32,
     tls: Option<UpstreamTls>,
-    tls_clients: Arc<Mutex<HashMap<String, Client<TlsConnector, crate::pipeline::Body>>>>,
+    tls_clients: Arc<Mutex<HashMap<String, Client<TlsConnector, Body>>>>,
 }
 
 impl Upstream {
@@ -72,27 +80,28 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` to `addr` with the canonical `target`, relaying the client's headers
-    /// minus hop-by-hop ones. With `tls_name`, the upstream connection is verified TLS with
-    /// that server name (the policy host, never the client's).
-    pub async fn send(
-        &self,
-        req: Request<crate::pipeline::Body>,
-        addr: SocketAddr,
-        target: &str,
-        tls_name: Option<&str>,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let (mut parts, body) = req.into_parts();
+    /// Sends the admitted request to its address (the kernel's original destination),
+    /// over verified TLS with the policy host as server name when the destination says so.
+    /// The request goes exactly as admitted: origin-form canonical target, the built
+    /// headers, HTTP/1.1 (the Host header carries the authority).
+    pub async fn send(&self, admitted: Admitted) -> Result<Response<Incoming>, ForwardError> {
+        let sendable = admitted.into_request();
+        let (addr, target) = (sendable.addr, sendable.target);
+        let tls_name = sendable.tls_name.as_deref();
         let scheme = if tls_name.is_some() { "https" } else { "http" };
-        parts.uri = Uri::try_from(format!("{scheme}://{addr}{target}")).map_err(|e| {
+        // The URI's authority is the dialled address (the connector reads it, the pool keys
+        // on it); hyper sends the origin-form target and our Host header.
+        let uri = Uri::try_from(format!("{scheme}://{addr}{target}")).map_err(|e| {
             ForwardError::Build {
-                target: target.into(),
+                target: target.clone(),
                 source: e.into(),
             }
         })?;
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        let request = Request::from_parts(parts, body);
+        let mut request = Request::new(sendable.body);
+        *request.method_mut() = sendable.method;
+        *request.uri_mut() = uri;
+        *request.version_mut() = http::Version::HTTP_11;
+        *request.headers_mut() = sendable.headers;
         let mut response = match tls_name {
             None => self.client.request(request).await,
             Some(name) => {
@@ -220,7 +229,8 @@ impl hyper::rt::Write for TlsConnection {
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named by Connection.
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1) from a response, including those named by
+/// Connection. (Requests are built without them by [`outbound`](crate::outbound).)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)

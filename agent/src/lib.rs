@@ -4,28 +4,39 @@
 //! to this agent's proxy. The path of one connection, composed in [`pipeline`]:
 //!
 //! ```text
-//! accept → identify → detect → decide → forward → audit
+//! accept → identify → detect → framing → outbound → enforce → forward → respond
 //! ```
 //!
-//! Control-plane parts: [`policy`] (pure: files → one immutable snapshot → decisions),
+//! Each request stage imports only downward: [`state`] (the shared snapshot and types),
+//! [`policy`] (pure: files → one immutable snapshot → decisions), [`audit`],
 //! [`workloads`] (cgroup paths ↔ ids), [`bpf`] (load, attach, pin, map sync).
 #![deny(unsafe_code)]
 
-pub mod policy;
-
-pub mod accept;
-pub mod admin;
+// Below the stages: pure policy, shared state, audit, control-plane helpers.
 pub mod audit;
 pub mod bpf;
-pub mod decide;
+pub mod policy;
+pub mod resolve;
+pub mod secrets;
+pub mod state;
+pub mod sys;
+pub mod workloads;
+
+// The request stages, in pipeline order.
+pub mod accept;
 pub mod detect;
-pub mod exec;
+pub mod enforce;
 pub mod forward;
+pub mod framing;
 pub mod identify;
+pub mod outbound;
+pub mod reflect;
+pub mod respond;
+pub mod tls;
+
+// Composition and the control plane around it.
+pub mod admin;
+pub mod exec;
 pub mod pipeline;
 pub mod run;
-pub mod secrets;
-pub mod sys;
-pub mod tls;
 pub mod watch;
-pub mod workloads;

@@ -1,58 +1,46 @@
 //! The path of one connection, top to bottom:
 //!
 //! ```text
-//! accept → identify → detect → decide → forward → audit
+//! accept → identify → detect → [tls] → framing → outbound → enforce → forward → respond
+//!                                                                      (audit throughout)
 //! ```
 //!
-//! [`serve_connection`] runs the first three stages once per connection; [`handle_request`]
-//! runs decide → forward → audit once per HTTP request. Each request reads the current
+//! [`serve_connection`] runs identify and detect once per connection; HTTP/1 connections
+//! then pass through the [framing guard](crate::framing), which refuses ambiguous framing
+//! before hyper parses it. [`handle_request`] runs once per HTTP request: it builds the
+//! ONE outbound request, decides on exactly that value, forwards exactly what the decision
+//! admitted, and responds once the record is written. Each request reads the current
 //! [`Enforcement`] snapshot once, so it is decided entirely by one snapshot, and the next
 //! request on a live keep-alive connection sees a newly published one.
+//!
+//! This module only composes the stages; they never import it.
 #![forbid(unsafe_code)]
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http::{Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::{
-    audit::{Auditor, Decision, Fault, Record, Written},
-    decide::{self, Refused, Resolver, Verdict},
+    audit::{Auditor, Decision, Fault, Record},
     detect::{self, Protocol},
+    enforce,
     forward::Upstream,
+    framing,
     identify::{self, Identity, OriginTable},
-    policy::{self, RateLimiter, TlsMode},
+    outbound::{self, Arrival},
+    policy::{RateLimiter, TlsMode},
+    resolve::Resolver,
+    respond::{self, Forwarded, Reply},
     secrets::Secrets,
+    state::{AGENT_MARK, Body, Enforcement, Refused},
     tls::LeafCache,
-    workloads::Resolution,
 };
 
-/// Everything a decision depends on, published as ONE immutable value and swapped
-/// atomically: the policy and the cgroup → workload resolution made from it.
-#[derive(Debug)]
-pub struct Enforcement {
-    /// The validated policy.
-    pub policy: Arc<policy::Snapshot>,
-    /// Which cgroup belongs to which workload.
-    pub cgroups: Arc<Resolution>,
-}
-
-impl Enforcement {
-    /// Deny-all.
-    pub fn empty() -> Self {
-        Self {
-            policy: Arc::new(policy::Snapshot::empty()),
-            cgroups: Arc::new(Resolution::default()),
-        }
-    }
-}
-
-/// State shared by every connection.
+/// State shared by every connection: what the stages need, composed here.
 pub struct Shared {
     /// The current snapshot.
     pub enforcement: ArcSwap<Enforcement>,
@@ -72,10 +60,26 @@ pub struct Shared {
     pub leaves: Option<LeafCache>,
     /// Secrets for credential injection.
     pub secrets: Secrets,
+    /// Limits of the HTTP/1 framing guard.
+    pub framing: framing::Limits,
 }
 
-/// The body type of requests and responses through the proxy.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// What every request on one connection shares: who is calling, and how they arrived.
+#[derive(Debug)]
+struct Conn {
+    identity: Identity,
+    /// The TLS server name, for intercepted TLS.
+    sni: Option<Arc<str>>,
+}
+
+impl Conn {
+    fn arrival(&self) -> Arrival<'_> {
+        Arrival {
+            default_port: if self.sni.is_some() { 443 } else { 80 },
+            sni: self.sni.as_deref(),
+        }
+    }
+}
 
 /// Serves one accepted connection.
 pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -95,9 +99,14 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
         }
     };
     // detect
-    let protocol = detect::detect(&stream, shared.detect_timeout).await;
-    match protocol {
-        Ok(Protocol::Http1) => serve_http(shared, TokioIo::new(stream), identity, None).await,
+    match detect::detect(&stream, shared.detect_timeout).await {
+        Ok(Protocol::Http1) => {
+            let conn = Arc::new(Conn {
+                identity,
+                sni: None,
+            });
+            serve_http1(shared, TokioIo::new(stream), conn).await;
+        }
         Ok(Protocol::Tls) => serve_tls(shared, stream, identity).await,
         Ok(other) => connection_refused(&shared, &identity, other.refusal(), Fault::Client),
         Err(detect::DetectError::Timeout { .. }) => {
@@ -109,22 +118,155 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
     }
 }
 
-/// decide → forward → audit, per request, over plain or intercepted TLS connections (HTTP/1.1
-/// and, after TLS with ALPN h2, HTTP/2: every stream is one request through the same path).
-async fn serve_http<I>(shared: Arc<Shared>, io: I, identity: Identity, sni: Option<Arc<str>>)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req| {
+fn service(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req| {
         let shared = shared.clone();
-        let identity = identity.clone();
-        let sni = sni.clone();
-        async move { Ok::<_, Infallible>(handle_request(&shared, &identity, sni.as_deref(), req).await) }
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true).half_close(false);
-    if let Err(e) = builder.serve_connection(io, service).await {
-        tracing::debug!(error = %e, "client connection ended with an error");
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle_request(&shared, &conn, req).await) }
+    })
+}
+
+/// HTTP/1.x, behind the framing guard: a request whose framing is ambiguous never reaches
+/// hyper; it is recorded and answered here, and the connection closed.
+async fn serve_http1<S>(shared: Arc<Shared>, io: S, conn: Arc<Conn>)
+where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (io, watch) = framing::guard(io, shared.framing);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(true).half_close(false);
+    let violation = {
+        let connection = builder.serve_connection(io, service(shared.clone(), conn.clone()));
+        tokio::pin!(connection);
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    connection_error(&shared, &conn, &e, !watch.idle());
+                }
+                return;
+            }
+            violation = watch.violated() => violation,
+        }
+        // hyper's connection is dropped here: nothing more of it is parsed or answered.
+    };
+    refuse_malformed(&shared, &conn, violation, watch.take_io()).await;
+}
+
+/// HTTP/2 inside intercepted TLS: the h2 framing layer is strict by construction.
+async fn serve_http2<S>(shared: Arc<Shared>, io: S, conn: Arc<Conn>)
+where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection(io, service(shared.clone(), conn.clone()))
+        .await
+    {
+        connection_error(&shared, &conn, &e, false);
+    }
+}
+
+/// A request the framing guard stopped: one record, then a 4xx with `Connection: close`
+/// written once the record is, then the connection closes.
+async fn refuse_malformed<S>(
+    shared: &Shared,
+    conn: &Conn,
+    violation: framing::Violation,
+    io: Option<S>,
+) where
+    S: hyper::rt::Write + Unpin,
+{
+    let enforcement = shared.enforcement.load();
+    let request_id = new_request_id();
+    let mut record = request_record(&enforcement, &conn.identity, &request_id);
+    record.method = violation.method.clone();
+    record.path = violation.target.clone();
+    let refused = match violation.kind {
+        // Not malformed: refused by design, with the same reason as over HTTP/2.
+        framing::ViolationKind::ConnectRefused => outbound::connect_refused(),
+        kind => Refused::malformed(
+            StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            kind.code(),
+            violation.detail.clone(),
+        ),
+    };
+    record.error_kind = refused.error_kind.map(str::to_owned);
+    let workload = record.workload.clone();
+    let written = shared.auditor.guard(record).finish_written(
+        Decision::Deny,
+        Some(refused.status.as_u16()),
+        Some(refused.reason),
+        Some(refused.fault),
+    );
+    if written.wait().await.is_err() {
+        return; // the writer stopped: no answer that nobody can account for
+    }
+    if let Some(mut io) = io {
+        let bytes = respond::raw_http1_refusal(&refused, workload.as_deref(), &request_id);
+        let _ = write_all(&mut io, &bytes).await;
+        let _ = std::future::poll_fn(|cx| std::pin::Pin::new(&mut io).poll_shutdown(cx)).await;
+    }
+}
+
+async fn write_all<S: hyper::rt::Write + Unpin>(
+    io: &mut S,
+    mut bytes: &[u8],
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut *io).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *io).poll_flush(cx)).await
+}
+
+/// An error hyper returned for the connection. The ones that refuse what the client sent
+/// (the parser's, the size limits) are one `malformed_request` record each; a client that
+/// went away is not a decision.
+fn connection_error(shared: &Shared, conn: &Conn, error: &hyper::Error, mid_request: bool) {
+    let Some(kind) = parser_error_kind(error, mid_request) else {
+        tracing::debug!(error = %error, "client connection ended with an error");
+        return;
+    };
+    let enforcement = shared.enforcement.load();
+    let mut record = request_record(&enforcement, &conn.identity, &new_request_id());
+    record.error_kind = Some(kind.into());
+    let status = if error.is_parse_too_large() { 431 } else { 400 };
+    shared.auditor.guard(record).finish(
+        Decision::Deny,
+        Some(status),
+        Some(crate::state::MALFORMED_REQUEST),
+        Some(Fault::Client),
+    );
+}
+
+/// The error kind of a refusal hyper made itself, or None when the error refuses nothing.
+fn parser_error_kind(error: &hyper::Error, mid_request: bool) -> Option<&'static str> {
+    if error.is_parse_too_large() {
+        Some("headers_too_large")
+    } else if error.is_parse_status() {
+        Some("status_invalid")
+    } else if error.is_parse() {
+        Some("parse_error")
+    } else if error.is_incomplete_message() && mid_request {
+        Some("incomplete_message")
+    } else if error.is_user() || error.is_canceled() || error.is_closed() || error.is_timeout() {
+        None
+    } else if error.to_string().contains("http2") {
+        Some("http2_protocol_error")
+    } else {
+        None
     }
 }
 
@@ -161,15 +303,9 @@ async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, identity: Identity) {
     let Some((mode, host)) = destination else {
         return refuse(record, "sni_not_allowed", Fault::Policy);
     };
-    let allowed = decide::Allowed {
-        rule: None,
-        target: String::new(),
-        upstream: identity.original_dst,
-        host: Some(host),
-        tls_name: None,
-        credential: None,
-    };
-    if let Err(refused) = decide::confirm_address(&shared.resolver, &allowed).await {
+    if let Err(refused) =
+        enforce::confirm_address(&shared.resolver, &host, identity.original_dst).await
+    {
         return refuse(record, refused.reason, refused.fault);
     }
     match mode {
@@ -197,13 +333,16 @@ async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, identity: Identity) {
                     return refuse(record, "tls_handshake_failed", Fault::Client);
                 }
             };
-            serve_http(
-                shared.clone(),
-                TokioIo::new(tls),
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(crate::tls::upstream::ALPN_H2);
+            let conn = Arc::new(Conn {
                 identity,
-                Some(sni.into()),
-            )
-            .await;
+                sni: Some(sni.into()),
+            });
+            if h2 {
+                serve_http2(shared.clone(), TokioIo::new(tls), conn).await;
+            } else {
+                serve_http1(shared.clone(), TokioIo::new(tls), conn).await;
+            }
         }
     }
 }
@@ -222,7 +361,7 @@ async fn passthrough(
         return guard.finish_unavailable();
     }
     let mut guard = guard;
-    let connect = crate::forward::connect_marked(upstream, crate::run::AGENT_MARK);
+    let connect = crate::forward::connect_marked(upstream, AGENT_MARK);
     let mut server = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(server)) => server,
         Ok(Err(_)) | Err(_) => {
@@ -266,307 +405,63 @@ fn identity_record(enforcement: &Enforcement, identity: &Identity, proto: &'stat
     record
 }
 
-/// Decides, forwards and audits one request.
-pub async fn handle_request(
-    shared: &Shared,
-    identity: &Identity,
-    sni: Option<&str>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+fn request_record(enforcement: &Enforcement, identity: &Identity, request_id: &str) -> Record {
+    let mut record = identity_record(enforcement, identity, "http");
+    record.request_id = Some(request_id.to_owned());
+    record
+}
+
+/// One request: build → enforce → forward → respond, with exactly one record.
+async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let enforcement = shared.enforcement.load_full();
     let request_id = new_request_id();
-    let mut record = identity_record(&enforcement, identity, "http");
-    record.request_id = Some(request_id.clone());
-    let mut guard = shared.auditor.guard(record);
+    let reply = Reply {
+        request_id: &request_id,
+        http1: req.version() != http::Version::HTTP_2,
+    };
+    let mut guard = shared
+        .auditor
+        .guard(request_record(&enforcement, &conn.identity, &request_id));
 
-    // decide, phase 1: identity, destination, canonical path
-    let (parts, body) = req.into_parts();
-    let default_port = if sni.is_some() { 443 } else { 80 };
-    let prepared = match decide::prepare(
+    // build: the one request that will go upstream
+    let arrival = conn.arrival();
+    let outbound = match outbound::build(
         &enforcement,
-        identity,
-        &parts,
-        default_port,
+        &conn.identity,
+        arrival,
+        req,
         guard.record_mut(),
-    ) {
-        Ok(prepared) => prepared,
-        Err(refused) => return refuse(guard, &refused, &request_id).await,
-    };
-    // Inside intercepted TLS, the request must name the host the handshake named.
-    if let Some(sni) = sni
-        && !prepared.host().eq_ignore_ascii_case(sni)
+    )
+    .await
     {
-        let refused = Refused::policy(
-            "host_sni_mismatch",
-            format!(
-                "Host {} does not match the TLS server name {sni}",
-                prepared.host()
-            ),
-        );
-        return refuse(guard, &refused, &request_id).await;
-    }
-    // the body, buffered and parsed only when a rule inspects it
-    let (json, body) = if prepared.needs_body {
-        match read_json_body(&parts, body, prepared.body_cap).await {
-            Ok((json, bytes)) => (Some(json), full_body(bytes)),
-            Err(refused) => return refuse(guard, &refused, &request_id).await,
-        }
-    } else {
-        (None, body.boxed())
+        Ok(outbound) => outbound,
+        Err(refused) => return respond::refuse(guard, &refused, reply).await,
     };
-    // decide, phase 2
-    let verdict = decide::decide(
-        &enforcement,
-        identity,
-        &parts,
-        &prepared,
-        json.as_ref(),
-        &shared.limiter,
-        guard.record_mut(),
-    );
+    // enforce: decided on exactly that request
+    let cx = enforce::Context {
+        enforcement: &enforcement,
+        identity: &conn.identity,
+        limiter: &shared.limiter,
+        resolver: &shared.resolver,
+        secrets: &shared.secrets,
+    };
+    let admitted = match enforce::admit(cx, outbound, guard.record_mut()).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return respond::refuse(guard, &refused, reply).await,
+    };
     // Nothing is forwarded that cannot be recorded.
     if !shared.auditor.healthy() {
-        let workload = guard.record_mut().workload.clone();
-        guard.finish_unavailable();
-        let refused = Refused::status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            crate::audit::AUDIT_UNAVAILABLE,
-            "the audit log cannot be written; nothing is forwarded until it can".into(),
-            Fault::Agent,
-        );
-        return json_response(&refused, workload.as_deref(), &request_id, "unavailable");
+        return respond::unavailable(guard, reply);
     }
-    let (allowed, would_deny) = match verdict {
-        Verdict::Deny(refused) => return refuse(guard, &refused, &request_id).await,
-        Verdict::Allow(allowed) => {
-            if let Err(refused) = decide::confirm_address(&shared.resolver, &allowed).await {
-                return refuse(guard, &refused, &request_id).await;
-            }
-            (allowed, None)
-        }
-        Verdict::WouldDeny(allowed, refused) => (allowed, Some(refused)),
+    // forward: exactly what was admitted
+    let forwarded = Forwarded {
+        would_deny: admitted.would_deny().cloned(),
+        secret: admitted.secret().map(str::to_owned),
     };
-
-    // forward, with the credential the workload never holds
-    let mut parts = parts;
-    if let Some(credential) = &allowed.credential {
-        match shared.secrets.get(&credential.source) {
-            Ok(secret) => match header::HeaderValue::from_str(&credential.render(&secret)) {
-                Ok(mut value) => {
-                    value.set_sensitive(true);
-                    // Exactly one goes upstream: whatever the workload sent is replaced.
-                    parts.headers.insert(credential.header.clone(), value);
-                }
-                Err(_) => {
-                    let refused = Refused::status(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "credential_invalid",
-                        format!(
-                            "the credential for header {} is not a valid header value",
-                            credential.header
-                        ),
-                        Fault::Agent,
-                    );
-                    return refuse(guard, &refused, &request_id).await;
-                }
-            },
-            Err(e) => {
-                tracing::error!(error = %e, "credential unavailable");
-                let refused = Refused::status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "credential_unavailable",
-                    e.to_string(),
-                    Fault::Agent,
-                );
-                return refuse(guard, &refused, &request_id).await;
-            }
-        }
+    match shared.upstream.send(admitted).await {
+        Ok(response) => respond::relay(&shared.auditor, guard, response, forwarded, reply).await,
+        Err(e) => respond::upstream_failed(guard, &e, reply).await,
     }
-    let req = Request::from_parts(parts, body);
-    match shared
-        .upstream
-        .send(
-            req,
-            allowed.upstream,
-            &allowed.target,
-            allowed.tls_name.as_deref(),
-        )
-        .await
-    {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            // audit: the response head goes back only once its record is written
-            let workload = guard.record_mut().workload.clone();
-            let written = match would_deny {
-                None => guard.finish_written(Decision::Allow, Some(status), None, None),
-                Some(refused) => guard.finish_written(
-                    Decision::WouldDeny,
-                    Some(status),
-                    Some(refused.reason),
-                    Some(Fault::Policy),
-                ),
-            };
-            respond_when_written(
-                written,
-                response.map(BodyExt::boxed),
-                workload.as_deref(),
-                &request_id,
-            )
-            .await
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream request failed");
-            let refused = match crate::forward::bad_certificate(&e) {
-                Some(reason) => Refused::status(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_certificate_invalid",
-                    reason,
-                    Fault::Upstream,
-                ),
-                None => Refused::status(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
-                    e.to_string(),
-                    Fault::Upstream,
-                ),
-            };
-            let workload = guard.record_mut().workload.clone();
-            let written = guard.finish_written(
-                Decision::Error,
-                Some(refused.status.as_u16()),
-                Some(refused.reason),
-                Some(refused.fault),
-            );
-            let response =
-                json_response(&refused, workload.as_deref(), &request_id, "upstream_error");
-            respond_when_written(written, response, workload.as_deref(), &request_id).await
-        }
-    }
-}
-
-/// Buffers the request body up to `cap` bytes and parses it as JSON.
-async fn read_json_body(
-    parts: &http::request::Parts,
-    body: Incoming,
-    cap: usize,
-) -> Result<(serde_json::Value, Bytes), Refused> {
-    let bytes = match http_body_util::Limited::new(body, cap).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Refused::status(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the request body exceeds the {cap}-byte cap"),
-                Fault::Client,
-            ));
-        }
-        Err(e) => {
-            return Err(Refused::client(
-                "body_read_failed",
-                format!("reading the request body: {e}"),
-            ));
-        }
-    };
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    match policy::parse_json_body(&bytes, content_type) {
-        Ok(json) => Ok((json, bytes)),
-        Err(e) => Err(Refused::status(
-            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-            e.code(),
-            e.to_string(),
-            Fault::Client,
-        )),
-    }
-}
-
-fn full_body(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
-}
-
-/// Returns `response` once its record is written (write before respond). If the writer
-/// stopped first, the record may be lost, so the client gets a 503 `audit_unavailable`
-/// instead of an answer nobody can account for.
-async fn respond_when_written(
-    written: Written,
-    response: Response<Body>,
-    workload: Option<&str>,
-    request_id: &str,
-) -> Response<Body> {
-    match written.wait().await {
-        Ok(()) => response,
-        Err(e) => {
-            tracing::error!(
-                error = %e,
-                request_id,
-                "withholding a response whose audit record was not written"
-            );
-            let refused = Refused::status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                crate::audit::AUDIT_UNAVAILABLE,
-                "the audit record of this request could not be written, so its response is withheld".into(),
-                Fault::Agent,
-            );
-            json_response(&refused, workload, request_id, "unavailable")
-        }
-    }
-}
-
-/// Records a refusal and builds its response, returned once the record is written.
-async fn refuse(
-    mut guard: crate::audit::AuditGuard,
-    refused: &Refused,
-    request_id: &str,
-) -> Response<Body> {
-    let workload = guard.record_mut().workload.clone();
-    let written = guard.finish_written(
-        Decision::Deny,
-        Some(refused.status.as_u16()),
-        Some(refused.reason),
-        Some(refused.fault),
-    );
-    let error = match refused.status {
-        StatusCode::FORBIDDEN => "denied",
-        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
-        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-        StatusCode::BAD_GATEWAY => "upstream_error",
-        _ => "bad_request",
-    };
-    let response = json_response(refused, workload.as_deref(), request_id, error);
-    respond_when_written(written, response, workload.as_deref(), request_id).await
-}
-
-/// `{"error":…,"workload":…,"reason":…,"detail":…,"request_id":…}`
-fn json_response(
-    refused: &Refused,
-    workload: Option<&str>,
-    request_id: &str,
-    error: &str,
-) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": error,
-        "workload": workload,
-        "reason": refused.reason,
-        "detail": refused.detail,
-        "request_id": request_id,
-    });
-    let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
-    bytes.push(b'\n');
-    let mut response = Response::new(full_body(Bytes::from(bytes)));
-    *response.status_mut() = refused.status;
-    if let Some(retry) = refused.retry_after {
-        let secs = retry.as_secs() + u64::from(retry.subsec_nanos() > 0);
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
-    }
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 /// A fresh 128-bit request id, hex.

@@ -27,15 +27,16 @@ use crate::{
     accept::{AcceptError, Listeners},
     audit::{AuditError, Auditor, Decision, Fault, Record, Sinks},
     bpf::{self, BpfError, Kernel, KernelOptions},
-    decide::Resolver,
     forward::Upstream,
-    pipeline::{Enforcement, Shared},
+    pipeline::{self, Shared},
     policy::{Dns, L4Protocol, PolicyErrors, Snapshot},
+    resolve::Resolver,
+    state::Enforcement,
     workloads::{self, WorkloadsError},
 };
 
 /// The SO_MARK on the agent's own upstream sockets ("SG" in ASCII, plus a version nibble).
-pub const AGENT_MARK: u32 = 0x5347_0001;
+pub use crate::state::AGENT_MARK;
 
 /// Options of `scopegate run`.
 #[derive(Clone, Debug)]
@@ -187,6 +188,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         detect_timeout: Duration::from_secs(10),
         leaves: Some(leaves),
         secrets: crate::secrets::Secrets::default(),
+        framing: crate::framing::Limits::default(),
     });
     let control = Control {
         shared: shared.clone(),
@@ -202,7 +204,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    tokio::spawn(listeners.serve(shared.clone()));
+    {
+        let shared = shared.clone();
+        tokio::spawn(listeners.serve(move |stream, peer| {
+            tokio::spawn(pipeline::serve_connection(shared.clone(), stream, peer));
+        }));
+    }
     if let Some(admin) = admin {
         let sources = Arc::new(crate::admin::Sources {
             shared: shared.clone(),

@@ -7,7 +7,7 @@
 //! of [`super::Record`] (`seq, ts, host, workload, cgroup, pid, uid, exe, dst{host,
 //! ip, port}, proto, method, path, rule, decision, reason, origin, status, bytes_up,
 //! bytes_down, latency_us, request_id`, then the optional `checkpoint`, `count`,
-//! `truncated_bytes` only when present, then `prev`). Absent optional values of the core
+//! `truncated_bytes`, `error_kind` only when present, then `prev`). Absent optional values of the core
 //! fields are written as `null`; strings use serde_json's escaping (UTF-8, only `"`, `\`
 //! and control characters escaped).
 //!
@@ -192,6 +192,9 @@ pub struct StoredRecord {
     /// Bytes removed by torn-tail recovery.
     #[serde(default)]
     pub truncated_bytes: Option<u64>,
+    /// The parser's error kind, on `malformed_request` records.
+    #[serde(default)]
+    pub error_kind: Option<String>,
     /// Hash of the previous record.
     pub prev: ChainHash,
     /// Hash of this record.

@@ -206,6 +206,10 @@ pub struct Record {
     /// the file at start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated_bytes: Option<u64>,
+    /// On `malformed_request` records only: the parser's precise error kind
+    /// (`content_length_with_transfer_encoding`, `chunk_size_invalid`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -238,6 +242,7 @@ impl Record {
             checkpoint: None,
             count: None,
             truncated_bytes: None,
+            error_kind: None,
             prev: chain::GENESIS,
         }
     }

@@ -19,16 +19,18 @@
 //!   non-ASCII characters and any other character RFC 3986 does not allow in a path;
 //! - dot-segments (`.` and `..`, including those spelled `%2e`) are resolved as in
 //!   RFC 3986 §5.2.4, but a `..` that would climb above the root is rejected;
-//! - an empty segment (`//`) is rejected; a single trailing `/` is removed, so `/a`, `/a/`
-//!   and `/%61` all have the canonical form `/a` (the root stays `/`).
+//! - an empty segment (`//`) is rejected; a trailing `/` is KEPT: `/a` and `/a/` are
+//!   different resources to most servers (S3 keys `dir` and `dir/`, a PEP 503 index's
+//!   `/simple/pkg/`), so the canonical form never adds or removes one. A path that ends in
+//!   a dot-segment ends with `/` (RFC 3986 §5.2.4: `/a/b/..` is `/a/`, `/a/.` is `/a/`).
 
 use std::fmt;
 
 /// A request path in canonical form, plus the raw query. Built only by [`normalize`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CanonicalPath {
-    /// Canonical path: starts with `/`, no empty, `.` or `..` segments, no trailing `/`
-    /// (except the root itself).
+    /// Canonical path: starts with `/`, no empty, `.` or `..` segments; a trailing `/` is
+    /// kept.
     path: String,
     /// Raw query without the `?`; `Some("")` for a target ending in `?`.
     query: Option<String>,
@@ -45,9 +47,15 @@ impl CanonicalPath {
         self.query.as_deref()
     }
 
-    /// The path segments, in order; the root `/` has none. Segments are never empty.
+    /// The path segments, in order; the root `/` has none. Segments are never empty (a
+    /// trailing `/` adds no segment; see [`CanonicalPath::has_trailing_slash`]).
     pub fn segments(&self) -> impl Iterator<Item = &str> {
         self.path.split('/').filter(|s| !s.is_empty())
+    }
+
+    /// Whether the path ends with `/` after at least one segment (`/a/`; not the root).
+    pub fn has_trailing_slash(&self) -> bool {
+        self.path.len() > 1 && self.path.ends_with('/')
     }
 
     /// The request-target to forward upstream: the canonical path plus `?query`.
@@ -277,6 +285,8 @@ fn normalize_path(
     let raw_segments: Vec<&str> = raw_path[1..].split('/').collect();
     let last = raw_segments.len() - 1;
     let mut segments: Vec<String> = Vec::with_capacity(raw_segments.len());
+    // Whether the output ends with '/': a trailing '/' or a final dot-segment.
+    let mut trailing_slash = false;
     let mut offset = 1; // byte offset of the current segment in `target`
     for (i, raw) in raw_segments.iter().enumerate() {
         let segment = decode_segment(raw, offset, target, options)?;
@@ -286,8 +296,9 @@ fn normalize_path(
         {
             return Err(PathError::AmbiguousPathParameter { target: owned() });
         }
+        trailing_slash = i == last && matches!(segment.as_str(), "" | "." | "..");
         match segment.as_str() {
-            // A trailing '/' (and the root itself) is dropped; anything else empty is `//`.
+            // A trailing '/' (and the root itself) is kept; anything else empty is `//`.
             "" if i == last => {}
             "" => return Err(PathError::EmptySegment { target: owned() }),
             "." => {}
@@ -305,14 +316,14 @@ fn normalize_path(
         path.push('/');
         path.push_str(s);
     }
-    if path.is_empty() {
+    if path.is_empty() || trailing_slash {
         path.push('/');
     }
     Ok(path)
 }
 
-/// The fast path: `raw_path` (starting with '/') without the trailing '/', if it is
-/// already canonical: only raw path characters (no '%', no ';'), no empty segment and no
+/// The fast path: `raw_path` (starting with '/'), if it is already canonical: only raw
+/// path characters (no '%', no ';'), no empty segment but a trailing one, and no
 /// dot-segment. [`normalize_path`] would return exactly this, with any options.
 fn already_canonical(raw_path: &str) -> Option<&str> {
     let path = match raw_path.strip_suffix('/') {
@@ -333,7 +344,7 @@ fn already_canonical(raw_path: &str) -> Option<&str> {
             return None;
         }
     }
-    Some(path)
+    Some(raw_path)
 }
 
 /// The query stays verbatim; it only must not smuggle bytes that no HTTP parser should pass.
@@ -481,9 +492,9 @@ mod tests {
         ("/a..b", Ok("/a..b")),
         ("/*", Ok("/*")),
         // Trailing slash.
-        ("/a/", Ok("/a")),
-        ("/a/b/", Ok("/a/b")),
-        ("/a/?x=1", Ok("/a?x=1")),
+        ("/a/", Ok("/a/")),
+        ("/a/b/", Ok("/a/b/")),
+        ("/a/?x=1", Ok("/a/?x=1")),
         // Empty segments.
         ("//", Err("empty_segment")),
         ("//a", Err("empty_segment")),
@@ -495,14 +506,14 @@ mod tests {
         ("/.", Ok("/")),
         ("/./", Ok("/")),
         ("/a/./b", Ok("/a/b")),
-        ("/a/.", Ok("/a")),
-        ("/a/b/..", Ok("/a")),
-        ("/a/b/../", Ok("/a")),
+        ("/a/.", Ok("/a/")),
+        ("/a/b/..", Ok("/a/")),
+        ("/a/b/../", Ok("/a/")),
         ("/a/b/../c", Ok("/a/c")),
         ("/a/../b/../c", Ok("/c")),
         ("/a/..", Ok("/")),
         ("/a/b/../../c", Ok("/c")),
-        ("/./a/./b/.", Ok("/a/b")),
+        ("/./a/./b/.", Ok("/a/b/")),
         ("/..", Err("above_root")),
         ("/../", Err("above_root")),
         ("/a/../..", Err("above_root")),
@@ -512,8 +523,8 @@ mod tests {
         // Encoded dots are dots.
         ("/%2e", Ok("/")),
         ("/a/%2e/b", Ok("/a/b")),
-        ("/a/b/%2e%2e", Ok("/a")),
-        ("/a/b/%2E%2e/", Ok("/a")),
+        ("/a/b/%2e%2e", Ok("/a/")),
+        ("/a/b/%2E%2e/", Ok("/a/")),
         ("/a/b/.%2e/c", Ok("/a/c")),
         ("/a/b/%2e./c", Ok("/a/c")),
         ("/%2e%2e", Err("above_root")),
@@ -648,11 +659,26 @@ mod tests {
 
     #[test]
     fn equivalent_spellings_share_one_form() {
-        let forms: Vec<_> = ["/a", "/a/", "/%61", "/%61/", "/b/../a", "/./a"]
+        let forms: Vec<_> = ["/a", "/%61", "/b/../a", "/./a"]
             .iter()
             .map(|t| normalize(t).map(|c| c.path().to_owned()))
             .collect();
         assert!(forms.iter().all(|f| f.as_deref() == Ok("/a")), "{forms:?}");
+        // A trailing slash is part of the resource; its spellings share their own form.
+        let forms: Vec<_> = ["/a/", "/%61/", "/a/b/..", "/a/.", "/a/./", "/b/../a/"]
+            .iter()
+            .map(|t| normalize(t).map(|c| c.path().to_owned()))
+            .collect();
+        assert!(forms.iter().all(|f| f.as_deref() == Ok("/a/")), "{forms:?}");
+        assert!(normalize("/a/").is_ok_and(|c| c.has_trailing_slash()));
+        assert!(!normalize("/").is_ok_and(|c| c.has_trailing_slash()));
+        // Idempotent, and never adds or removes a slash.
+        for t in ["/a", "/a/", "/a/b/", "/x/%7E/", "/a/b/c"] {
+            let once = normalize(t).unwrap_or_else(|e| panic!("{e}"));
+            let twice = normalize(once.path()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(once, twice);
+            assert_eq!(once.path().ends_with('/'), t.ends_with('/'), "{t}");
+        }
     }
 
     #[test]
@@ -693,7 +719,7 @@ mod tests {
             ("/a;b", Ok("/a;b")),
             ("/cars;color=red/x", Ok("/cars;color=red/x")),
             ("/a;jsessionid=1?x=1", Ok("/a;jsessionid=1?x=1")),
-            ("/a;v=1/", Ok("/a;v=1")),
+            ("/a;v=1/", Ok("/a;v=1/")),
             ("/%61;%62", Ok("/a;b")),
             ("/a%3Bb", Ok("/a%3Bb")),
             ("/a/..;/b", Err("ambiguous_path_parameter")),

@@ -37,6 +37,17 @@ use super::canonical::CanonicalPath;
 use super::matchers::{QueryPairs, clip, parse_query};
 use super::model::{Destination, Rule, WorkloadId};
 
+/// Headers that ask a server to act on another method or path than the request line's
+/// (`X-HTTP-Method-Override: DELETE` on a GET, `X-Original-URL: /admin`). A rule allows a
+/// request that carries one only if it constrains that header under `headers`.
+pub const OVERRIDE_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
 /// One HTTP request, as seen by the proxy.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
@@ -212,6 +223,11 @@ pub enum RuleFailure {
         /// The lowercase name.
         name: String,
     },
+    /// A method-override or URL-rewrite header that the rule does not constrain.
+    OverrideHeader {
+        /// The lowercase name.
+        name: String,
+    },
     /// The rule has `json` constraints but the request has no parsed body.
     BodyRequired,
     /// A `json` constraint fails.
@@ -247,6 +263,7 @@ impl RuleFailure {
             RuleFailure::HeaderRequired { .. } => "header_required",
             RuleFailure::HeaderForbidden { .. } => "header_forbidden",
             RuleFailure::DuplicateHeader { .. } => "duplicate_header",
+            RuleFailure::OverrideHeader { .. } => "override_header_refused",
             RuleFailure::BodyRequired => "body_required",
             RuleFailure::JsonConstraintFailed { .. } => "json_constraint_failed",
             RuleFailure::OutsideTimeWindow { .. } => "outside_time_window",
@@ -266,7 +283,8 @@ impl RuleFailure {
             RuleFailure::HeaderNotAllowed { .. }
             | RuleFailure::HeaderRequired { .. }
             | RuleFailure::HeaderForbidden { .. }
-            | RuleFailure::DuplicateHeader { .. } => Check::Headers,
+            | RuleFailure::DuplicateHeader { .. }
+            | RuleFailure::OverrideHeader { .. } => Check::Headers,
             RuleFailure::BodyRequired | RuleFailure::JsonConstraintFailed { .. } => Check::Json,
             RuleFailure::OutsideTimeWindow { .. } => Check::When,
         }
@@ -303,6 +321,11 @@ impl fmt::Display for RuleFailure {
             RuleFailure::DuplicateHeader { name } => {
                 write!(f, "header {name} appears more than once")
             }
+            RuleFailure::OverrideHeader { name } => write!(
+                f,
+                "header {name} asks the upstream to act on another method or path; the rule \
+                 must constrain it under `headers` to allow it"
+            ),
             RuleFailure::BodyRequired => {
                 f.write_str("the rule inspects the JSON body, but there is none")
             }
@@ -439,6 +462,18 @@ impl<'r, 'a> Evaluator<'r, 'a> {
         }
         if let Some(headers) = rule.headers() {
             headers.check(req.headers)?;
+        }
+        // A server that honours these would act on what the policy never saw.
+        for name in OVERRIDE_HEADERS {
+            if req.headers.contains_key(name)
+                && !rule
+                    .headers()
+                    .is_some_and(|h| h.headers().any(|(n, _)| n == name))
+            {
+                return Err(RuleFailure::OverrideHeader {
+                    name: name.to_owned(),
+                });
+            }
         }
         if rule.needs_body() {
             let Some(body) = req.body else {
@@ -612,7 +647,8 @@ egress:
         // (workload, method, host, port, target, expected)
         ("billing", "POST", "api.example.com", 443, "/v1/charges", Ok("create-charge")),
         ("billing", "POST", "API.Example.COM", 443, "/v1/charges", Ok("create-charge")),
-        ("billing", "POST", "api.example.com", 443, "/v1/charges/", Ok("create-charge")),
+        // A trailing slash is part of the path: /v1/charges/ is not /v1/charges.
+        ("billing", "POST", "api.example.com", 443, "/v1/charges/", Err("path_not_allowed")),
         ("billing", "POST", "api.example.com", 443, "/v1/%63harges", Ok("create-charge")),
         ("billing", "POST", "api.example.com", 443, "/v1/x/../charges", Ok("create-charge")),
         ("billing", "POST", "api.example.com", 443, "/v1/charges?x=1", Ok("create-charge")),
@@ -980,6 +1016,20 @@ egress:
         const V: &str = "x-api-version";
         let charge = r#"{"currency": "usd", "amount": 100}"#;
         let cases: Vec<(Case, Result<&str, &str>)> = vec![
+            // method-override and URL-rewrite headers need a rule that constrains them
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open")
+                    .h("x-http-method-override", "DELETE"),
+                Err("override_header_refused"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open").h("X-Original-URL", "/admin"),
+                Err("override_header_refused"),
+            ),
+            (
+                case("GET", API, "/v1/orders?limit=10&status=open").h("x-rewrite-url", "/x"),
+                Err("override_header_refused"),
+            ),
             // query
             (
                 case("GET", API, "/v1/orders?limit=10&status=open"),
@@ -1001,7 +1051,7 @@ egress:
                 case("GET", API, "/v1/orders?limit=10"),
                 Err("query_param_required"),
             ),
-            (case("GET", API, "/v1/orders/"), Err("query_param_required")),
+            (case("GET", API, "/v1/orders/"), Err("path_not_allowed")),
             (
                 case("GET", API, "/v1/orders?limit=10&status=open&x=1"),
                 Err("query_param_not_allowed"),
@@ -1278,7 +1328,7 @@ egress:
 
         let path = |t: &str| normalize(t).unwrap();
         assert!(api.needs_body("POST", &path("/v1/charges")));
-        assert!(api.needs_body("POST", &path("/v1/charges/")));
+        assert!(!api.needs_body("POST", &path("/v1/charges/")));
         assert!(!api.needs_body("GET", &path("/v1/charges")));
         assert!(!api.needs_body("POST", &path("/v1/orders")));
         assert!(api.rules()[2].needs_body());

@@ -140,6 +140,17 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         let mut path_matched = vec![false; dest.rules().len()];
         dest.routes()
             .for_each_match(req.path.path(), &mut |i| path_matched[i] = true);
+        // The same path with the trailing '/' toggled: which rules only that one would match.
+        let toggled = match req.path.path().strip_suffix('/') {
+            Some("") => None,
+            Some(without) => Some(without.to_owned()),
+            None => Some(format!("{}/", req.path.path())),
+        };
+        let mut slash_only = vec![false; dest.rules().len()];
+        if let Some(toggled) = &toggled {
+            dest.routes()
+                .for_each_match(toggled, &mut |i| slash_only[i] = !path_matched[i]);
+        }
         let mut eval = Evaluator::new(req);
         let label = dest.label();
         for (i, rule) in dest.rules().iter().enumerate() {
@@ -157,7 +168,22 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
                 result: if result.is_ok() { "allow" } else { "deny" },
                 check: result.as_ref().err().map(RuleFailure::check),
                 code: result.as_ref().err().map(RuleFailure::code),
-                detail: result.err().map(|f| f.to_string()),
+                detail: result.err().map(|f| {
+                    let detail = f.to_string();
+                    if slash_only[i] {
+                        let has = if req.path.has_trailing_slash() {
+                            "has"
+                        } else {
+                            "lacks"
+                        };
+                        format!(
+                            "{detail} (a trailing '/' is part of the path: the request {has} \
+                             one and the pattern does not; `/x/**` matches both)"
+                        )
+                    } else {
+                        detail
+                    }
+                }),
             });
         }
     }
@@ -316,10 +342,22 @@ egress:
     #[test]
     fn allow_and_unknown_workload() {
         let snap = snapshot();
-        let e = run(&snap, 0, "GET", "/items/42/");
+        let e = run(&snap, 0, "GET", "/items/%34%32");
         assert_eq!(e.decision, "allow");
         assert_eq!(e.rule.as_deref(), Some("read"));
         assert_eq!(e.request.path, "/items/42");
+        // The trailing slash stays, and the explanation says it is why nothing matched.
+        let slash = run(&snap, 0, "GET", "/items/42/");
+        assert_eq!(slash.decision, "deny");
+        assert_eq!(slash.request.path, "/items/42/");
+        assert!(
+            slash.rules[0]
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.contains("trailing '/'")),
+            "{:?}",
+            slash.rules[0].detail
+        );
         assert!(e.rules.is_empty() && e.rate_limits.is_empty() && e.code.is_none());
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["decision"], "allow");

@@ -171,7 +171,9 @@ use std::path::{Path, PathBuf};
 
 pub use body::{BodyError, DEFAULT_BODY_CAP, MAX_JSON_DEPTH, parse_json_body};
 pub use canonical::{CanonicalPath, NormalizeOptions, PathError, normalize, normalize_with};
-pub use decide::{Check, Decision, DenyReason, Request, RuleFailure, RuleRef, decide};
+pub use decide::{
+    Check, Decision, DenyReason, OVERRIDE_HEADERS, Request, RuleFailure, RuleRef, decide,
+};
 pub use error::{PolicyError, PolicyErrors};
 pub use explain::{Explanation, explain};
 pub use matchers::{
@@ -524,6 +526,50 @@ egress:
     }
 
     #[test]
+    fn request_integrity_rules_in_policy_check() {
+        // CONNECT opens a tunnel no rule can inspect: never grantable.
+        assert_eq!(
+            error_with("[POST, GET]", "[GET, CONNECT]"),
+            "p.yaml:9:24: egress[0].rules[0].methods[1]: \"CONNECT\" cannot be granted: \
+             CONNECT opens a tunnel that no rule can inspect (the proxy answers it with 405)"
+        );
+        // A rule cannot constrain the header a credential is injected into.
+        let text = BASE.replace(
+            "    rules:\n",
+            "    upstream_tls: true\n    credential: {header: Authorization, secret_file: /dev/null}\n    rules:\n",
+        ) + "        headers:\n          authorization: required\n";
+        let errs = errors(&[("p.yaml", &text)]);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].contains("rules[0].headers.authorization")
+                && errs[0].contains("a credential is injected into this header"),
+            "{errs:#?}"
+        );
+        // Trailing slashes in patterns are kept; `**/` is refused.
+        let snap = load(&[("p.yaml", &BASE.replace("/v1/charges", "/v1/charges/"))]).unwrap();
+        let w = snap.workload(WorkloadId(0)).unwrap();
+        assert!(w.destinations[0].rules()[0].path().has_trailing_slash());
+        let e = error_with("/v1/charges", "/v1/**/");
+        assert!(
+            e.contains("'**' is allowed only as the last segment"),
+            "{e}"
+        );
+        // Underscore header names: an explicit opt-in per destination.
+        let snap = load(&[(
+            "p.yaml",
+            &BASE.replace(
+                "    port: 443\n",
+                "    port: 443\n    allow_underscore_headers: true\n",
+            ),
+        )])
+        .unwrap();
+        let w = snap.workload(WorkloadId(0)).unwrap();
+        assert!(w.destinations[0].allows_underscore_headers());
+        let snap = load(&[("p.yaml", BASE)]).unwrap();
+        assert!(!snap.workload(WorkloadId(0)).unwrap().destinations[0].allows_underscore_headers());
+    }
+
+    #[test]
     fn tls_credential_l4_and_dns_errors_name_file_line_and_column() {
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -707,8 +753,8 @@ egress:
                 "    port: 443\n    tls_mode: intercept\n"
             ),
             "p.yaml:7:5: egress[0]: unknown field `tls_mode`, expected one of `host`, `port`, \
-             `path_params`, `rate`, `when`, `rules`, `cidr`, `ports`, `protocol`, `tls`, \
-             `upstream_tls`, `credential`"
+             `path_params`, `allow_underscore_headers`, `rate`, `when`, `rules`, `cidr`, \
+             `ports`, `protocol`, `tls`, `upstream_tls`, `credential`"
         );
         assert_eq!(
             error_with("workload: billing\n", "workload: billing\nmodes: audit\n"),
@@ -900,7 +946,7 @@ egress:
                 "path: /v1/charges",
                 "path: /v1/%63harges/",
                 "p.yaml:10:15: egress[0].rules[0].path: \"/v1/%63harges/\" is not in canonical \
-                 form (requests are matched as \"/v1/charges\"); write \"/v1/charges\"",
+                 form (requests are matched as \"/v1/charges/\"); write \"/v1/charges/\"",
             ),
         ];
         for (from, to, expected) in cases {

@@ -268,6 +268,7 @@ pub struct Destination {
     rules: Vec<Rule>,
     routes: RouteTable,
     path_params: bool,
+    underscore_headers: bool,
     when: Option<TimeWindow>,
     rate: Option<(RateKey, RateLimit)>,
     tls: TlsMode,
@@ -298,6 +299,28 @@ impl Destination {
     /// The rules, in file order; [`RuleRef::index`](super::RuleRef::index) indexes this.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The headers a credential of this destination (its own or a rule's) is injected
+    /// into.
+    pub fn credential_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        self.credential
+            .iter()
+            .chain(self.rules.iter().filter_map(|r| r.credential.as_ref()))
+            .map(|c| &c.header)
+    }
+
+    /// Whether a rule of this destination constrains the header `name` (lowercase).
+    pub fn constrains_header(&self, name: &str) -> bool {
+        self.rules
+            .iter()
+            .filter_map(Rule::headers)
+            .any(|h| h.headers().any(|(n, _)| n == name))
+    }
+
+    /// `allow_underscore_headers: true`: request header names may contain `_`.
+    pub fn allows_underscore_headers(&self) -> bool {
+        self.underscore_headers
     }
 
     pub(crate) fn routes(&self) -> &RouteTable {
@@ -490,6 +513,7 @@ impl Rule {
 pub struct PathPattern {
     source: String,
     segments: Vec<PatternSegment>,
+    trailing_slash: bool,
 }
 
 /// One segment of a [`PathPattern`].
@@ -520,6 +544,12 @@ impl PathPattern {
     /// The segments; `/` has none.
     pub fn segments(&self) -> &[PatternSegment] {
         &self.segments
+    }
+
+    /// Whether the pattern ends with `/` after a segment (`/a/`): it then matches only
+    /// paths with the trailing slash. A trailing `**` matches with and without one.
+    pub fn has_trailing_slash(&self) -> bool {
+        self.trailing_slash
     }
 }
 
@@ -708,6 +738,7 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 host,
                 port,
                 path_params: raw.path_params,
+                allow_underscore_headers: raw.allow_underscore_headers,
                 rate: raw.rate,
                 when: raw.when,
                 rules,
@@ -724,6 +755,7 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 || raw.rate.is_some()
                 || raw.when.is_some()
                 || raw.path_params
+                || raw.allow_underscore_headers
                 || raw.tls.is_some()
                 || raw.upstream_tls.is_some()
                 || raw.credential.is_some()
@@ -1076,9 +1108,27 @@ impl TryFrom<raw::Destination> for Destination {
             ));
         }
         let mut rules = Vec::with_capacity(raw_rules.len());
+        let injected: Vec<http::HeaderName> = credential
+            .iter()
+            .chain(rule_credentials.iter().flatten())
+            .map(|c| c.header.clone())
+            .collect();
         for ((r, rule), credential) in raw_rules.into_iter().enumerate().zip(rule_credentials) {
             match Rule::build(rule, raw.path_params) {
                 Ok(mut rule) => {
+                    // The decision never sees the injected header (it is added after the
+                    // decision), so a rule may not constrain it.
+                    if let Some(name) = rule
+                        .headers()
+                        .and_then(|h| h.headers().find(|(n, _)| injected.iter().any(|i| i == n)))
+                        .map(|(n, _)| n.to_owned())
+                    {
+                        errors.push(bad(
+                            &format!("rules[{r}].headers.{name}"),
+                            name,
+                            "a credential is injected into this header; the workload's own value is replaced, so a rule cannot constrain it",
+                        ));
+                    }
                     rule.credential = credential;
                     rules.push(rule)
                 }
@@ -1097,6 +1147,7 @@ impl TryFrom<raw::Destination> for Destination {
                     rules,
                     routes,
                     path_params: raw.path_params,
+                    underscore_headers: raw.allow_underscore_headers,
                     when,
                     rate,
                     tls,
@@ -1153,6 +1204,11 @@ impl Rule {
         for (i, m) in raw.methods.iter().enumerate() {
             let reason = if m == "*" {
                 Some("is not allowed: list the methods explicitly")
+            } else if m == "CONNECT" {
+                Some(
+                    "cannot be granted: CONNECT opens a tunnel that no rule can inspect \
+                     (the proxy answers it with 405)",
+                )
             } else if !is_uppercase_method(m) {
                 Some("is not an uppercase HTTP method")
             } else if raw.methods[..i].contains(m) {
@@ -1289,10 +1345,11 @@ impl PathPattern {
         let mut canonical = String::new();
         let mut changed = false;
         let mut names: Vec<&str> = Vec::new();
+        let mut trailing_slash = false;
         for (i, seg) in raw_segments.iter().copied().enumerate() {
             if seg.is_empty() {
                 if i == last {
-                    changed = true; // trailing '/', which normalisation removes
+                    trailing_slash = true; // `/a/`: part of the path, as in requests
                     continue;
                 }
                 return Err(fail(
@@ -1363,7 +1420,11 @@ impl PathPattern {
                         };
                         fail(format!("segment {seg:?}: {}{hint}", e.problem()))
                     })?;
-                let Some(literal) = normal.path().strip_prefix("/x/") else {
+                let Some(literal) = normal
+                    .path()
+                    .strip_prefix("/x/")
+                    .filter(|l| !l.is_empty() && !l.contains('/'))
+                else {
                     return Err(fail(format!(
                         "segment {seg:?}: dot-segments ('.' and '..') are not allowed"
                     )));
@@ -1379,7 +1440,7 @@ impl PathPattern {
             segments.push(segment);
         }
         if changed {
-            if canonical.is_empty() {
+            if canonical.is_empty() || trailing_slash {
                 canonical.push('/');
             }
             return Err(invalid!(NonCanonicalPath {
@@ -1388,7 +1449,17 @@ impl PathPattern {
                 canonical,
             }));
         }
-        Ok(PathPattern { source, segments })
+        if trailing_slash && matches!(segments.last(), Some(PatternSegment::Tail)) {
+            return Err(fail(
+                "'**' is allowed only as the last segment (it already matches a trailing '/')"
+                    .to_owned(),
+            ));
+        }
+        Ok(PathPattern {
+            source,
+            segments,
+            trailing_slash,
+        })
     }
 }
 
@@ -1850,7 +1921,7 @@ mod tests {
     #[test]
     fn non_canonical_literals_name_the_canonical_form() {
         for (input, canonical) in [
-            ("/a/", "/a"),
+            ("/%61/", "/a/"),
             ("/%61", "/a"),
             ("/v1/%7Eme/{id}", "/v1/~me/{id}"),
             ("/caf%c3%a9/**", "/caf%C3%A9/**"),

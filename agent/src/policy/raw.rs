@@ -56,6 +56,10 @@ pub(crate) struct Egress {
     /// Whether request paths may carry `;` path parameters.
     #[serde(default)]
     pub path_params: bool,
+    /// Whether request header names may contain `_` (refused by default: servers that
+    /// map headers to CGI variables fold `X_Role` and `X-Role` into one).
+    #[serde(default)]
+    pub allow_underscore_headers: bool,
     /// `N/second|minute|hour` for the whole destination.
     #[serde(default)]
     pub rate: Option<String>,
@@ -128,6 +132,10 @@ pub(crate) struct Destination {
     /// Whether request paths may carry `;` path parameters.
     #[serde(default)]
     pub path_params: bool,
+    /// Whether request header names may contain `_` (refused by default: servers that
+    /// map headers to CGI variables fold `X_Role` and `X-Role` into one).
+    #[serde(default)]
+    pub allow_underscore_headers: bool,
     /// `N/second|minute|hour` for the whole destination.
     #[serde(default)]
     pub rate: Option<String>,

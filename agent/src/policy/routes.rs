@@ -35,6 +35,8 @@ struct Node {
     param: Option<Box<Node>>,
     /// Rules whose pattern ends exactly here, ascending.
     exact: Vec<RuleIndex>,
+    /// Rules whose pattern ends here with a trailing `/` (`/a/`), ascending.
+    exact_slash: Vec<RuleIndex>,
     /// Rules whose pattern ends with `**` here, ascending.
     tail: Vec<RuleIndex>,
 }
@@ -84,31 +86,53 @@ impl RouteTable {
                 }
             };
         }
-        node.exact.push(rule);
+        if pattern.has_trailing_slash() {
+            node.exact_slash.push(rule);
+        } else {
+            node.exact.push(rule);
+        }
     }
 
     /// Calls `each` with every rule whose pattern matches `path`, a canonical path
     /// (see [`CanonicalPath::path`](super::CanonicalPath::path)). Rules may come in any
     /// order.
+    ///
+    /// A trailing `/` is part of the path: `/a` matches only `/a`, `/a/` only `/a/`, and
+    /// `/a/**` matches `/a`, `/a/` and everything below. The root `/` matches `/`.
     pub fn for_each_match(&self, path: &str, each: &mut impl FnMut(RuleIndex)) {
-        let rest = path.strip_prefix('/').unwrap_or(path);
-        self.root.walk(rest, each);
+        match path {
+            "/" | "" => self.root.walk("", each),
+            _ => self.root.walk(path, each),
+        }
     }
 }
 
 impl Node {
-    /// `rest` is the part of the path below this node, without a leading '/'.
+    /// `rest` is the part of the path below this node: empty (the path ends here), `/`
+    /// (it ends here with a trailing slash), or `/segment…`.
     fn walk(&self, rest: &str, each: &mut impl FnMut(RuleIndex)) {
         for &rule in &self.tail {
             each(rule);
         }
-        if rest.is_empty() {
-            for &rule in &self.exact {
-                each(rule);
+        let below = match rest {
+            "" => {
+                for &rule in &self.exact {
+                    each(rule);
+                }
+                return;
             }
-            return;
-        }
-        let (segment, next) = rest.split_once('/').unwrap_or((rest, ""));
+            "/" => {
+                for &rule in &self.exact_slash {
+                    each(rule);
+                }
+                return;
+            }
+            _ => rest.strip_prefix('/').unwrap_or(rest),
+        };
+        let (segment, next) = match below.find('/') {
+            Some(at) => (&below[..at], &below[at..]),
+            None => (below, ""),
+        };
         if let Ok(at) = self.literals.binary_search_by(|(k, _)| (**k).cmp(segment)) {
             self.literals[at].1.walk(next, each);
         }
@@ -165,7 +189,17 @@ mod tests {
         assert_eq!(matches(&t, "/z/1"), [5]);
         assert_eq!(matches(&t, "/z/1/2"), [5, 8]);
         assert_eq!(matches(&t, "/z/1/2/3/4"), [5, 8]);
+        // A trailing slash is part of the path.
+        let t = table(&["/a", "/a/", "/a/**", "/b/{x}/", "/"]);
+        assert_eq!(matches(&t, "/a"), [0, 2]);
+        assert_eq!(matches(&t, "/a/"), [1, 2]);
+        assert_eq!(matches(&t, "/a/c"), [2]);
+        assert_eq!(matches(&t, "/a/c/"), [2]);
+        assert_eq!(matches(&t, "/b/1/"), [3]);
+        assert!(matches(&t, "/b/1").is_empty());
+        assert_eq!(matches(&t, "/"), [4]);
         let t = table(&["/v1/charges"]);
+        assert!(matches(&t, "/v1/charges/").is_empty());
         assert!(matches(&t, "/").is_empty());
         assert!(matches(&t, "/v1").is_empty());
         assert!(matches(&t, "/V1/charges").is_empty());

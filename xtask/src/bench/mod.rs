@@ -76,7 +76,7 @@ pub enum Scenario {
     /// connect() through the hooks, and agent memory with 10,000 idle connections.
     Micro,
     /// The agent's criterion benches: policy decision, audit sink, TLS interception
-    /// (`cargo bench -p scopegate --bench decide|audit|tls`).
+    /// and reflection guard (`cargo bench -p scopegate --bench decide|audit|tls|reflect`).
     Decide,
     /// TLS interception through the redirect: keep-alive and a new TLS connection per
     /// request, next to plain HTTP through the same agent.
@@ -1488,9 +1488,10 @@ impl Drop for Holder {
 /// Runs the criterion decide bench if the agent has one; returns its result lines.
 fn decide(ctx: &Ctx) -> Result<String> {
     // The agent's criterion benches: policy decision, audit sink, TLS interception
-    // (leaf minting vs the leaf cache, a full intercepted handshake, ClientHello parsing).
+    // (leaf minting vs the leaf cache, a full intercepted handshake, ClientHello parsing), and
+    // the credential reflection guard (response scanning on credential routes only).
     let mut kept = String::new();
-    for name in ["decide", "audit", "tls"] {
+    for name in ["decide", "audit", "tls", "reflect"] {
         let bench = ctx
             .root
             .join("agent")

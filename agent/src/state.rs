@@ -1,0 +1,110 @@
+//! The types every request stage shares, below all of them: the published enforcement
+//! snapshot, the proxy's body type, the agent's socket mark and the refusal value.
+//!
+//! Stages (`identify`, `detect`, `outbound`, `enforce`, `forward`, `respond`) import from
+//! here and from the control-plane modules below them, never from each other upward and
+//! never from [`pipeline`](crate::pipeline), which composes them.
+#![forbid(unsafe_code)]
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::combinators::BoxBody;
+
+use crate::{audit::Fault, policy, workloads::Resolution};
+
+/// The SO_MARK on every socket the agent opens upstream, so the hooks never redirect the
+/// agent's own traffic back to itself.
+pub const AGENT_MARK: u32 = 0x5347_0001;
+
+/// The body type of requests and responses through the proxy.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Everything a decision depends on, published as ONE immutable value and swapped
+/// atomically: the policy and the cgroup → workload resolution made from it.
+#[derive(Debug)]
+pub struct Enforcement {
+    /// The validated policy.
+    pub policy: Arc<policy::Snapshot>,
+    /// Which cgroup belongs to which workload.
+    pub cgroups: Arc<Resolution>,
+}
+
+impl Enforcement {
+    /// Deny-all.
+    pub fn empty() -> Self {
+        Self {
+            policy: Arc::new(policy::Snapshot::empty()),
+            cgroups: Arc::new(Resolution::default()),
+        }
+    }
+}
+
+/// A refusal: the status, a stable reason code, a human detail, and whose fault it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// HTTP status for the client.
+    pub status: StatusCode,
+    /// Stable snake_case reason code.
+    pub reason: &'static str,
+    /// Human-readable detail.
+    pub detail: String,
+    /// Where the failure came from.
+    pub fault: Fault,
+    /// For 429: when to retry.
+    pub retry_after: Option<Duration>,
+    /// For `malformed_request`: the parser's precise error kind (also in the record).
+    pub error_kind: Option<&'static str>,
+}
+
+impl Refused {
+    /// A refusal with any status.
+    pub fn status(status: StatusCode, reason: &'static str, detail: String, fault: Fault) -> Self {
+        Self {
+            status,
+            reason,
+            detail,
+            fault,
+            retry_after: None,
+            error_kind: None,
+        }
+    }
+
+    /// 400, the client's fault.
+    pub fn client(reason: &'static str, detail: String) -> Self {
+        Self::status(StatusCode::BAD_REQUEST, reason, detail, Fault::Client)
+    }
+
+    /// 403 by policy.
+    pub fn policy(reason: &'static str, detail: String) -> Self {
+        Self::status(StatusCode::FORBIDDEN, reason, detail, Fault::Policy)
+    }
+
+    /// 500, the agent's fault.
+    pub fn agent(reason: &'static str, detail: String) -> Self {
+        Self::status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            reason,
+            detail,
+            Fault::Agent,
+        )
+    }
+
+    /// `malformed_request` with the parser's error kind, the client's fault.
+    pub fn malformed(status: StatusCode, kind: &'static str, detail: String) -> Self {
+        let mut refused = Self::status(status, MALFORMED_REQUEST, detail, Fault::Client);
+        refused.error_kind = Some(kind);
+        refused
+    }
+
+    /// Whether the connection must close after this refusal: every 4xx the client caused
+    /// (after a request the proxy refused as malformed or ambiguous, nothing else it sent
+    /// on that connection can be trusted to be framed as it thinks).
+    pub fn closes_connection(&self) -> bool {
+        self.fault == Fault::Client && self.status.is_client_error()
+    }
+}
+
+/// The reason of every request the HTTP parser or the framing guard refused.
+pub const MALFORMED_REQUEST: &str = "malformed_request";

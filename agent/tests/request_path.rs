@@ -1,0 +1,851 @@
+//! In-process integration tier for the request path, on 127.0.0.1 without root: the real
+//! pipeline (framing guard, hyper server, outbound builder, enforce, forward, respond,
+//! audit writer) between a raw-socket client and an upstream that records the exact bytes
+//! it receives. The kernel's origin map is replaced by [`StaticOrigins`], which users never
+//! see; everything else is what production runs.
+//!
+//! For every refusal: the status, the reason, exactly one audit record, nothing at the
+//! upstream, and the connection closed. For every forwarded request: the pure decision on
+//! the request AS THE UPSTREAM RECEIVED IT allows it by the rule the record names.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::panic, missing_docs, reason = "tests")]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use scopegate::{
+    audit::{Auditor, Sinks},
+    forward::Upstream,
+    framing,
+    identify::StaticOrigins,
+    pipeline::{self, Shared},
+    policy::{self, RateLimiter, Snapshot, WorkloadId},
+    resolve::Resolver,
+    secrets::Secrets,
+    state::Enforcement,
+    workloads::{CgroupInfo, Resolution},
+};
+use scopegate_common::{FAMILY_V4, Origin};
+
+const CGROUP: u64 = 4242;
+const SECRET: &str = "sk-live-0123456789abcdef";
+
+/// One request as the upstream received it: the exact bytes.
+#[derive(Clone, Debug)]
+struct Received {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn target(&self) -> &str {
+        self.head.split(' ').nth(1).unwrap()
+    }
+    fn method(&self) -> &str {
+        self.head.split(' ').next().unwrap()
+    }
+    fn headers(&self) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for line in self.head.split("\r\n").skip(1).filter(|l| !l.is_empty()) {
+            let (k, v) = line.split_once(':').unwrap();
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v.trim()).unwrap(),
+            );
+        }
+        map
+    }
+}
+
+/// An HTTP/1.1 upstream on 127.0.0.1 that records each request's bytes and answers 200.
+/// Under `/echo` it answers with the request's own bytes (a debug endpoint that reflects
+/// whatever it was sent, credentials included).
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Recorder {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let s = s.clone();
+                thread::spawn(move || serve_recorded(stream, &s));
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<Received> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn serve_recorded(stream: TcpStream, seen: &Mutex<Vec<Received>>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let head = head.trim_end_matches("\r\n").to_owned();
+        let lower = head.to_ascii_lowercase();
+        let length = lower
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse::<usize>().unwrap());
+        let chunked = lower.contains("\r\ntransfer-encoding: chunked");
+        let mut body = Vec::new();
+        if let Some(n) = length {
+            body.resize(n, 0);
+            reader.read_exact(&mut body).unwrap();
+        } else if chunked {
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                reader.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        let received = Received { head, body };
+        let reply = if received.target().starts_with("/echo") {
+            format!(
+                "{}\r\n\r\n{}",
+                received.head,
+                String::from_utf8_lossy(&received.body)
+            )
+        } else {
+            "ok".to_owned()
+        };
+        // Under `/gzip` it claims a content coding whatever the client asked for.
+        let coding = if received.target().starts_with("/gzip") {
+            "content-encoding: gzip\r\n"
+        } else {
+            ""
+        };
+        seen.lock().unwrap().push(received);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{coding}content-length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// The proxy, in process, with one workload.
+struct Proxy {
+    addr: SocketAddr,
+    origins: Arc<StaticOrigins>,
+    upstream: SocketAddr,
+    audit: PathBuf,
+    policy: Arc<Snapshot>,
+    _dir: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn policy_text(port: u16, secret_file: &Path) -> String {
+    format!(
+        r#"workload: app
+select:
+  cgroup: /test/app
+egress:
+  - host: "127.0.0.1"
+    port: {port}
+    credential:
+      header: authorization
+      format: "Bearer {{secret}}"
+      secret_file: {secret}
+    rules:
+      - id: tenant
+        methods: [GET]
+        path: /tenant/**
+        headers:
+          x-tenant: {{one_of: [t1]}}
+      - id: reports
+        methods: [GET]
+        path: /reports/**
+      - id: exact
+        methods: [GET, OPTIONS]
+        path: /exact
+      - id: override-ok
+        methods: [POST]
+        path: /rpc
+        headers:
+          x-http-method-override: {{one_of: [PATCH]}}
+      - id: charge
+        methods: [POST]
+        path: /charges
+        json:
+          - {{field: amount, max: 100}}
+      - id: echo
+        methods: [GET]
+        path: /echo
+      - id: gzip
+        methods: [GET]
+        path: /gzip
+      - id: connect
+        methods: [GET]
+        path: /connect
+"#,
+        secret = secret_file.display()
+    )
+}
+
+impl Proxy {
+    fn start(upstream: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).unwrap();
+        std::fs::write(
+            policies.join("app.yaml"),
+            policy_text(upstream.port(), &secret),
+        )
+        .unwrap();
+        let snapshot = Arc::new(Snapshot::load_dir(&policies).unwrap_or_else(|e| panic!("{e}")));
+        let mut managed = HashMap::new();
+        managed.insert(
+            CGROUP,
+            CgroupInfo {
+                path: "/test/app".into(),
+                workload: Some(WorkloadId(0)),
+                selected: true,
+            },
+        );
+        let cgroups = Arc::new(Resolution {
+            managed,
+            unmatched: Vec::new(),
+        });
+        let audit = dir.path().join("audit.jsonl");
+        let (auditor, _writer) = Auditor::start(&Sinks {
+            file: Some(audit.clone()),
+            ..Sinks::default()
+        })
+        .unwrap();
+        let origins = Arc::new(StaticOrigins::default());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = Arc::new(Shared {
+            enforcement: ArcSwap::from_pointee(Enforcement {
+                policy: snapshot.clone(),
+                cgroups,
+            }),
+            origins: origins.clone(),
+            auditor,
+            upstream: Upstream::new(0, None),
+            resolver: Resolver::default(),
+            limiter: RateLimiter::new(),
+            detect_timeout: Duration::from_secs(5),
+            leaves: None,
+            secrets: Secrets::default(),
+            framing: framing::Limits::default(),
+        });
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move {
+            loop {
+                let (stream, peer) = listener.accept().await.unwrap();
+                tokio::spawn(pipeline::serve_connection(shared.clone(), stream, peer));
+            }
+        });
+        Self {
+            addr,
+            origins,
+            upstream,
+            audit,
+            policy: snapshot,
+            _dir: dir,
+            _runtime: runtime,
+        }
+    }
+
+    /// A client connection that the "kernel" attributed to the workload, meant for the
+    /// upstream.
+    fn connect(&self) -> TcpStream {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let local = socket.local_addr().unwrap().as_socket().unwrap();
+        let SocketAddr::V4(dst) = self.upstream else {
+            panic!("v4 upstream")
+        };
+        self.origins.insert(
+            local,
+            Origin {
+                dst_ip: [u32::from_ne_bytes(dst.ip().octets()), 0, 0, 0],
+                dst_port: u32::from(dst.port()),
+                family: FAMILY_V4,
+                cgroup_id: CGROUP,
+                pid: std::process::id(),
+                uid: 1000,
+                policy_cgroup: CGROUP,
+                workload: 0,
+                _reserved: 0,
+            },
+        );
+        socket.connect(&self.addr.into()).unwrap();
+        let stream: TcpStream = socket.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits until there are at least `n` records (for records written after a response).
+    fn wait_records(&self, n: usize) -> Vec<serde_json::Value> {
+        for _ in 0..200 {
+            let records = self.records();
+            if records.len() >= n {
+                return records;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.records()
+    }
+
+    /// Re-decides a request as the upstream received it with the pure policy decision.
+    fn redecide(&self, received: &Received) -> Result<String, String> {
+        let path = policy::normalize(received.target()).map_err(|e| e.to_string())?;
+        assert_eq!(
+            path.as_request_target(),
+            received.target(),
+            "the upstream received a non-canonical target"
+        );
+        let headers = received.headers();
+        let json = (!received.body.is_empty())
+            .then(|| {
+                policy::parse_json_body(
+                    &received.body,
+                    headers.get("content-type").and_then(|v| v.to_str().ok()),
+                )
+                .ok()
+            })
+            .flatten();
+        let host = headers.get("host").unwrap().to_str().unwrap();
+        let (host, port) = host.rsplit_once(':').unwrap();
+        let request = policy::Request {
+            workload: WorkloadId(0),
+            uid: 1000,
+            method: received.method(),
+            host,
+            port: port.parse().unwrap(),
+            path: &path,
+            headers: &headers,
+            body: json.as_ref(),
+            at: jiff::Timestamp::now(),
+        };
+        match policy::decide(&self.policy, &request) {
+            policy::Decision::Allow { rule, .. } => Ok(rule.rule_id().to_owned()),
+            policy::Decision::Deny(reason) => Err(reason.code().to_owned()),
+        }
+    }
+}
+
+/// A parsed response, and whether the proxy closed the connection after it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+    closed: bool,
+}
+
+fn read_answer(stream: &mut TcpStream) -> Answer {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("connection closed before a response; got {head:?}");
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .to_ascii_lowercase()
+        .split("\r\n")
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut rest = [0u8; 1];
+    let closed = matches!(reader.read(&mut rest), Ok(0));
+    Answer {
+        status,
+        head,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        closed,
+    }
+}
+
+fn exchange(proxy: &Proxy, raw: &[u8]) -> Answer {
+    let mut stream = proxy.connect();
+    stream.write_all(raw).unwrap();
+    read_answer(&mut stream)
+}
+
+fn get(target: &str, host: SocketAddr, extra: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n").into_bytes()
+}
+
+fn setup() -> (Recorder, Proxy) {
+    let recorder = Recorder::start();
+    let proxy = Proxy::start(recorder.addr);
+    (recorder, proxy)
+}
+
+/// Asserts one refusal: status, reason, exactly one new record that says so, nothing new
+/// at the upstream, and, for a request refused as the client's fault, the connection
+/// closed (a 403 by policy keeps it).
+fn assert_refused(
+    recorder: &Recorder,
+    proxy: &Proxy,
+    raw: &[u8],
+    status: u16,
+    reason: &str,
+    error_kind: Option<&str>,
+) {
+    let (before_seen, before_records) = (recorder.seen().len(), proxy.records().len());
+    let answer = exchange(proxy, raw);
+    let case = String::from_utf8_lossy(raw);
+    assert_eq!(answer.status, status, "{case}\n{answer:?}");
+    assert!(answer.body.contains(reason), "{case}\n{answer:?}");
+    let origin = if status == 403 { "policy" } else { "client" };
+    if origin == "client" {
+        assert!(answer.closed, "the connection stays open after {case:?}");
+    }
+    let records = proxy.records();
+    assert_eq!(
+        records.len(),
+        before_records + 1,
+        "exactly one record for {case:?}: {records:#?}"
+    );
+    let record = &records[before_records];
+    assert_eq!(record["decision"], "deny", "{record}");
+    assert_eq!(record["reason"], reason, "{record}");
+    assert_eq!(record["status"], status, "{record}");
+    assert_eq!(record["origin"], origin, "{record}");
+    assert_eq!(record["workload"], "app", "{record}");
+    assert_eq!(record["cgroup"], "/test/app", "{record}");
+    if let Some(kind) = error_kind {
+        assert_eq!(record["error_kind"], kind, "{record}");
+    }
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        recorder.seen().len(),
+        before_seen,
+        "the upstream saw {case:?}"
+    );
+}
+
+#[test]
+fn connection_may_not_nominate_what_the_decision_read() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let cases: [(&str, &str); 5] = [
+        // a header a rule constrains: stripping it after the decision changed the request
+        ("/tenant/a", "x-tenant: t1\r\nconnection: x-tenant\r\n"),
+        // Host: the upstream would get no Host at all
+        ("/reports/a", "connection: Host\r\n"),
+        // the credential header
+        ("/reports/a", "connection: authorization\r\n"),
+        // framing
+        ("/reports/a", "connection: content-length\r\n"),
+        // a method override, even where a rule names it
+        ("/reports/a", "connection: X-HTTP-Method-Override\r\n"),
+    ];
+    for (target, extra) in cases {
+        assert_refused(
+            &recorder,
+            &proxy,
+            &get(target, up, extra),
+            400,
+            "connection_names_protected_header",
+            None,
+        );
+    }
+}
+
+#[test]
+fn harmless_nominations_are_removed_before_the_decision() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let raw = get(
+        "/tenant/a",
+        up,
+        "x-tenant: t1\r\nx-trace: 1\r\nconnection: keep-alive, x-trace\r\nkeep-alive: 5\r\nte: trailers\r\n",
+    );
+    let answer = exchange(&proxy, &raw);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = recorder.seen();
+    assert_eq!(seen.len(), 1);
+    let head = seen[0].head.to_ascii_lowercase();
+    assert!(head.contains("\r\nx-tenant: t1"), "{head}");
+    for gone in ["x-trace", "connection:", "keep-alive", "\r\nte:"] {
+        assert!(!head.contains(gone), "{gone} reached the upstream: {head}");
+    }
+    let records = proxy.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["rule"], "tenant");
+    assert_eq!(proxy.redecide(&seen[0]), Ok("tenant".to_owned()));
+}
+
+#[test]
+fn trailing_slash_is_part_of_the_path() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    for (target, forwarded) in [
+        ("/reports/dir/", "/reports/dir/"),
+        ("/reports/dir", "/reports/dir"),
+        ("/reports/%64ir/", "/reports/dir/"),
+        ("/reports/a/b/..", "/reports/a/"),
+        ("/reports", "/reports"),
+        ("/reports/", "/reports/"),
+    ] {
+        let answer = exchange(&proxy, &get(target, up, ""));
+        assert_eq!(answer.status, 200, "{target}: {answer:?}");
+        let seen = recorder.seen();
+        let last = seen.last().unwrap();
+        assert_eq!(last.target(), forwarded, "{target}");
+        let records = proxy.records();
+        assert_eq!(records.last().unwrap()["path"], forwarded);
+        assert_eq!(proxy.redecide(last), Ok("reports".to_owned()));
+    }
+    // `/exact` names one resource; `/exact/` is another.
+    let answer = exchange(&proxy, &get("/exact/", up, ""));
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(answer.body.contains("path_not_allowed"), "{answer:?}");
+}
+
+#[test]
+fn header_names_and_overrides() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    assert_refused(
+        &recorder,
+        &proxy,
+        &get("/reports/a", up, "x-role: user\r\nx_role: admin\r\n"),
+        400,
+        "header_name_invalid",
+        None,
+    );
+    for name in [
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+    ] {
+        assert_refused(
+            &recorder,
+            &proxy,
+            &get("/reports/a", up, &format!("{name}: /admin\r\n")),
+            403,
+            "override_header_refused",
+            None,
+        );
+    }
+    // A rule that names the override header decides it like any header.
+    let raw = format!(
+        "POST /rpc HTTP/1.1\r\nhost: {up}\r\nx-http-method-override: PATCH\r\ncontent-length: 0\r\n\r\n"
+    );
+    let answer = exchange(&proxy, raw.as_bytes());
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = recorder.seen();
+    assert_eq!(
+        proxy.redecide(seen.last().unwrap()),
+        Ok("override-ok".to_owned())
+    );
+}
+
+#[test]
+fn framing_refusals_are_recorded_and_close() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let post = |extra: &str, body: &str| {
+        format!("POST /reports/x HTTP/1.1\r\nhost: {up}\r\n{extra}\r\n{body}").into_bytes()
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            post(
+                "content-length: 5\r\ntransfer-encoding: chunked\r\n",
+                "0\r\n\r\n",
+            ),
+            400,
+            "content_length_with_transfer_encoding",
+        ),
+        (
+            post("content-length: 2\r\ncontent-length: 2\r\n", "ab"),
+            400,
+            "content_length_duplicate",
+        ),
+        (
+            post("content-length: +2\r\n", "ab"),
+            400,
+            "content_length_invalid",
+        ),
+        (
+            post("transfer-encoding: gzip, chunked\r\n", "0\r\n\r\n"),
+            501,
+            "transfer_encoding_unsupported",
+        ),
+        (
+            post("transfer-encoding: chunked\r\n", "2 \r\nab\r\n0\r\n\r\n"),
+            400,
+            "chunk_size_invalid",
+        ),
+        (
+            format!("GET /reports/a#frag HTTP/1.1\r\nhost: {up}\r\n\r\n").into_bytes(),
+            400,
+            "target_invalid",
+        ),
+        (
+            format!("GET /reports/a HTTP/1.1\r\nhost: {up}\r\nx-a: 1\r\n  folded\r\n\r\n")
+                .into_bytes(),
+            400,
+            "",
+        ),
+        (
+            format!("GET /reports/a HTTP/1.1\r\nhost: {up}\r\nx-a: a\0b\r\n\r\n").into_bytes(),
+            400,
+            "",
+        ),
+        (
+            format!(
+                "GET /reports/a HTTP/1.1\r\nhost: {up}\r\nx-big: {}\r\n\r\n",
+                "a".repeat(70_000)
+            )
+            .into_bytes(),
+            431,
+            "",
+        ),
+        (
+            format!(
+                "GET /reports/{} HTTP/1.1\r\nhost: {up}\r\n\r\n",
+                "a".repeat(9_000)
+            )
+            .into_bytes(),
+            414,
+            "",
+        ),
+    ];
+    for (raw, status, kind) in cases {
+        assert_refused(
+            &recorder,
+            &proxy,
+            &raw,
+            status,
+            "malformed_request",
+            (!kind.is_empty()).then_some(kind),
+        );
+        let record = proxy.records().pop().unwrap();
+        assert!(
+            record["error_kind"].as_str().is_some_and(|k| !k.is_empty()),
+            "{record}"
+        );
+    }
+}
+
+#[test]
+fn connect_is_never_granted() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let raw = format!("CONNECT {up} HTTP/1.1\r\nhost: {up}\r\n\r\n");
+    let before = recorder.seen().len();
+    let answer = exchange(&proxy, raw.as_bytes());
+    assert_eq!(answer.status, 405, "{answer:?}");
+    assert!(answer.body.contains("connect_not_allowed"));
+    let records = proxy.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["reason"], "connect_not_allowed");
+    assert_eq!(recorder.seen().len(), before);
+}
+
+#[test]
+fn bodies_are_decided_on_their_exact_text() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let post = |extra: &str, body: &str| {
+        format!(
+            "POST /charges HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    // f64 would round this to 100 and let it pass.
+    let answer = exchange(&proxy, &post("", r#"{"amount": 100.000000000000001}"#));
+    assert_eq!(answer.status, 403, "{answer:?}");
+    let answer = exchange(&proxy, &post("", r#"{"amount": 100}"#));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = recorder.seen();
+    assert_eq!(seen.last().unwrap().body, br#"{"amount": 100}"#);
+    assert_eq!(
+        proxy.redecide(seen.last().unwrap()),
+        Ok("charge".to_owned())
+    );
+    assert_refused(
+        &recorder,
+        &proxy,
+        &post("", "{\"amount\\u0000\": 1000}"),
+        400,
+        "json_key_invalid",
+        None,
+    );
+    let before = recorder.seen().len();
+    let answer = exchange(
+        &proxy,
+        &post("content-encoding: gzip\r\n", r#"{"amount": 1}"#),
+    );
+    assert_eq!(answer.status, 415, "{answer:?}");
+    assert!(answer.body.contains("content_encoding_unsupported"));
+    assert_eq!(recorder.seen().len(), before);
+}
+
+#[test]
+fn a_reflected_credential_is_redacted_and_recorded() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let answer = exchange(&proxy, &get("/echo", up, "x-a: 1\r\n"));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // The upstream got the secret; the workload never sees it.
+    let seen = recorder.seen();
+    assert!(seen[0].head.contains(SECRET), "{:?}", seen[0].head);
+    assert!(!answer.body.contains(SECRET), "{answer:?}");
+    assert!(!answer.head.contains(SECRET), "{answer:?}");
+    assert!(
+        answer.body.contains(&"*".repeat(SECRET.len())),
+        "{answer:?}"
+    );
+    let records = proxy.wait_records(2);
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert_eq!(records[0]["decision"], "allow");
+    assert_eq!(records[1]["reason"], "credential_reflected");
+    assert_eq!(records[1]["origin"], "upstream");
+    assert_eq!(records[1]["request_id"], records[0]["request_id"]);
+    // A response without the secret: no second record.
+    let answer = exchange(&proxy, &get("/reports/x", up, ""));
+    assert_eq!(answer.status, 200);
+    assert_eq!(proxy.wait_records(3).len(), 3);
+    // A coded response cannot be scanned: withheld, recorded; the request asked for identity.
+    let answer = exchange(&proxy, &get("/gzip", up, "accept-encoding: gzip\r\n"));
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert!(
+        answer.body.contains("upstream_encoding_unscannable"),
+        "{answer:?}"
+    );
+    let head = recorder.seen().last().unwrap().head.to_ascii_lowercase();
+    assert!(head.contains("\r\naccept-encoding: identity"), "{head}");
+    assert!(!head.contains("accept-encoding: gzip"), "{head}");
+    let records = proxy.wait_records(4);
+    assert_eq!(records[3]["decision"], "error");
+    assert_eq!(records[3]["reason"], "upstream_encoding_unscannable");
+    // OPTIONS gets the credential only where the rule names OPTIONS (here: /exact does).
+    let answer = exchange(
+        &proxy,
+        &format!("OPTIONS /exact HTTP/1.1\r\nhost: {up}\r\n\r\n").into_bytes(),
+    );
+    assert_eq!(answer.status, 200);
+    assert!(recorder.seen().last().unwrap().head.contains(SECRET));
+}
+
+#[test]
+fn pipelined_requests_after_a_refusal_are_never_forwarded() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let mut raw = get("/reports/one", up, "");
+    raw.extend(get("/reports/two", up, "connection: host\r\n"));
+    raw.extend(get("/reports/three", up, ""));
+    let mut stream = proxy.connect();
+    stream.write_all(&raw).unwrap();
+    let first = read_answer_keep(&mut stream);
+    assert_eq!(first, 200);
+    let answer = read_answer(&mut stream);
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.closed);
+    let targets: Vec<_> = recorder
+        .seen()
+        .iter()
+        .map(|r| r.target().to_owned())
+        .collect();
+    assert_eq!(targets, ["/reports/one"]);
+    let records = proxy.records();
+    assert_eq!(records.len(), 2, "{records:#?}");
+}
+
+/// Reads one response without checking for close.
+fn read_answer_keep(stream: &mut TcpStream) -> u16 {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .to_ascii_lowercase()
+        .split("\r\n")
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).unwrap();
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
