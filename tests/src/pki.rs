@@ -32,7 +32,13 @@ impl TestPki {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509"];
         ca.extend(ec);
         ca.extend([
@@ -48,7 +54,10 @@ impl TestPki {
         run(&ca);
         let mut csr = vec!["req"];
         csr.extend(ec);
-        let cn = format!("/CN={}", dns_names.first().or(ips.first()).unwrap_or(&"test"));
+        let cn = format!(
+            "/CN={}",
+            dns_names.first().or(ips.first()).unwrap_or(&"test")
+        );
         csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", &cn]);
         run(&csr);
         let sans: Vec<String> = dns_names
@@ -125,7 +134,10 @@ impl ChildGuard {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status} before listening on {addr}", self.name);
+                panic!(
+                    "{} exited with {status} before listening on {addr}",
+                    self.name
+                );
             }
             assert!(
                 Instant::now() < deadline,

@@ -298,7 +298,9 @@ fn read_chunked(conn: &mut Conn, stop: &AtomicBool) -> Result<Vec<u8>, String> {
             }
             return Err("too many trailers".into());
         }
-        let data = conn.take(size + 2, stop).ok_or("connection ended in a chunk")?;
+        let data = conn
+            .take(size + 2, stop)
+            .ok_or("connection ended in a chunk")?;
         if &data[size..] != b"\r\n" {
             return Err("chunk not followed by CRLF".into());
         }

@@ -379,8 +379,14 @@ fn ensure_py_packages() -> Result<()> {
     }
     eprintln!("setup: installing python packages: {}", missing.join(" "));
     let mut pip = Command::new("python3");
-    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-        .args(&missing);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(&missing);
     // Debian's own python3 marks its site-packages as externally managed (PEP 668).
     let managed = ctx::output(Command::new("python3").args([
         "-c",
