@@ -10,6 +10,9 @@
 //! something is missing they fail, naming it.
 #![forbid(unsafe_code)]
 
+pub mod pki;
+pub mod raw_upstream;
+
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},

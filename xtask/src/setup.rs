@@ -16,8 +16,25 @@ use crate::{
 /// The bpf-linker release the eBPF build uses.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the end-to-end tests and the demo run.
-pub const DEB_PACKAGES: [&str; 5] = ["curl", "iproute2", "openssl", "ca-certificates", "python3"];
+/// Debian packages the end-to-end tests and the demo run (nginx: the TLS origin of the
+/// real-client tests; python3-pip: to install [`PY_PACKAGES`]).
+pub const DEB_PACKAGES: [&str; 7] = [
+    "curl",
+    "iproute2",
+    "openssl",
+    "ca-certificates",
+    "python3",
+    "python3-pip",
+    "nginx-light",
+];
+
+/// Python packages the real-client end-to-end tests run, as (import name, pip requirement):
+/// pypiserver (a PEP 503 index), moto's S3 server and boto3 (the S3 client).
+pub const PY_PACKAGES: [(&str, &str); 3] = [
+    ("pypiserver", "pypiserver"),
+    ("moto.server", "moto[server]"),
+    ("boto3", "boto3"),
+];
 
 /// What [`check_host`] found.
 #[derive(Debug, Clone)]
@@ -127,6 +144,7 @@ pub fn setup(ctx: &Ctx) -> Result<HostInfo> {
     let nightly = ensure_toolchain(ctx)?;
     ensure_bpf_linker(ctx, &nightly)?;
     ensure_deb_packages()?;
+    ensure_py_packages()?;
     eprintln!(
         "setup: child commands run with {} first on PATH",
         ctx.tools_bin().display()
@@ -336,6 +354,49 @@ fn ensure_deb_packages() -> Result<()> {
             .args(&missing),
     )?;
     eprintln!("setup: packages installed ({})", missing.join(", "));
+    Ok(())
+}
+
+/// Installs whichever of [`PY_PACKAGES`] the `python3` on PATH cannot import, with that
+/// interpreter's pip (the tests run that same `python3`).
+fn ensure_py_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for (module, requirement) in PY_PACKAGES {
+        let found = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .context("could not run python3")?
+            .status
+            .success();
+        if !found {
+            missing.push(requirement);
+        }
+    }
+    let names: Vec<&str> = PY_PACKAGES.iter().map(|(_, r)| *r).collect();
+    if missing.is_empty() {
+        eprintln!("setup: python packages ok ({})", names.join(", "));
+        return Ok(());
+    }
+    eprintln!("setup: installing python packages: {}", missing.join(" "));
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(&missing);
+    // Debian's own python3 marks its site-packages as externally managed (PEP 668).
+    let managed = ctx::output(Command::new("python3").args([
+        "-c",
+        "import sysconfig, os; print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))",
+    ]))?;
+    if managed.trim() == "True" {
+        pip.arg("--break-system-packages");
+    }
+    ctx::run(&mut pip)?;
+    eprintln!("setup: python packages installed ({})", missing.join(", "));
     Ok(())
 }
 
