@@ -362,7 +362,7 @@ fn gen_reports(b: &mut Builder) {
             };
             what += &format!(" +{name}");
             headers.push((mixed_case(rng, name), value.into()));
-            expect = refuse(400, "override_header_refused");
+            expect = refuse(403, "override_header_refused");
         }
         _ => {}
     }
