@@ -23,6 +23,7 @@ pub mod exec;
 pub mod forward;
 pub mod identify;
 pub mod pipeline;
+pub mod reflect;
 pub mod run;
 pub mod secrets;
 pub mod sys;
