@@ -179,7 +179,7 @@ pub fn decide(
     identity: &Identity,
     parts: &http::request::Parts,
     prepared: &Prepared,
-    body: Option<&serde_json::Value>,
+    body: Option<&crate::policy::JsonBody>,
     limiter: &RateLimiter,
     record: &mut Record,
 ) -> Verdict {
@@ -226,7 +226,7 @@ fn decide_enforced(
     identity: &Identity,
     parts: &http::request::Parts,
     prepared: &Prepared,
-    body: Option<&serde_json::Value>,
+    body: Option<&crate::policy::JsonBody>,
     limiter: &RateLimiter,
     record: &mut Record,
 ) -> Result<Allowed, Refused> {

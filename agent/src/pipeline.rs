@@ -449,7 +449,7 @@ async fn read_json_body(
     parts: &http::request::Parts,
     body: Incoming,
     cap: usize,
-) -> Result<(serde_json::Value, Bytes), Refused> {
+) -> Result<(policy::JsonBody, Bytes), Refused> {
     let bytes = match http_body_util::Limited::new(body, cap).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
