@@ -52,8 +52,8 @@ pub const MIN_SECRET_LEN: usize = 8;
 pub const REDACTION_BYTE: u8 = b'*';
 
 /// The byte strings to search for: every secret injected into one request, in each form
-/// an echo may render it.
-#[derive(Clone, Debug)]
+/// an echo may render it. `Debug` shows counts only, never the secrets.
+#[derive(Clone)]
 pub struct Needles {
     /// `None`: nothing to search for.
     automaton: Option<AhoCorasick>,
@@ -171,6 +171,25 @@ impl Needles {
         let mut out = bytes.to_vec();
         apply(&mut out, &marks);
         Some(out)
+    }
+}
+
+impl std::fmt::Debug for Needles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Needles")
+            .field("patterns", &self.patterns.len())
+            .field("max_len", &self.max_len())
+            .field("skipped", &self.skipped)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Scanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scanner")
+            .field("held", &self.tail.len())
+            .field("redacted", &self.redacted)
+            .finish()
     }
 }
 
@@ -337,8 +356,7 @@ fn merge(a: Vec<Range<usize>>, b: Vec<Range<usize>>) -> Vec<Range<usize>> {
 ///
 /// Concatenating every [`push`](Self::push) output and the [`finish`](Self::finish)
 /// output gives the input with every occurrence of every needle replaced by `*` of the
-/// same length, however the input was split.
-#[derive(Debug)]
+/// same length, however the input was split. `Debug` shows counts only.
 pub struct Scanner {
     automaton: Option<AhoCorasick>,
     /// Bytes held back: `max_len - 1`.
@@ -975,6 +993,16 @@ mod tests {
             let out = body.collect().await.unwrap().to_bytes();
             assert_eq!(&out[..], &expected[..]);
             assert_eq!(calls.load(Ordering::SeqCst), usize::from(expected != hay));
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let n = Needles::new(["s3cr3t-t0ken-value"]);
+        let mut s = n.scanner();
+        s.push(Bytes::from_static(b"xx s3cr3t-t0ken"));
+        for text in [format!("{n:?}"), format!("{s:?}")] {
+            assert!(!text.contains("s3cr3t"), "{text}");
         }
     }
 
