@@ -22,7 +22,7 @@ pub mod state;
 pub mod sys;
 pub mod workloads;
 
-// The request stages, in pipeline order.
+// The request stages (their order is composed in `pipeline`).
 pub mod accept;
 pub mod detect;
 pub mod enforce;

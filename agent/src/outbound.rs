@@ -22,10 +22,10 @@
 //! - everything [`policy::normalize_with`] and [`policy::parse_json_body`] refuse.
 #![forbid(unsafe_code)]
 
+use crate::policy::JsonBody;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use serde_json::Value;
 
 use crate::{
     audit::{Fault, Record},
@@ -69,7 +69,7 @@ pub struct Outbound {
     port: u16,
     path: CanonicalPath,
     headers: HeaderMap,
-    json: Option<Value>,
+    json: Option<JsonBody>,
     body: Body,
 }
 
@@ -115,7 +115,7 @@ impl Outbound {
     }
 
     /// The parsed body, when a candidate rule inspects it.
-    pub fn json(&self) -> Option<&Value> {
+    pub fn json(&self) -> Option<&JsonBody> {
         self.json.as_ref()
     }
 
@@ -483,7 +483,7 @@ async fn read_json_body(
     headers: &HeaderMap,
     body: hyper::body::Incoming,
     cap: usize,
-) -> Result<(Value, Bytes), Refused> {
+) -> Result<(JsonBody, Bytes), Refused> {
     let bytes = match http_body_util::Limited::new(body, cap).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {

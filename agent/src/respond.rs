@@ -169,6 +169,12 @@ fn guard_reflection(
     secret: &str,
 ) -> Response<Body> {
     let needles = Needles::new([secret]);
+    if needles.skipped() > 0 {
+        tracing::warn!(
+            min_len = crate::reflect::MIN_SECRET_LEN,
+            "an injected secret is too short to scan responses for; it is not guarded"
+        );
+    }
     let (mut parts, body) = response.into_parts();
     let reported = Arc::new(AtomicBool::new(false));
     let report = {

@@ -30,9 +30,9 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use jiff::Timestamp;
-use serde_json::Value;
 
 use super::Snapshot;
+use super::body::JsonBody;
 use super::canonical::CanonicalPath;
 use super::matchers::{QueryPairs, clip, parse_query};
 use super::model::{Destination, Rule, WorkloadId};
@@ -72,7 +72,7 @@ pub struct Request<'a> {
     /// The parsed JSON body ([`parse_json_body`](super::parse_json_body)), when the
     /// caller buffered it because [`Destination::needs_body`] said so; `None` otherwise. A
     /// rule with `json` constraints denies a request without a body (`body_required`).
-    pub body: Option<&'a Value>,
+    pub body: Option<&'a JsonBody>,
     /// When the request arrived (the caller passes the current time), for `when`.
     pub at: Timestamp,
 }

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderName};
 use regex::Regex;
 use serde_json::Value;
 
+use super::body::{Decimal, JsonBody};
 use super::decide::RuleFailure;
 use super::error::{PolicyError, invalid};
 use super::raw;
@@ -451,6 +452,9 @@ pub struct JsonRule {
     one_of: Option<Box<[Value]>>,
     min: Option<f64>,
     max: Option<f64>,
+    /// `min` and `max` as exact decimals (the shortest decimals of the `f64`s).
+    min_exact: Option<Decimal>,
+    max_exact: Option<Decimal>,
     pattern: Option<Pattern>,
     max_len: Option<u64>,
     absent: bool,
@@ -476,15 +480,16 @@ impl JsonRule {
         Some(v)
     }
 
-    /// Checks the parsed body.
-    pub(crate) fn check(&self, body: &Value) -> Result<(), RuleFailure> {
+    /// Checks the parsed body. Numbers compare exactly: the number's text in the body
+    /// (what the upstream reads) against the constraint's decimal, never a rounded `f64`.
+    pub(crate) fn check(&self, body: &JsonBody) -> Result<(), RuleFailure> {
         let fail = |constraint: String| {
             Err(RuleFailure::JsonConstraintFailed {
                 field: self.field.to_string(),
                 constraint,
             })
         };
-        let Some(v) = self.lookup(body) else {
+        let Some(v) = self.lookup(body.value()) else {
             return if self.absent {
                 Ok(())
             } else {
@@ -494,19 +499,30 @@ impl JsonRule {
         if self.absent {
             return fail("must be absent".to_owned());
         }
+        // The exact value of a number, from the body's text; `None` if `v` is not a
+        // number (or, which cannot happen for a body that parsed, its text is not found:
+        // then every numeric constraint fails).
+        let exact = match v {
+            Value::Number(_) => body.number_text(&self.segments).and_then(Decimal::parse),
+            _ => None,
+        };
         if let Some(values) = &self.one_of
-            && !values.iter().any(|x| json_eq(x, v))
+            && !values.iter().any(|x| match (x, &exact) {
+                (Value::Number(n), Some(e)) => Decimal::from_number(n).is_some_and(|d| d == *e),
+                (Value::Number(_), None) => false,
+                _ => json_eq(x, v),
+            })
         {
             let list: Vec<String> = values.iter().map(Value::to_string).collect();
             return fail(format!("must be one of [{}]", list.join(", ")));
         }
-        if let Some(min) = self.min
-            && !v.as_f64().is_some_and(|n| n >= min)
+        if let (Some(min), Some(min_exact)) = (self.min, &self.min_exact)
+            && exact.as_ref().is_none_or(|n| n < min_exact)
         {
             return fail(format!("must be a number ≥ {min}"));
         }
-        if let Some(max) = self.max
-            && !v.as_f64().is_some_and(|n| n <= max)
+        if let (Some(max), Some(max_exact)) = (self.max, &self.max_exact)
+            && exact.as_ref().is_none_or(|n| n > max_exact)
         {
             return fail(format!("must be a number ≤ {max}"));
         }
@@ -670,6 +686,8 @@ fn json_rule(raw: raw::JsonRule, errors: &mut Vec<PolicyError>) -> Option<JsonRu
         one_of,
         min: raw.min,
         max: raw.max,
+        min_exact: raw.min.and_then(Decimal::from_f64),
+        max_exact: raw.max.and_then(Decimal::from_f64),
         pattern,
         max_len: raw.max_len,
         absent: raw.absent == Some(true),
@@ -701,6 +719,10 @@ mod tests {
     use super::*;
     use http::HeaderValue;
     use serde_json::json;
+
+    fn body_of(text: &str) -> JsonBody {
+        crate::policy::parse_json_body(text.as_bytes(), Some("application/json")).unwrap()
+    }
 
     fn rule_of(
         yaml: &str,
@@ -976,8 +998,9 @@ mod tests {
         );
         assert!(errors.is_empty(), "{errors:?}");
         let check = |body: &Value| -> Option<String> {
+            let body = body_of(&body.to_string());
             j.iter()
-                .find_map(|r| r.check(body).err())
+                .find_map(|r| r.check(&body).err())
                 .map(|f| f.to_string())
         };
         let good = json!({
@@ -1052,6 +1075,76 @@ mod tests {
         assert_eq!(check(&admin).unwrap(), "json field admin must be absent");
         admin["admin"] = Value::Null;
         assert_eq!(check(&admin).unwrap(), "json field admin must be absent");
+    }
+
+    #[test]
+    fn json_numbers_compare_exactly() {
+        let (_, _, j, errors) = rule_of(
+            "json:\n  - {field: amount, min: 0, max: 100}\n  - {field: rate, max: 0.1}\n  \
+             - {field: fee, min: 0.1}\n  - {field: qty, one_of: [1, 2.5]}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let check = |text: String| -> Option<String> {
+            let body = body_of(&text);
+            j.iter()
+                .find_map(|r| r.check(&body).err())
+                .map(|f| f.to_string())
+        };
+        let with = |amount: &str, rate: &str, fee: &str, qty: &str| {
+            format!(r#"{{"amount": {amount}, "rate": {rate}, "fee": {fee}, "qty": {qty}}}"#)
+        };
+        let amount = |a: &str| check(with(a, "0", "1", "1"));
+        let over = Some("json field amount must be a number ≤ 100".to_owned());
+        let under = Some("json field amount must be a number ≥ 0".to_owned());
+        for ok in [
+            "100", "100.0", "1e2", "1E2", "0.1e3", "10000e-2", "-0", "0", "0.0", "-0.0e5",
+        ] {
+            assert_eq!(amount(ok), None, "{ok}");
+        }
+        let zeros = "0".repeat(10_000);
+        for (bad, why) in [
+            ("100.000000000000001", &over),
+            ("100.00000000000000000000000001", &over),
+            ("1.00000000000000001e2", &over),
+            ("1e-400", &None),
+            ("-1e-400", &under),
+            ("-0.000000000000000000001", &under),
+            (&format!("100.{zeros}1"), &over),
+            (&format!("-0.{zeros}1"), &under),
+            (&format!("99.{}", "9".repeat(10_000)), &None),
+        ] {
+            assert_eq!(&amount(bad), why, "{bad:.40}");
+        }
+        // The policy's 0.1 is the decimal 0.1, not the f64's 0.1000000000000000055…
+        let rate = |r: &str| check(with("1", r, "1", "1"));
+        let rate_over = Some("json field rate must be a number ≤ 0.1".to_owned());
+        assert_eq!(rate("0.1"), None);
+        assert_eq!(rate("0.10"), None);
+        assert_eq!(rate("1e-1"), None);
+        assert_eq!(rate("0.1000000000000000055511151231257827"), rate_over);
+        assert_eq!(rate("0.10000000000000001"), rate_over);
+        assert_eq!(rate("0.09999999999999999999"), None);
+        let fee = |f: &str| check(with("1", "0", f, "1"));
+        let fee_under = Some("json field fee must be a number ≥ 0.1".to_owned());
+        assert_eq!(fee("0.1"), None);
+        assert_eq!(fee("0.09999999999999999999"), fee_under);
+        assert_eq!(fee("0.1000000000000000000001"), None);
+        // one_of numbers compare exactly too.
+        let qty = |q: &str| check(with("1", "0", "1", q));
+        let qty_no = Some("json field qty must be one of [1, 2.5]".to_owned());
+        for ok in ["1", "1.0", "1e0", "2.5", "25e-1", "2.50"] {
+            assert_eq!(qty(ok), None, "{ok}");
+        }
+        for bad in [
+            "1.0000000000000001",
+            "2.5000000000000000001",
+            "\"1\"",
+            "true",
+        ] {
+            assert_eq!(qty(bad), qty_no, "{bad}");
+        }
+        // A string is not a number.
+        assert_eq!(amount("\"50\""), under);
     }
 
     #[test]

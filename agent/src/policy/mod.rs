@@ -169,7 +169,7 @@ use std::collections::hash_map::Entry;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub use body::{BodyError, DEFAULT_BODY_CAP, MAX_JSON_DEPTH, parse_json_body};
+pub use body::{BodyError, DEFAULT_BODY_CAP, Decimal, JsonBody, MAX_JSON_DEPTH, parse_json_body};
 pub use canonical::{CanonicalPath, NormalizeOptions, PathError, normalize, normalize_with};
 pub use decide::{
     Check, Decision, DenyReason, OVERRIDE_HEADERS, Request, RuleFailure, RuleRef, decide,
