@@ -511,8 +511,13 @@ fn gen_tenants(b: &mut Builder) {
         _ => {}
     }
     if trailing {
-        // A literal last segment matches only without the slash.
-        if matches!(expect, Expect::Allow { .. }) {
+        // A literal last segment matches only without the slash; with no rule's path
+        // matching, the policy's refusal is `path_not_allowed` whatever the headers (the
+        // 400s of the outbound builder come first).
+        if matches!(
+            expect,
+            Expect::Allow { .. } | Expect::Refuse { status: 403, .. }
+        ) {
             expect = refuse(403, "path_not_allowed");
         }
     }
@@ -651,7 +656,8 @@ fn gen_exact(b: &mut Builder) {
     );
 }
 
-/// Framings no two parsers read the same way: 400 `malformed_request`, one record,
+/// Framings no two parsers read the same way: 400 (501 for transfer codings)
+/// `malformed_request`, one record,
 /// nothing upstream, connection closed.
 fn gen_malformed(b: &mut Builder) {
     let json = br#"{"currency":"usd","amount":5}"#;
@@ -747,6 +753,11 @@ fn gen_malformed(b: &mut Builder) {
     ];
     for (what, target, tail) in cases {
         let method = if target == "/charges" { "POST" } else { "GET" };
+        // A transfer coding other than one `chunked` is "not implemented" (RFC 9112 §6.1).
+        let status = match what {
+            "TE gzip, chunked" | "TE chunked twice" => 501,
+            _ => 400,
+        };
         b.push(
             "malformed",
             format!("{method} {target} {what}"),
@@ -754,7 +765,7 @@ fn gen_malformed(b: &mut Builder) {
             target,
             Vec::new(),
             Framing::Raw(tail.into_bytes()),
-            refuse(400, "malformed_request"),
+            refuse(status, "malformed_request"),
             Vec::new(),
         );
     }
