@@ -8,6 +8,10 @@
 //! 6. resolve selectors to cgroups, publish the snapshot, sync the managed-cgroup map;
 //! 7. serve; rescan cgroups periodically; reload on SIGHUP; turn kernel deny events into
 //!    audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail closed).
+//!
+//! Lifecycle audit records (`audit::lifecycle`): `agent_started` right after the audit
+//! writer starts, `policy_reloaded`/`policy_rejected` on every reload attempt, and
+//! `agent_stopping` (checkpointed and anchored, awaited up to 10 s) at SIGTERM/SIGINT.
 #![forbid(unsafe_code)]
 
 use std::{

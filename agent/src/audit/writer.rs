@@ -10,6 +10,12 @@
 //! handle dropped) it writes a final checkpoint, fsyncs, and retries a failing sink for
 //! [`SHUTDOWN_GRACE`]; what still cannot be written is printed on stderr as a last resort.
 //!
+//! At open, a torn tail is cut and the `recovered_truncation` record is written and fsynced
+//! at once. Before sealing each record the writer compares the wall clock with the
+//! monotonic clock and seals a `clock_step` record first if the wall clock stepped. An
+//! `agent_stopping` entry ([`Auditor::stop`](super::Auditor::stop)) is followed by a
+//! checkpoint (when signing) and an anchor; its acknowledgement waits for the anchor.
+//!
 //! After each successful write of the pending records, the writer answers the
 //! [`Written`](super::Written) handles of the records in them, so the proxy can hold each
 //! response until its record is out of the agent's memory.
