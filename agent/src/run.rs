@@ -8,6 +8,10 @@
 //! 6. resolve selectors to cgroups, publish the snapshot, sync the managed-cgroup map;
 //! 7. serve; rescan cgroups periodically; reload on SIGHUP; turn kernel deny events into
 //!    audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail closed).
+//!
+//! Lifecycle audit records (`audit::lifecycle`): `agent_started` right after the audit
+//! writer starts, `policy_reloaded`/`policy_rejected` on every reload attempt, and
+//! `agent_stopping` (checkpointed and anchored, awaited up to 10 s) at SIGTERM/SIGINT.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -25,7 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     accept::{AcceptError, Listeners},
-    audit::{AuditError, Auditor, Decision, Fault, Record, Sinks},
+    audit::{AuditError, Auditor, Decision, Fault, Record, Sinks, lifecycle},
     bpf::{self, BpfError, Kernel, KernelOptions},
     forward::Upstream,
     pipeline::{self, Shared},
@@ -116,6 +120,8 @@ pub enum RunError {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // 1. policy
+    let policy_hash = lifecycle::policy_hash_or_log(&opts.policies);
+    let mut start_rejected = None;
     let snapshot = match Snapshot::load_dir(&opts.policies) {
         Ok(snapshot) => Arc::new(snapshot),
         Err(errors) if opts.allow_empty => {
@@ -123,6 +129,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 tracing::error!("{e}");
             }
             tracing::error!("invalid policy; starting deny-all because of --allow-empty");
+            start_rejected = Some(lifecycle::policy_rejected(
+                policy_hash.clone(),
+                "start",
+                &errors.0,
+            ));
             Arc::new(Snapshot::empty())
         }
         Err(errors) => return Err(errors.into()),
@@ -148,6 +159,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     };
     // 4. audit
     let (auditor, _writer) = Auditor::start(&opts.audit)?;
+    auditor.record(lifecycle::agent_started(policy_hash));
+    if let Some(rejected) = start_rejected {
+        auditor.record(rejected);
+    }
     // TLS: the host CA (interception) and the upstream trust roots.
     let ca = Arc::new(crate::tls::HostCa::load_or_create(&opts.state_dir)?);
     let leaves = crate::tls::LeafCache::new(
@@ -240,7 +255,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             None
         }
     };
-    loop {
+    let stop = loop {
         tokio::select! {
             _ = rescan.tick() => {
                 let current = shared.enforcement.load().policy.clone();
@@ -269,9 +284,17 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 while changed.try_recv().is_ok() {}
                 control.reload("policy directory changed");
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
         }
+    };
+    // The run's last record: durable, checkpointed and anchored before the agent exits.
+    match tokio::time::timeout(Duration::from_secs(10), shared.auditor.stop(stop)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the agent_stopping audit record was not written")
+        }
+        Err(_) => tracing::error!("the agent_stopping audit record was not written within 10 s"),
     }
     tracing::info!(
         "scopegate stopping; the pinned hooks stay attached (managed connects are refused until restart; `scopegate uninstall` removes them)"
@@ -339,11 +362,17 @@ impl Control {
         kernel_state.apply(&self.kernel)
     }
 
-    /// Reloads the policy directory; an invalid policy keeps the last good snapshot.
+    /// Reloads the policy directory; an invalid policy keeps the last good snapshot. Every
+    /// attempt is recorded (`policy_reloaded` before the new policy decides anything, or
+    /// `policy_rejected` with the errors).
     fn reload(&self, why: &str) {
+        let hash = lifecycle::policy_hash_or_log(&self.policies);
         match Snapshot::load_dir(&self.policies) {
             Ok(snapshot) => {
                 let count = snapshot.workloads().len();
+                self.shared
+                    .auditor
+                    .record(lifecycle::policy_reloaded(hash, why));
                 match self.publish(Arc::new(snapshot), true) {
                     Ok(()) => tracing::info!(workloads = count, trigger = why, "policy reloaded"),
                     Err(e) => {
@@ -355,6 +384,9 @@ impl Control {
                 for e in &errors.0 {
                     tracing::error!("{e}");
                 }
+                self.shared
+                    .auditor
+                    .record(lifecycle::policy_rejected(hash, why, &errors.0));
                 tracing::error!("policy reload rejected; keeping the last good policy");
             }
         }

@@ -7,7 +7,8 @@
 //! of [`super::Record`] (`seq, ts, host, workload, cgroup, pid, uid, exe, dst{host,
 //! ip, port}, proto, method, path, rule, decision, reason, origin, status, bytes_up,
 //! bytes_down, latency_us, request_id`, then the optional `checkpoint`, `count`,
-//! `truncated_bytes`, `error_kind` only when present, then `prev`). Absent optional values of the core
+//! `truncated_bytes`, `error_kind`, `version`, `clean`, `policy_hash`, `trigger`, `errors`,
+//! `clock_step_us` only when present, then `prev`). Absent optional values of the core
 //! fields are written as `null`; strings use serde_json's escaping (UTF-8, only `"`, `\`
 //! and control characters escaped).
 //!
@@ -195,6 +196,24 @@ pub struct StoredRecord {
     /// The parser's error kind, on `malformed_request` records.
     #[serde(default)]
     pub error_kind: Option<String>,
+    /// Agent version, on `agent_started` records.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Whether the previous run ended cleanly, on `agent_started` records.
+    #[serde(default)]
+    pub clean: Option<bool>,
+    /// Policy hash, on `agent_started`, `policy_reloaded` and `policy_rejected` records.
+    #[serde(default)]
+    pub policy_hash: Option<String>,
+    /// What caused a lifecycle record.
+    #[serde(default)]
+    pub trigger: Option<String>,
+    /// Policy errors, on `policy_rejected` records.
+    #[serde(default)]
+    pub errors: Option<Vec<String>>,
+    /// Wall-clock step beyond the monotonic clock, µs, on `clock_step` records.
+    #[serde(default)]
+    pub clock_step_us: Option<i64>,
     /// Hash of the previous record.
     pub prev: ChainHash,
     /// Hash of this record.
@@ -204,7 +223,12 @@ pub struct StoredRecord {
 impl StoredRecord {
     /// Whether this is a `recovered_truncation` record written at agent start.
     pub fn is_recovered_truncation(&self) -> bool {
-        self.proto == "audit" && self.reason.as_deref() == Some(RECOVERED_TRUNCATION)
+        self.is_audit(RECOVERED_TRUNCATION)
+    }
+
+    /// Whether this is a record of the audit subsystem (`proto: "audit"`) with this reason.
+    pub fn is_audit(&self, reason: &str) -> bool {
+        self.proto == "audit" && self.reason.as_deref() == Some(reason)
     }
 }
 

@@ -23,6 +23,10 @@
 //! checkpoint is reported as `truncated`. An anchor on the same disk only helps against
 //! an attacker who cannot also roll it back; ship checkpoints off the host for more.
 //!
+//! At a clean stop (`Auditor::stop`) the writer checkpoints the `agent_stopping` record and
+//! anchors that checkpoint; without a signing key it anchors the `agent_stopping` record
+//! itself (an unsigned anchor: seq and hash, no signature), which `verify` uses the same way.
+//!
 //! Keys are PKCS#8 PEM files. A missing key file is generated (mode 0600) together with
 //! `<key>.pub` (SubjectPublicKeyInfo PEM), which is what `verify --pubkey` wants.
 #![forbid(unsafe_code)]

@@ -29,8 +29,8 @@ pub enum AuditCommand {
         /// Check checkpoint signatures with this ed25519 public key (PEM).
         #[arg(long, value_name = "FILE")]
         pubkey: Option<PathBuf>,
-        /// A file with checkpoint records (e.g. a journal export) to detect a cut-off tail;
-        /// FILE.anchor next to the audit file is used automatically.
+        /// A file with checkpoint or agent_stopping records (e.g. a journal export) to
+        /// detect a cut-off tail; FILE.anchor next to the audit file is used automatically.
         #[arg(long, value_name = "FILE")]
         anchor: Vec<PathBuf>,
     },

@@ -28,6 +28,7 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod cli;
+pub mod lifecycle;
 pub mod query;
 pub mod sink;
 pub mod verify;
@@ -55,6 +56,7 @@ use tokio::sync::oneshot;
 pub use self::{
     chain::ChainHash,
     checkpoint::Checkpoint,
+    lifecycle::{Clock, SystemClock},
     sink::{Fsync, Rotation, SinkFile, SinkOpener},
 };
 
@@ -210,6 +212,30 @@ pub struct Record {
     /// (`content_length_with_transfer_encoding`, `chunk_size_invalid`, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<String>,
+    /// On `agent_started` records only: the agent's version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// On `agent_started` records only: whether the previous run ended cleanly (its last
+    /// lifecycle record is `agent_stopping` and no torn tail was cut). Absent when there
+    /// was no previous chain to look at (a new chain, or no file sink).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clean: Option<bool>,
+    /// On `agent_started`, `policy_reloaded` and `policy_rejected` records: SHA-256 of the
+    /// policy directory's files (see [`lifecycle::policy_hash`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
+    /// On `agent_stopping`, `policy_reloaded` and `policy_rejected` records: what caused it
+    /// (`SIGTERM`, `SIGINT`, `SIGHUP`, `start`, `policy directory changed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// On `policy_rejected` records only: the errors, `file:line:col: message`, clipped
+    /// (see [`lifecycle::clip_errors`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<String>>,
+    /// On `clock_step` records only: by how much the wall clock moved beyond the monotonic
+    /// clock since the record before, µs (negative: stepped backwards).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_step_us: Option<i64>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -243,6 +269,12 @@ impl Record {
             count: None,
             truncated_bytes: None,
             error_kind: None,
+            version: None,
+            clean: None,
+            policy_hash: None,
+            trigger: None,
+            errors: None,
+            clock_step_us: None,
             prev: chain::GENESIS,
         }
     }
@@ -352,6 +384,8 @@ impl Shared {
 pub(crate) struct Entry {
     pub(crate) record: Record,
     pub(crate) written: Option<oneshot::Sender<()>>,
+    /// The `agent_stopping` record of [`Auditor::stop`]: checkpoint and anchor after it.
+    pub(crate) stop: bool,
 }
 
 /// Resolves once the writer has handed one record to every sink (see
@@ -422,6 +456,17 @@ impl Auditor {
         opener: SinkOpener,
         stdout: Box<dyn io::Write + Send>,
     ) -> Result<(Self, thread::JoinHandle<()>), AuditError> {
+        Self::start_with_clock(sinks, opener, stdout, Arc::new(SystemClock::default()))
+    }
+
+    /// [`Auditor::start_with`] with the clocks the writer compares for `clock_step`
+    /// records supplied: the seam for tests that step the wall clock.
+    pub fn start_with_clock(
+        sinks: &Sinks,
+        opener: SinkOpener,
+        stdout: Box<dyn io::Write + Send>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, thread::JoinHandle<()>), AuditError> {
         let host: Arc<str> = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
@@ -429,7 +474,15 @@ impl Auditor {
             .into();
         let shared = Arc::new(Shared::new());
         let (tx, rx) = sync_channel(QUEUE);
-        let writer = writer::Writer::open(sinks, opener, stdout, rx, shared.clone(), host.clone())?;
+        let writer = writer::Writer::open(
+            sinks,
+            opener,
+            stdout,
+            rx,
+            shared.clone(),
+            host.clone(),
+            clock,
+        )?;
         let handle = thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run())
@@ -454,7 +507,15 @@ impl Auditor {
     fn send(&self, mut record: Record, written: Option<oneshot::Sender<()>>) {
         record.host = self.host.to_string();
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Entry { record, written }).is_err() {
+        if self
+            .tx
+            .send(Entry {
+                record,
+                written,
+                stop: false,
+            })
+            .is_err()
+        {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             // Only after shutdown; the writer is gone, so say so loudly.
             tracing::error!("audit writer stopped; record lost at shutdown");
@@ -476,6 +537,7 @@ impl Auditor {
         match self.tx.try_send(Entry {
             record,
             written: None,
+            stop: false,
         }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {

@@ -919,7 +919,7 @@ fn tamper_remove_the_whole_tail() {
     assert!(report.ok());
     assert!(
         report.notes.iter().any(|n| n.contains(
-            "verified up to seq 15; tail truncation is detectable only against a signed checkpoint"
+            "verified up to seq 15; tail truncation is detectable only against an anchor"
         )),
         "{:?}",
         report.notes
@@ -1010,6 +1010,8 @@ fn validate(schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
             "integer" => value.is_u64() || value.is_i64(),
             "null" => value.is_null(),
             "object" => value.is_object(),
+            "boolean" => value.is_boolean(),
+            "array" => value.is_array(),
             other => panic!("type {other} not supported by the test"),
         });
         assert!(ok, "{at}: {value} is not of type {types:?}");
@@ -1025,6 +1027,11 @@ fn validate(schema: &serde_json::Value, value: &serde_json::Value, at: &str) {
             regex::Regex::new(pattern).unwrap().is_match(s),
             "{at}: {s} !~ {pattern}"
         );
+    }
+    if let (Some(items), Some(a)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in a.iter().enumerate() {
+            validate(items, v, &format!("{at}[{i}]"));
+        }
     }
     if let Some(n) = value.as_u64() {
         if let Some(min) = schema.get("minimum").and_then(Value::as_u64) {
@@ -1103,6 +1110,27 @@ fn real_records_match_the_schema() {
     let mut out = Vec::new();
     chain::seal(&mut summary, 1, &chain::GENESIS, &mut out);
     validate(&schema, &serde_json::from_slice(&out).unwrap(), "summary");
+    // Lifecycle records validate too.
+    let mut started = lifecycle::agent_started(Some("ab".repeat(32)));
+    started.clean = Some(false);
+    for (i, mut r) in [
+        started,
+        lifecycle::agent_stopping("SIGTERM"),
+        lifecycle::policy_reloaded(Some("cd".repeat(32)), "SIGHUP"),
+        lifecycle::policy_rejected(None, "SIGHUP", &["a.yaml:1:2: bad"]),
+        lifecycle::clock_step(-3_600_000_000, jiff::Timestamp::now()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut out = Vec::new();
+        chain::seal(&mut r, 1, &chain::GENESIS, &mut out);
+        validate(
+            &schema,
+            &serde_json::from_slice(&out).unwrap(),
+            &format!("lifecycle {i}"),
+        );
+    }
 }
 
 // ---------------------------------------------------------------- command line
@@ -1285,4 +1313,360 @@ fn cli_keygen_writes_a_usable_pair() {
     // Never overwrites.
     let mut sink = Vec::new();
     assert!(run_to(AuditCommand::Keygen { out: key }, &mut sink, false).is_err());
+}
+
+// ---------------------------------------------------------------- lifecycle records
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// One run of the agent as `run.rs` drives it: `agent_started`, `n` samples, then a clean
+/// stop (`agent_stopping`, awaited) or a crash-like exit without one.
+fn agent_run(sinks: &Sinks, n: usize, clean_stop: bool) {
+    let (auditor, handle) = Auditor::start(sinks).unwrap();
+    auditor.record(lifecycle::agent_started(Some("00".repeat(32))));
+    for i in 0..n {
+        auditor.record(sample(i));
+    }
+    if clean_stop {
+        block_on(auditor.stop("SIGTERM").wait()).unwrap();
+    }
+    drop(auditor);
+    handle.join().unwrap();
+}
+
+fn with_reason<'a>(recs: &'a [StoredRecord], reason: &str) -> Vec<&'a StoredRecord> {
+    recs.iter().filter(|r| r.is_audit(reason)).collect()
+}
+
+/// Each lifecycle record kind is written as an ordinary link of the chain.
+#[test]
+fn lifecycle_records_are_chained_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (auditor, handle) = Auditor::start(&file_sinks(&path)).unwrap();
+    auditor.record(lifecycle::agent_started(Some("11".repeat(32))));
+    auditor.record(sample(0));
+    auditor.record(lifecycle::policy_reloaded(Some("22".repeat(32)), "SIGHUP"));
+    auditor.record(lifecycle::policy_rejected(
+        Some("33".repeat(32)),
+        "policy directory changed",
+        &["a.yaml:3:7: unknown field `bogus`"],
+    ));
+    auditor.record(sample(1));
+    block_on(auditor.stop("SIGINT").wait()).unwrap();
+    drop(auditor);
+    handle.join().unwrap();
+
+    let recs = records(&path);
+    assert_contiguous(&recs, 1);
+    let reasons: Vec<_> = recs
+        .iter()
+        .map(|r| r.reason.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "agent_started",
+            "",
+            "policy_reloaded",
+            "policy_rejected",
+            "path_not_allowed",
+            "agent_stopping"
+        ],
+        "{reasons:?}"
+    );
+    let started = &recs[0];
+    assert_eq!(
+        (started.proto.as_str(), started.decision, started.origin),
+        ("audit", Decision::Allow, Some(Fault::Agent))
+    );
+    assert_eq!(started.version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(started.policy_hash, Some("11".repeat(32)));
+    assert_eq!(started.clean, None, "a new chain has no previous run");
+    let reloaded = &recs[2];
+    assert_eq!(reloaded.decision, Decision::Allow);
+    assert_eq!(reloaded.policy_hash, Some("22".repeat(32)));
+    assert_eq!(reloaded.trigger.as_deref(), Some("SIGHUP"));
+    let rejected = &recs[3];
+    assert_eq!(
+        (rejected.decision, rejected.origin),
+        (Decision::Error, Some(Fault::Policy))
+    );
+    assert_eq!(
+        rejected.errors.as_deref(),
+        Some(&["a.yaml:3:7: unknown field `bogus`".to_string()][..])
+    );
+    let stopping = &recs[5];
+    assert_eq!(stopping.decision, Decision::Allow);
+    assert_eq!(stopping.trigger.as_deref(), Some("SIGINT"));
+    // Only these records carry the new fields.
+    assert!(recs[1].version.is_none() && recs[1].policy_hash.is_none());
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 6);
+}
+
+/// A clean stop anchors its `agent_stopping` record even without a signing key, so that
+/// cutting records off the end is detected, with the first missing seq named.
+#[test]
+fn clean_stop_anchors_without_a_key_and_a_cut_tail_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    agent_run(&file_sinks(&path), 8, true);
+    let lines = raw_lines(&path);
+    assert_eq!(lines.len(), 10, "agent_started + 8 + agent_stopping");
+    let anchor = sink::with_suffix(&path, ".anchor");
+    let anchored = fs::read_to_string(&anchor).unwrap();
+    assert_eq!(
+        &anchored,
+        lines.last().unwrap(),
+        "the anchor is the agent_stopping line"
+    );
+    assert!(anchored.contains("\"reason\":\"agent_stopping\""));
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.anchor.as_ref().map(|a| a.1), Some(10));
+    assert!(
+        report.notes.iter().any(|n| n.contains("unsigned anchor")),
+        "{:?}",
+        report.notes
+    );
+    // Cut the last N lines: truncated, naming the first missing seq.
+    for n in [1usize, 3, 9] {
+        write_lines(&path, &lines[..lines.len() - n]);
+        let d = damage_of(std::slice::from_ref(&path));
+        let first_missing = (lines.len() - n + 1) as u64;
+        assert_eq!(d.kind, DamageKind::Truncated, "{d:?}");
+        assert_eq!(d.expected_seq, first_missing, "{d:?}");
+        assert!(
+            d.detail
+                .contains(&format!("records {first_missing}..=10 were removed")),
+            "{}",
+            d.detail
+        );
+    }
+    // The same with the anchor given explicitly, against a copy elsewhere.
+    let copy = dir.path().join("copy.jsonl");
+    write_lines(&copy, &lines[..7]);
+    let report = verify(&VerifyOptions {
+        files: vec![copy],
+        anchors: vec![anchor],
+        ..VerifyOptions::default()
+    })
+    .unwrap();
+    let d = report.damage.unwrap();
+    assert_eq!(
+        (d.kind, d.expected_seq),
+        (DamageKind::Truncated, 8),
+        "{d:?}"
+    );
+}
+
+/// With a signing key, the stop is followed by a signed checkpoint, which is the anchor.
+#[test]
+fn clean_stop_with_a_key_checkpoints_and_anchors_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let key = dir.path().join("audit.key");
+    agent_run(&signed_sinks(&path, &key, 1000), 4, true);
+    let recs = records(&path);
+    let n = recs.len();
+    assert!(recs[n - 2].is_audit(lifecycle::AGENT_STOPPING), "{recs:?}");
+    let cp = recs[n - 1].checkpoint.as_ref().expect("a final checkpoint");
+    assert_eq!(cp.seq, recs[n - 2].seq);
+    let lines = raw_lines(&path);
+    let anchor = fs::read_to_string(sink::with_suffix(&path, ".anchor")).unwrap();
+    assert_eq!(&anchor, lines.last().unwrap());
+    let pubkey = checkpoint::load_verifying_key(&checkpoint::public_key_path(&key)).unwrap();
+    let verify_with_key = || {
+        verify(&VerifyOptions {
+            files: vec![path.clone()],
+            pubkey: Some(pubkey),
+            ..VerifyOptions::default()
+        })
+        .unwrap()
+    };
+    assert!(verify_with_key().ok());
+    write_lines(&path, &lines[..n - 2]);
+    let d = verify_with_key().damage.unwrap();
+    assert_eq!(
+        (d.kind, d.expected_seq),
+        (DamageKind::Truncated, (n - 1) as u64)
+    );
+}
+
+/// The next start says whether the previous run ended with `agent_stopping`.
+#[test]
+fn next_start_says_whether_the_previous_run_stopped_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let sinks = file_sinks(&path);
+    let started = || -> Vec<Option<bool>> {
+        with_reason(&records(&path), lifecycle::AGENT_STARTED)
+            .iter()
+            .map(|r| r.clean)
+            .collect()
+    };
+    agent_run(&sinks, 3, false); // 1: new chain; ends without agent_stopping
+    agent_run(&sinks, 3, true); // 2: previous unclean; stops cleanly
+    agent_run(&sinks, 3, true); // 3: previous clean
+    assert_eq!(started(), [None, Some(false), Some(true)]);
+    // Records after agent_stopping (connections that ended late) do not make it unclean.
+    let (auditor, handle) = Auditor::start(&sinks).unwrap();
+    auditor.record(sample(9));
+    drop(auditor);
+    handle.join().unwrap();
+    agent_run(&sinks, 1, true); // 4: previous clean; stops cleanly
+    // A torn line after it (a crash while writing): unclean, whatever came before.
+    append(&path, b"{\"seq\":99,\"ts\":");
+    agent_run(&sinks, 1, true); // 5: previous unclean
+    assert_eq!(
+        started(),
+        [None, Some(false), Some(true), Some(true), Some(false)]
+    );
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+}
+
+/// A torn tail is cut and `recovered_truncation` is in the file as soon as the writer is
+/// open, before any other record: a second crash before any traffic keeps the evidence.
+#[test]
+fn torn_tail_is_recorded_at_open_before_any_other_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    agent_run(&file_sinks(&path), 3, false);
+    let before = records(&path).len() as u64;
+    append(&path, b"{\"seq\":6,\"ts\":\"2026");
+    let (auditor, handle) = Auditor::start(&file_sinks(&path)).unwrap();
+    // Nothing recorded yet: read the file as a second crash would leave it.
+    let recs = records(&path);
+    assert_eq!(recs.len() as u64, before + 1);
+    let last = recs.last().unwrap();
+    assert!(last.is_recovered_truncation(), "{last:?}");
+    assert_eq!(last.seq, before + 1);
+    assert_eq!(last.truncated_bytes, Some(19));
+    assert!(check(std::slice::from_ref(&path)).ok());
+    auditor.record(lifecycle::agent_started(None));
+    drop(auditor);
+    handle.join().unwrap();
+    let recs = records(&path);
+    assert!(recs[before as usize].is_recovered_truncation());
+    assert!(recs[before as usize + 1].is_audit(lifecycle::AGENT_STARTED));
+    assert_eq!(recs[before as usize + 1].clean, Some(false));
+    assert_contiguous(&recs, 1);
+}
+
+/// A clock whose wall time the test sets.
+#[derive(Debug)]
+struct FakeClock(Mutex<(Duration, jiff::Timestamp)>);
+
+impl lifecycle::Clock for FakeClock {
+    fn monotonic(&self) -> Duration {
+        self.0.lock().unwrap().0
+    }
+
+    fn wall(&self) -> jiff::Timestamp {
+        self.0.lock().unwrap().1
+    }
+}
+
+/// A wall-clock step between two records writes one `clock_step` record saying by how
+/// much; `verify` reports it (and the backwards `ts`) as notes, not damage.
+#[test]
+fn clock_step_is_recorded_once_and_verify_notes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let now = jiff::Timestamp::now();
+    let clock = Arc::new(FakeClock(Mutex::new((Duration::from_secs(100), now))));
+    let (auditor, handle) = Auditor::start_with_clock(
+        &file_sinks(&path),
+        sink::default_opener(),
+        Box::new(io::sink()),
+        clock.clone(),
+    )
+    .unwrap();
+    let wait_for = |n: usize| wait_until("records written", || records(&path).len() == n);
+    auditor.record(sample(0));
+    wait_for(1);
+    // Both clocks advance 1 s together: no step. Then within the threshold: no step.
+    *clock.0.lock().unwrap() = (Duration::from_secs(101), now + Duration::from_secs(1));
+    auditor.record(sample(1));
+    wait_for(2);
+    *clock.0.lock().unwrap() = (Duration::from_secs(102), now + Duration::from_millis(3500));
+    auditor.record(sample(2));
+    wait_for(3);
+    // The wall clock is set back an hour while 1 s passes.
+    let stepped = now - Duration::from_secs(3600);
+    *clock.0.lock().unwrap() = (Duration::from_secs(103), stepped);
+    auditor.record(sample(3));
+    wait_for(5);
+    *clock.0.lock().unwrap() = (Duration::from_secs(104), stepped + Duration::from_secs(1));
+    auditor.record(sample(4));
+    drop(auditor);
+    handle.join().unwrap();
+
+    let recs = records(&path);
+    assert_contiguous(&recs, 1);
+    let steps = with_reason(&recs, lifecycle::CLOCK_STEP);
+    assert_eq!(steps.len(), 1, "{recs:?}");
+    let step = steps[0];
+    assert_eq!(
+        step.seq, 4,
+        "just before the first record sealed after the step"
+    );
+    assert_eq!(step.decision, Decision::Error);
+    // Wall: from now+3.5 s to now-3600 s; monotonic: +1 s.
+    assert_eq!(step.clock_step_us, Some(-3_604_500_000));
+    assert_eq!(step.ts, format!("{stepped:.6}"));
+    let report = check(std::slice::from_ref(&path));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.clock_steps, 1);
+    assert_eq!(report.ts_steps_back, 1, "{:?}", report.notes);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("clock_step") && n.contains("-3604.500 s")),
+        "{:?}",
+        report.notes
+    );
+    assert!(
+        report.notes.iter().any(|n| n.contains("ts goes back")),
+        "{:?}",
+        report.notes
+    );
+}
+
+/// A rejected policy is recorded with the loader's `file:line:col` errors.
+#[test]
+fn policy_rejected_carries_file_line_col() {
+    let policies = tempfile::tempdir().unwrap();
+    fs::write(policies.path().join("broken.yaml"), "workload: [unclosed\n").unwrap();
+    let errors = crate::policy::Snapshot::load_dir(policies.path()).unwrap_err();
+    let hash = lifecycle::policy_hash(policies.path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (auditor, handle) = Auditor::start(&file_sinks(&path)).unwrap();
+    auditor.record(lifecycle::policy_rejected(
+        Some(hash.clone()),
+        "SIGHUP",
+        &errors.0,
+    ));
+    drop(auditor);
+    handle.join().unwrap();
+    let recs = records(&path);
+    let r = &recs[0];
+    assert!(r.is_audit(lifecycle::POLICY_REJECTED));
+    assert_eq!(r.policy_hash.as_deref(), Some(hash.as_str()));
+    let errs = r.errors.as_ref().unwrap();
+    assert_eq!(errs.len(), errors.0.len());
+    let re = regex::Regex::new(r"broken\.yaml:\d+:\d+: ").unwrap();
+    assert!(re.is_match(&errs[0]), "{errs:?}");
+    assert!(check(std::slice::from_ref(&path)).ok());
 }

@@ -11,16 +11,22 @@
 //! | `edited` | the line is not a valid record, or its hash does not match its content, or it links to its predecessor's position but not its content (the predecessor was altered and rehashed) |
 //! | `deleted` | `seq` jumps forward and the record it links to is nowhere later: records are missing |
 //! | `reordered` | the record it links to appears *later*, or `seq` goes backwards/repeats within a file |
-//! | `truncated` | the last line is torn (no newline), or the chain ends before a signed checkpoint from an anchor |
+//! | `truncated` | the last line is torn (no newline), or the chain ends before the anchor (a signed checkpoint, or the `agent_stopping` record of a clean stop) |
 //! | `spliced` | at a file boundary, the first record does not continue the previous file's chain |
 //! | `bad_signature` | a checkpoint (or the anchor) does not verify with `--pubkey` |
 //!
 //! **Tail truncation.** Removing whole records from the end leaves a valid, shorter chain:
-//! the chain alone cannot tell. It is detected only against a signed checkpoint kept
-//! elsewhere: the anchor file `FILE.anchor` the agent keeps next to the live file (used
-//! automatically when the live file is among the files verified), or any file given with `--anchor` that contains checkpoint
-//! records (e.g. `journalctl -o cat` output). Without one, `verify` says how far it
-//! verified and that tail truncation is detectable only against a signed checkpoint.
+//! the chain alone cannot tell. It is detected only against an anchor kept elsewhere: the
+//! anchor file `FILE.anchor` the agent keeps next to the live file (used automatically when
+//! the live file is among the files verified), or any file given with `--anchor` that
+//! contains checkpoint or `agent_stopping` records (e.g. `journalctl -o cat` output). An
+//! anchor is a signed checkpoint record, or, without a signing key, the `agent_stopping`
+//! record of a clean stop (unsigned: it vouches for its seq and hash only; whoever can
+//! rewrite the file and the anchor can forge it). Without one, `verify` says how far it
+//! verified and that tail truncation is detectable only against an anchor.
+//!
+//! **Clock steps.** `ts` follows the wall clock, which may step; `seq` orders the chain. A
+//! `ts` more than 1 s before the record before, and each `clock_step` record, are notes.
 //!
 //! Verifying a set the agent is writing can race with a write (a torn last line) or a
 //! rotation (files renamed during the walk); run it again before concluding.
@@ -43,8 +49,14 @@ use ed25519_dalek::VerifyingKey;
 use super::{
     chain::{self, ChainHash, GENESIS, StoredRecord},
     checkpoint::{self, Checkpoint},
-    sink,
+    lifecycle, sink,
 };
+
+/// A `ts` this much (µs) before the record before is reported (records are stamped when
+/// decided and sealed in queue order, so small steps back are normal).
+const BACKWARDS_NOTICE_US: i64 = 1_000_000;
+/// Backwards steps reported one by one; beyond, a count.
+const MAX_STEP_NOTES: u64 = 10;
 
 /// What to verify.
 #[derive(Clone, Debug, Default)]
@@ -132,6 +144,10 @@ pub struct Report {
     pub anchor: Option<(PathBuf, u64)>,
     /// Remarks that do not make the chain bad.
     pub notes: Vec<String>,
+    /// `clock_step` records seen.
+    pub clock_steps: u64,
+    /// Records whose `ts` is more than 1 s before the record before (a clock step).
+    pub ts_steps_back: u64,
     /// The first damage, if any.
     pub damage: Option<Damage>,
 }
@@ -200,23 +216,38 @@ pub enum VerifyError {
         /// The error.
         error: io::Error,
     },
-    /// An anchor file given holds no checkpoint record.
-    #[error("{path}: no checkpoint record found")]
+    /// An anchor file given holds no checkpoint record (nor `agent_stopping` record).
+    #[error("{path}: no checkpoint or agent_stopping record found")]
     NoCheckpoint {
         /// The file.
         path: PathBuf,
     },
 }
 
-/// The newest signed checkpoint found in the anchors.
+/// The newest anchor found: a signed checkpoint record, or an `agent_stopping` record
+/// (unsigned: its seq and hash).
 #[derive(Clone, Debug)]
 struct Anchor {
     source: PathBuf,
     line: u64,
-    checkpoint: Checkpoint,
-    /// The checkpoint record's own seq and hash.
+    /// The signed point, on a checkpoint record.
+    checkpoint: Option<Checkpoint>,
+    /// The anchor record's own seq and hash.
     record_seq: u64,
     record_hash: ChainHash,
+}
+
+impl Anchor {
+    /// What it is, for messages.
+    fn describe(&self) -> String {
+        match &self.checkpoint {
+            Some(_) => format!("the signed checkpoint in {}", self.source.display()),
+            None => format!(
+                "the unsigned anchor (agent_stopping record) in {}",
+                self.source.display()
+            ),
+        }
+    }
 }
 
 /// Position of the last good record.
@@ -245,13 +276,17 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
     // walk unless the chain itself is damaged earlier.
     let mut bad_anchor = None;
     if let (Some(a), Some(key)) = (&anchor, &opts.pubkey)
-        && !checkpoint::signature_valid(key, &a.checkpoint)
+        && a.checkpoint
+            .as_ref()
+            .is_some_and(|cp| !checkpoint::signature_valid(key, cp))
     {
         bad_anchor = anchor.take();
     }
     if let Some(a) = &anchor {
-        report.anchor = Some((a.source.clone(), a.checkpoint.seq));
+        report.anchor = Some((a.source.clone(), a.record_seq));
     }
+    let mut last_ts: Option<jiff::Timestamp> = None;
+    let mut steps = Vec::new();
     let mut last: Option<Last> = None;
     let mut recovered = Vec::new();
     let mut last_line = (0usize, 0u64);
@@ -374,13 +409,14 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
             }
             // The anchor's points, where they are in the chain.
             if let Some(a) = &anchor {
-                let anchored = if rec.seq == a.checkpoint.seq {
-                    ChainHash::from_hex(&a.checkpoint.hash)
-                } else if rec.seq == a.record_seq {
-                    Some(a.record_hash)
-                } else {
-                    None
-                };
+                let anchored =
+                    if let Some(cp) = a.checkpoint.as_ref().filter(|cp| cp.seq == rec.seq) {
+                        ChainHash::from_hex(&cp.hash)
+                    } else if rec.seq == a.record_seq {
+                        Some(a.record_hash)
+                    } else {
+                        None
+                    };
                 if let Some(h) = anchored
                     && h != rec.hash
                 {
@@ -388,9 +424,8 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
                         DamageKind::Edited,
                         Some(rec.seq),
                         format!(
-                            "differs from the record the checkpoint in {} vouches for (a \
-                             rewritten chain)",
-                            a.source.display()
+                            "differs from the record {} vouches for (a rewritten chain)",
+                            a.describe()
                         ),
                     ));
                     break 'files;
@@ -408,6 +443,39 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
                     rec.seq.saturating_sub(1)
                 ));
             }
+            // The wall clock may step (the writer records a clock_step): seq orders the
+            // chain, so a backwards ts is a notice, not damage.
+            if rec.is_audit(lifecycle::CLOCK_STEP) {
+                report.clock_steps += 1;
+                steps.push(format!(
+                    "{}:{} seq {}: clock_step: the wall clock moved {:+.3} s beyond the \
+                     monotonic clock",
+                    path.display(),
+                    ln,
+                    rec.seq,
+                    rec.clock_step_us.unwrap_or(0) as f64 / 1e6
+                ));
+            }
+            if let Ok(ts) = rec.ts.parse::<jiff::Timestamp>() {
+                if let Some(before) = last_ts
+                    && before.as_microsecond() - ts.as_microsecond() > BACKWARDS_NOTICE_US
+                {
+                    report.ts_steps_back += 1;
+                    if report.ts_steps_back <= MAX_STEP_NOTES {
+                        steps.push(format!(
+                            "{}:{} seq {}: ts goes back {:.3} s ({} after {}); records are \
+                             ordered by seq",
+                            path.display(),
+                            ln,
+                            rec.seq,
+                            (before.as_microsecond() - ts.as_microsecond()) as f64 / 1e6,
+                            rec.ts,
+                            before
+                        ));
+                    }
+                }
+                last_ts = Some(ts);
+            }
             report.records += 1;
             report.first_seq.get_or_insert(rec.seq);
             report.last_seq = Some(rec.seq);
@@ -420,6 +488,13 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
         }
     }
     report.notes.extend(recovered);
+    if report.ts_steps_back > MAX_STEP_NOTES {
+        steps.push(format!(
+            "ts goes back by more than 1 s at {} records in all",
+            report.ts_steps_back
+        ));
+    }
+    report.notes.extend(steps);
     if report.damage.is_some() {
         return Ok(report);
     }
@@ -443,7 +518,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
                 report.notes.push(format!(
                     "the anchor in {} covers seq {}, before the first record given; not checked",
                     a.source.display(),
-                    a.checkpoint.seq
+                    a.record_seq
                 ));
             } else {
                 let (fi, ln) = last_line;
@@ -454,9 +529,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
                     expected_seq: end_seq + 1,
                     kind: DamageKind::Truncated,
                     detail: format!(
-                        "the chain ends at seq {end_seq}, but the signed checkpoint in {} \
-                         (line {}) covers seq {}: records {}..={} were removed from the end",
-                        a.source.display(),
+                        "the chain ends at seq {end_seq}, but {} (line {}) covers seq {}: \
+                         records {}..={} were removed from the end",
+                        a.describe(),
                         a.line,
                         a.record_seq,
                         end_seq + 1,
@@ -466,17 +541,18 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
             }
         }
         Some(a) => report.notes.push(format!(
-            "tail checked against the signed checkpoint in {} (seq {}); records after it are \
-             protected by the hash chain only",
-            a.source.display(),
-            a.checkpoint.seq
+            "tail checked against {} (seq {}); records after it are protected by the hash \
+             chain only",
+            a.describe(),
+            a.record_seq
         )),
         None => report.notes.push(format!(
-            "verified up to seq {end_seq}; tail truncation is detectable only against a signed \
-             checkpoint (none found: no FILE.anchor, no --anchor)"
+            "verified up to seq {end_seq}; tail truncation is detectable only against an anchor \
+             (a signed checkpoint or an agent_stopping record; none found: no FILE.anchor, no \
+             --anchor)"
         )),
     }
-    if anchor.is_some() && opts.pubkey.is_none() {
+    if anchor.as_ref().is_some_and(|a| a.checkpoint.is_some()) && opts.pubkey.is_none() {
         report
             .notes
             .push("the anchor's signature was not checked (no --pubkey)".into());
@@ -640,10 +716,7 @@ fn load_anchor(opts: &VerifyOptions, files: &[PathBuf]) -> Result<Option<Anchor>
             return Err(VerifyError::NoCheckpoint { path });
         }
         for a in found {
-            if best
-                .as_ref()
-                .is_none_or(|b| a.checkpoint.seq > b.checkpoint.seq)
-            {
+            if best.as_ref().is_none_or(|b| a.record_seq > b.record_seq) {
                 best = Some(a);
             }
         }
@@ -677,11 +750,11 @@ fn read_checkpoints(path: &Path) -> Result<Vec<Anchor>, VerifyError> {
         if !p.intact() {
             continue;
         }
-        if let Some(cp) = p.record.checkpoint {
+        if p.record.checkpoint.is_some() || p.record.is_audit(lifecycle::AGENT_STOPPING) {
             out.push(Anchor {
                 source: path.into(),
                 line,
-                checkpoint: cp,
+                checkpoint: p.record.checkpoint,
                 record_seq: p.record.seq,
                 record_hash: p.record.hash,
             });

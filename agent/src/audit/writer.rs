@@ -10,6 +10,12 @@
 //! handle dropped) it writes a final checkpoint, fsyncs, and retries a failing sink for
 //! [`SHUTDOWN_GRACE`]; what still cannot be written is printed on stderr as a last resort.
 //!
+//! At open, a torn tail is cut and the `recovered_truncation` record is written and fsynced
+//! at once. Before sealing each record the writer compares the wall clock with the
+//! monotonic clock and seals a `clock_step` record first if the wall clock stepped. An
+//! `agent_stopping` entry ([`Auditor::stop`](super::Auditor::stop)) is followed by a
+//! checkpoint (when signing) and an anchor; its acknowledgement waits for the anchor.
+//!
 //! After each successful write of the pending records, the writer answers the
 //! [`Written`](super::Written) handles of the records in them, so the proxy can hold each
 //! response until its record is out of the agent's memory.
@@ -39,6 +45,7 @@ use super::{
     Sinks,
     chain::{self, ChainHash, GENESIS, RECOVERED_TRUNCATION},
     checkpoint,
+    lifecycle::{self, AGENT_STARTED, AGENT_STOPPING, CLOCK_STEP_THRESHOLD, Clock, TAIL_WINDOW},
     sink::{self, FileSink, Fsync, Pending, SinkOpener, StdoutSink},
 };
 
@@ -78,6 +85,15 @@ pub(crate) struct Writer {
     retry_at: Option<Instant>,
     failing_since: Option<Instant>,
     last_error_log: Option<Instant>,
+    /// The clocks compared for `clock_step` records.
+    clock: Arc<dyn Clock>,
+    /// Monotonic and wall readings at the last seal.
+    last_clock: Option<(Duration, jiff::Timestamp)>,
+    /// Whether the previous run ended cleanly, for the first `agent_started` record.
+    previous_clean: Option<bool>,
+    /// Whom to tell once an `agent_stopping` record, its checkpoint and the anchor are
+    /// durable.
+    stop_acks: Vec<oneshot::Sender<()>>,
 }
 
 /// Where the chain stands in the existing files.
@@ -91,6 +107,9 @@ struct ChainEnd {
     last: Option<(u64, ChainHash)>,
     /// Timestamp of the live file's first record.
     first_ts: Option<jiff::Timestamp>,
+    /// The last lifecycle record near the end: `agent_stopping` (true) or
+    /// `agent_started` (false).
+    stopped: Option<bool>,
 }
 
 impl Writer {
@@ -101,6 +120,7 @@ impl Writer {
         rx: Receiver<Entry>,
         shared: Arc<Shared>,
         host: Arc<str>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Self, AuditError> {
         let signer = match &sinks.signing_key {
             Some(path) => Some(checkpoint::load_or_generate(path)?),
@@ -126,6 +146,12 @@ impl Writer {
             None => (None, ChainEnd::default()),
         };
         let (seq, prev) = end.last.unwrap_or((0, GENESIS));
+        let previous_clean = if end.torn > 0 {
+            Some(false)
+        } else {
+            end.last.map(|_| end.stopped == Some(true))
+        };
+        let last_clock = Some((clock.monotonic(), clock.wall()));
         let mut writer = Self {
             rx,
             acks: Vec::new(),
@@ -145,6 +171,10 @@ impl Writer {
             retry_at: None,
             failing_since: None,
             last_error_log: None,
+            clock,
+            last_clock,
+            previous_clean,
+            stop_acks: Vec::new(),
         };
         if end.torn > 0 {
             let path = writer.file.as_ref().map(|f| f.path().display().to_string());
@@ -160,6 +190,8 @@ impl Writer {
             r.reason = Some(RECOVERED_TRUNCATION.into());
             r.truncated_bytes = Some(end.torn);
             writer.seal(r);
+            // Now, not with the next record: a second crash must not lose the evidence.
+            writer.flush(Instant::now(), true);
         }
         Ok(writer)
     }
@@ -247,15 +279,61 @@ impl Writer {
     /// A record from the queue.
     fn push(&mut self, entry: Entry) {
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-        self.seal(entry.record);
-        if let Some(ack) = entry.written {
+        let mut record = entry.record;
+        if record.clean.is_none()
+            && record.proto == "audit"
+            && record.reason.as_deref() == Some(AGENT_STARTED)
+        {
+            record.clean = self.previous_clean.take();
+        }
+        self.seal(record);
+        if entry.stop {
+            // The final point of this run: checkpoint it (when signing) and anchor it.
+            if self.signer.is_some() {
+                self.checkpoint(Instant::now());
+            } else {
+                let n = self.pending.len();
+                self.anchor = Some(self.pending.bytes(n - 1, n).to_vec());
+            }
+            if let Some(ack) = entry.written {
+                self.stop_acks.push(ack);
+            }
+        } else if let Some(ack) = entry.written {
             self.acks.push(ack);
         }
         self.checkpoint_if_count();
     }
 
-    /// Seals a record into the chain and the pending buffer.
-    fn seal(&mut self, mut record: Record) {
+    /// Seals a record into the chain, preceded by a `clock_step` record if the wall clock
+    /// stepped since the last one.
+    fn seal(&mut self, record: Record) {
+        self.check_clock();
+        self.seal_one(record);
+    }
+
+    /// Compares how far the wall clock and the monotonic clock moved since the last seal.
+    fn check_clock(&mut self) {
+        let mono = self.clock.monotonic();
+        let wall = self.clock.wall();
+        let Some((mono0, wall0)) = self.last_clock.replace((mono, wall)) else {
+            return;
+        };
+        let mono_us = i128::try_from(mono.saturating_sub(mono0).as_micros()).unwrap_or(i128::MAX);
+        let wall_us = i128::from(wall.as_microsecond()) - i128::from(wall0.as_microsecond());
+        let step = wall_us - mono_us;
+        if step.unsigned_abs() <= CLOCK_STEP_THRESHOLD.as_micros() {
+            return;
+        }
+        let step_us = i64::try_from(step).unwrap_or(if step < 0 { i64::MIN } else { i64::MAX });
+        tracing::warn!(
+            step_us,
+            "the wall clock stepped relative to the monotonic clock; recorded as clock_step"
+        );
+        self.seal_one(lifecycle::clock_step(step_us, wall));
+    }
+
+    /// Seals one record into the chain and the pending buffer.
+    fn seal_one(&mut self, mut record: Record) {
         if record.host.is_empty() {
             record.host = self.host.to_string();
         }
@@ -448,6 +526,9 @@ impl Writer {
                 tracing::warn!(anchor = %path.display(), error = %e, "writing the audit anchor failed");
             }
         }
+        for ack in self.stop_acks.drain(..) {
+            let _ = ack.send(());
+        }
     }
 
     /// Last resort at shutdown: the records no sink took go to stderr (the journal).
@@ -542,9 +623,13 @@ fn recover(path: &Path) -> Result<ChainEnd, AuditError> {
     };
     let mut end = end;
     end.first_ts = first_ts;
+    if end.good_len > 0 {
+        end.stopped = last_lifecycle(&file, end.good_len).map_err(open_err)?;
+    }
     if end.last.is_none() {
         let rotated = from_rotated(path)?;
         end.last = rotated.last;
+        end.stopped = rotated.stopped;
     }
     Ok(end)
 }
@@ -564,6 +649,7 @@ fn from_rotated(path: &Path) -> Result<ChainEnd, AuditError> {
     match scan_end(&file, len, false).map_err(|e| open_err(newest, e))? {
         Scan::End(end) if end.torn == 0 => Ok(ChainEnd {
             last: end.last,
+            stopped: last_lifecycle(&file, len).map_err(|e| open_err(newest, e))?,
             ..ChainEnd::default()
         }),
         Scan::End(_) => Err(AuditError::Damaged {
@@ -619,6 +705,7 @@ fn scan_end(file: &File, len: u64, repair: bool) -> io::Result<Scan> {
                     torn,
                     last: Some((p.record.seq, p.record.hash)),
                     first_ts: None,
+                    stopped: None,
                 }));
             }
             Ok(p) => {
@@ -640,6 +727,38 @@ fn scan_end(file: &File, len: u64, repair: bool) -> io::Result<Scan> {
             }
         }
     }
+}
+
+/// The last lifecycle record within the last [`TAIL_WINDOW`] bytes of `[0, len)`:
+/// `Some(true)` for `agent_stopping`, `Some(false)` for `agent_started`, `None` if neither.
+fn last_lifecycle(file: &File, len: u64) -> io::Result<Option<bool>> {
+    let start = len.saturating_sub(TAIL_WINDOW);
+    let mut buf = vec![0; usize::try_from(len - start).unwrap_or(0)];
+    file.read_exact_at(&mut buf, start)?;
+    let mut lines = buf.split(|&b| b == b'\n');
+    if start > 0 {
+        // Starts mid-line.
+        lines.next();
+    }
+    const NEEDLE: &[u8] = b"\"reason\":\"agent_st";
+    for line in lines.rev() {
+        if !line.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+            continue;
+        }
+        let Ok(p) = chain::parse_line(line) else {
+            continue;
+        };
+        if !p.intact() {
+            continue;
+        }
+        if p.record.is_audit(AGENT_STOPPING) {
+            return Ok(Some(true));
+        }
+        if p.record.is_audit(AGENT_STARTED) {
+            return Ok(Some(false));
+        }
+    }
+    Ok(None)
 }
 
 /// A JSON record from before the hash chain: has `seq`, no `hash`.
