@@ -179,7 +179,10 @@ fn a_full_disk_denies_with_503_forwards_nothing_and_recovers() {
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "contiguous seq: {seqs:?}"
     );
-    let allowed = records.iter().filter(|r| r["decision"] == "allow").count();
+    let allowed = records
+        .iter()
+        .filter(|r| r["decision"] == "allow" && r["proto"] != "audit")
+        .count();
     assert_eq!(
         allowed,
         upstream.seen().len(),
@@ -286,15 +289,18 @@ print(len(codes), codes.count(200), codes.count(403))
         records
     };
     assert_eq!(records.len(), 400, "exactly one record per request");
-    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=400).collect::<Vec<u64>>());
+    // The whole chain (agent_started first) is contiguous from 1.
+    let all = agent.all_audit_records();
+    assert_eq!(all[0]["reason"], "agent_started", "{:#}", all[0]);
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<u64>>());
     let ids: std::collections::HashSet<_> =
         records.iter().map(|r| r["request_id"].clone()).collect();
     assert_eq!(ids.len(), 400);
     assert_eq!(upstream.seen().len(), 200);
     let (ok, text) = verify(&[&audit]);
     assert!(ok, "{text}");
-    assert!(text.contains("400 records"), "{text}");
+    assert!(text.contains(&format!("{} records", all.len())), "{text}");
 }
 
 #[test]
@@ -340,4 +346,102 @@ fn kernel_events_are_not_replayed_after_a_restart() {
         .filter(|r| r["reason"] == "port_not_allowed")
         .count();
     assert_eq!(denials, 2, "{records:#?}");
+}
+
+#[test]
+fn lifecycle_records_bracket_each_run_and_a_cut_tail_is_caught_by_the_anchor() {
+    privileged_test("lifecycle_records_bracket_each_run_and_a_cut_tail_is_caught_by_the_anchor");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let upstream = Upstream::start("127.0.0.2");
+    let policies = policy_dir(&[("web.yaml", web(&managed, &upstream))]);
+    let pins = PinDir::new();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config = || AgentConfig::new(policies.path(), &tree, &pins, audit.clone());
+    let reasons = |records: &[serde_json::Value]| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["proto"] == "audit")
+            .map(|r| r["reason"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    let wait_for = |agent: &Agent, reason: &str, n: usize| {
+        for _ in 0..200 {
+            let records = agent.all_audit_records();
+            if records.iter().filter(|r| r["reason"] == reason).count() >= n {
+                return;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        panic!("no {reason} record: {:#?}", agent.all_audit_records());
+    };
+
+    // Run 1: a request, a rejected reload, an accepted reload, a clean stop.
+    let mut agent = Agent::start(config());
+    let out = curl_in(&managed, &["-w", STATUS, &upstream.url("/allowed/1")]);
+    assert_eq!(status_and_body(&out).0, 200);
+    std::fs::write(policies.path().join("bad.yaml"), "workload: [\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for(&agent, "policy_rejected", 1);
+    std::fs::remove_file(policies.path().join("bad.yaml")).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for(&agent, "policy_reloaded", 1);
+    agent.stop();
+    let run1 = read_jsonl(&audit);
+    assert_eq!(run1[0]["reason"], "agent_started", "{:#}", run1[0]);
+    assert!(run1[0]["clean"].is_null(), "a new chain: {:#}", run1[0]);
+    assert!(
+        run1[0]["policy_hash"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64)
+    );
+    let rejected = run1
+        .iter()
+        .find(|r| r["reason"] == "policy_rejected")
+        .unwrap();
+    assert!(
+        rejected["errors"].to_string().contains("bad.yaml:"),
+        "the rejection names file:line:col: {rejected:#}"
+    );
+    assert_eq!(run1.last().unwrap()["reason"], "agent_stopping");
+    assert!(audit.with_extension("jsonl.anchor").is_file());
+    let (ok, text) = verify(&[&audit]);
+    assert!(ok, "{text}");
+
+    // Run 2 knows that run 1 ended cleanly; killed, run 3 knows that run 2 did not.
+    let mut agent = Agent::start(config());
+    wait_for(&agent, "agent_started", 2);
+    agent.kill9();
+    let agent = Agent::start(config());
+    thread::sleep(Duration::from_millis(300));
+    drop(agent);
+    let all = read_jsonl(&audit);
+    let starts: Vec<_> = all
+        .iter()
+        .filter(|r| r["reason"] == "agent_started")
+        .map(|r| r["clean"].clone())
+        .collect();
+    assert_eq!(
+        starts,
+        [serde_json::Value::Null, true.into(), false.into()],
+        "{:?}",
+        reasons(&all)
+    );
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<u64>>());
+    let (ok, text) = verify(&[&audit]);
+    assert!(ok, "{text}");
+
+    // Cutting the tail after the clean stop is detected against the anchor.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = lines[..lines.len() - 2].join("\n") + "\n";
+    std::fs::write(&audit, cut).unwrap();
+    let (ok, text) = verify(&[&audit]);
+    assert!(!ok, "a cut tail verified OK: {text}");
+    assert!(
+        text.contains("truncated") || text.contains("removed"),
+        "{text}"
+    );
 }

@@ -392,8 +392,15 @@ impl Agent {
         }
     }
 
-    /// Audit records written so far.
+    /// Decision records written so far (the audit subsystem's own records, `proto:
+    /// "audit"`: lifecycle, checkpoints, truncation recovery, are left out; see
+    /// [`Agent::all_audit_records`]).
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        decisions(read_jsonl(&self.audit))
+    }
+
+    /// Every record of the chain, lifecycle records included.
+    pub fn all_audit_records(&self) -> Vec<serde_json::Value> {
         read_jsonl(&self.audit)
     }
 
@@ -414,6 +421,15 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The decision records among `records`: without the audit subsystem's own records
+/// (`proto: "audit"`: agent_started/stopping, policy_reloaded/rejected, checkpoints, …).
+pub fn decisions(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    records
+        .into_iter()
+        .filter(|r| r["proto"] != "audit")
+        .collect()
 }
 
 /// Reads a JSON-lines file (missing file: no records).
