@@ -150,6 +150,7 @@
 //! `duplicate_header`, `body_required`, `json_constraint_failed`, `outside_time_window`.
 //! Denial messages never contain header, query or body values.
 
+pub mod addr;
 mod body;
 pub mod canonical;
 pub mod cli;
@@ -169,6 +170,7 @@ use std::collections::hash_map::Entry;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+pub use addr::{AddrClass, AllowInternal, Cidr, Classified, Embedding, Verdict, classify};
 pub use body::{BodyError, DEFAULT_BODY_CAP, Decimal, JsonBody, MAX_JSON_DEPTH, parse_json_body};
 pub use canonical::{CanonicalPath, NormalizeOptions, PathError, normalize, normalize_with};
 pub use decide::{
@@ -180,7 +182,7 @@ pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
 pub use model::{
-    Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
+    Binding, Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
     PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
 };
 pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
@@ -753,7 +755,7 @@ egress:
                 "    port: 443\n    tls_mode: intercept\n"
             ),
             "p.yaml:7:5: egress[0]: unknown field `tls_mode`, expected one of `host`, `port`, \
-             `path_params`, `allow_underscore_headers`, `rate`, `when`, `rules`, `cidr`, \
+             `path_params`, `allow_underscore_headers`, `allow_internal`, `rate`, `when`, `rules`, `cidr`, \
              `ports`, `protocol`, `tls`, `upstream_tls`, `credential`"
         );
         assert_eq!(

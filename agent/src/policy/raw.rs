@@ -43,6 +43,16 @@ pub(crate) enum Dns {
     Resolvers(Vec<String>),
 }
 
+/// `allow_internal:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "`true`, `false` or a list of CIDRs")]
+pub(crate) enum AllowInternal {
+    /// `true` or `false`.
+    Flag(bool),
+    /// Address ranges, e.g. `[10.0.0.0/8]`.
+    Ranges(Vec<String>),
+}
+
 /// One `egress` entry as written: an HTTP destination (`host`, `port`, `rules`, …) or an
 /// L4 exception (`cidr`, `ports`, `protocol`). Which one is decided in validation, so that
 /// a mix-up gets a precise error with its position.
@@ -60,6 +70,10 @@ pub(crate) struct Egress {
     /// map headers to CGI variables fold `X_Role` and `X-Role` into one).
     #[serde(default)]
     pub allow_underscore_headers: bool,
+    /// Which internal addresses (loopback, private, link-local, …) a name destination may
+    /// be bound to: `true`, or a list of CIDRs. Absent: none.
+    #[serde(default)]
+    pub allow_internal: Option<AllowInternal>,
     /// `N/second|minute|hour` for the whole destination.
     #[serde(default)]
     pub rate: Option<String>,
@@ -136,6 +150,10 @@ pub(crate) struct Destination {
     /// map headers to CGI variables fold `X_Role` and `X-Role` into one).
     #[serde(default)]
     pub allow_underscore_headers: bool,
+    /// Which internal addresses (loopback, private, link-local, …) a name destination may
+    /// be bound to: `true`, or a list of CIDRs. Absent: none.
+    #[serde(default)]
+    pub allow_internal: Option<AllowInternal>,
     /// `N/second|minute|hour` for the whole destination.
     #[serde(default)]
     pub rate: Option<String>,
