@@ -336,9 +336,8 @@ mod tests {
     }
 
     async fn bind(answers: &[&str], allow: AllowInternal, to: &str) -> Result<(), Refused> {
-        let resolver = Resolver::new(
-            StaticLookup::new().with("api.test", answers.iter().map(|a| ip(a))),
-        );
+        let resolver =
+            Resolver::new(StaticLookup::new().with("api.test", answers.iter().map(|a| ip(a))));
         confirm_address(&resolver, &binding(allow), SocketAddr::new(ip(to), 443)).await
     }
 
@@ -349,7 +348,10 @@ mod tests {
     #[tokio::test]
     async fn a_mixed_answer_set_binds_only_to_the_allowed_address() {
         let mixed = ["198.51.100.7", "127.0.0.1"];
-        assert_eq!(reason(bind(&mixed, AllowInternal::No, "198.51.100.7").await), "ok");
+        assert_eq!(
+            reason(bind(&mixed, AllowInternal::No, "198.51.100.7").await),
+            "ok"
+        );
         assert_eq!(
             reason(bind(&mixed, AllowInternal::No, "127.0.0.1").await),
             "destination_internal_address"
@@ -365,7 +367,10 @@ mod tests {
             reason(bind(&mixed, lo, "10.0.0.1").await),
             "destination_internal_address"
         );
-        assert_eq!(reason(bind(&mixed, AllowInternal::All, "10.0.0.1").await), "ok");
+        assert_eq!(
+            reason(bind(&mixed, AllowInternal::All, "10.0.0.1").await),
+            "ok"
+        );
     }
 
     #[tokio::test]

@@ -158,7 +158,10 @@ mod tests {
     async fn static_answers_are_normalised_and_cached() {
         let resolver = Resolver::new(StaticLookup::new().with(
             "api.test",
-            ["::ffff:127.0.0.31".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            [
+                "::ffff:127.0.0.31".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+            ],
         ));
         let want: Vec<IpAddr> = vec![
             "127.0.0.31".parse().unwrap(),

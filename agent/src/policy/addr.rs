@@ -302,7 +302,9 @@ fn classify_v6(ip: Ipv6Addr) -> AddrClass {
     } else if p([0x2001, 0, 0, 0, 0, 0, 0, 0], 23) {
         // IETF protocol assignments (Teredo, 2001::/32, is embedded above); these are
         // the globally reachable ones.
-        let global = [1, 2, 3].iter().any(|&n| ip == Ipv6Addr::new(0x2001, 1, 0, 0, 0, 0, 0, n))
+        let global = [1, 2, 3]
+            .iter()
+            .any(|&n| ip == Ipv6Addr::new(0x2001, 1, 0, 0, 0, 0, 0, n))
             || p([0x2001, 0x3, 0, 0, 0, 0, 0, 0], 32)
             || p([0x2001, 0x4, 0x112, 0, 0, 0, 0, 0], 48)
             || p([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28);
@@ -552,25 +554,75 @@ mod tests {
     #[test]
     fn embedded_ipv4_is_classified_by_the_ipv4() {
         let table: &[(&str, Embedding, &str, AddrClass)] = &[
-            ("::ffff:127.0.0.31", Embedding::V4Mapped, "127.0.0.31", Loopback),
+            (
+                "::ffff:127.0.0.31",
+                Embedding::V4Mapped,
+                "127.0.0.31",
+                Loopback,
+            ),
             ("::ffff:8.8.8.8", Embedding::V4Mapped, "8.8.8.8", Global),
-            ("::ffff:169.254.169.254", Embedding::V4Mapped, "169.254.169.254", LinkLocal),
-            ("::127.0.0.1", Embedding::V4Compatible, "127.0.0.1", Loopback),
+            (
+                "::ffff:169.254.169.254",
+                Embedding::V4Mapped,
+                "169.254.169.254",
+                LinkLocal,
+            ),
+            (
+                "::127.0.0.1",
+                Embedding::V4Compatible,
+                "127.0.0.1",
+                Loopback,
+            ),
             ("::10.1.2.3", Embedding::V4Compatible, "10.1.2.3", Private),
             ("::0.0.0.2", Embedding::V4Compatible, "0.0.0.2", ThisNetwork),
-            ("::ffff:0:192.168.1.1", Embedding::V4Translated, "192.168.1.1", Private),
+            (
+                "::ffff:0:192.168.1.1",
+                Embedding::V4Translated,
+                "192.168.1.1",
+                Private,
+            ),
             ("64:ff9b::7f00:1", Embedding::Nat64, "127.0.0.1", Loopback),
-            ("64:ff9b::a9fe:a9fe", Embedding::Nat64, "169.254.169.254", LinkLocal),
+            (
+                "64:ff9b::a9fe:a9fe",
+                Embedding::Nat64,
+                "169.254.169.254",
+                LinkLocal,
+            ),
             ("64:ff9b::808:808", Embedding::Nat64, "8.8.8.8", Global),
-            ("64:ff9b::c633:6407", Embedding::Nat64, "198.51.100.7", Documentation),
+            (
+                "64:ff9b::c633:6407",
+                Embedding::Nat64,
+                "198.51.100.7",
+                Documentation,
+            ),
             ("2002:7f00:1::", Embedding::SixToFour, "127.0.0.1", Loopback),
-            ("2002:a00:1:1234::5", Embedding::SixToFour, "10.0.0.1", Private),
+            (
+                "2002:a00:1:1234::5",
+                Embedding::SixToFour,
+                "10.0.0.1",
+                Private,
+            ),
             ("2002:6440:1::1", Embedding::SixToFour, "100.64.0.1", Cgnat),
             ("2002:808:808::1", Embedding::SixToFour, "8.8.8.8", Global),
             // Teredo: server 65.54.227.120, client 127.0.0.1 (inverted: 80ff:fffe).
-            ("2001:0:4136:e378:8000:63bf:80ff:fffe", Embedding::Teredo, "127.0.0.1", Loopback),
-            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", Embedding::Teredo, "192.0.2.45", Documentation),
-            ("2001:0:4136:e378::5fff:fffe", Embedding::Teredo, "160.0.0.1", Global),
+            (
+                "2001:0:4136:e378:8000:63bf:80ff:fffe",
+                Embedding::Teredo,
+                "127.0.0.1",
+                Loopback,
+            ),
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                Embedding::Teredo,
+                "192.0.2.45",
+                Documentation,
+            ),
+            (
+                "2001:0:4136:e378::5fff:fffe",
+                Embedding::Teredo,
+                "160.0.0.1",
+                Global,
+            ),
             ("2001::f5ff:fffe", Embedding::Teredo, "10.0.0.1", Private),
         ];
         for (ip, how, v4, want) in table {
@@ -638,12 +690,18 @@ mod tests {
             Cidr::new(ip("fd00::"), 8),
         ]);
         assert_eq!(ranges.check(ip("127.0.0.1")).0, Verdict::AllowedInternal);
-        assert_eq!(ranges.check(ip("::ffff:127.0.0.9")).0, Verdict::AllowedInternal);
+        assert_eq!(
+            ranges.check(ip("::ffff:127.0.0.9")).0,
+            Verdict::AllowedInternal
+        );
         assert_eq!(ranges.check(ip("10.0.0.1")).0, Verdict::InternalDenied);
         assert_eq!(ranges.check(ip("fd00::5")).0, Verdict::AllowedInternal);
         assert_eq!(ranges.check(ip("fc00::5")).0, Verdict::InternalDenied);
         // An embedded address matches only a range written for its IPv6 form.
-        assert_eq!(ranges.check(ip("64:ff9b::7f00:1")).0, Verdict::InternalDenied);
+        assert_eq!(
+            ranges.check(ip("64:ff9b::7f00:1")).0,
+            Verdict::InternalDenied
+        );
         // A range written as IPv4-mapped IPv6 is the IPv4 range.
         let mapped = Cidr::new(ip("::ffff:10.0.0.0"), 104);
         assert_eq!(mapped.to_string(), "10.0.0.0/8");

@@ -177,13 +177,13 @@ pub use decide::{
     Check, Decision, DenyReason, OVERRIDE_HEADERS, Request, RuleFailure, RuleRef, decide,
 };
 pub use error::{PolicyError, PolicyErrors};
-pub use explain::{Explanation, explain};
+pub use explain::{AddressReport, BindingReport, Explanation, binding_report, explain};
 pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
 pub use model::{
-    Binding, Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
-    PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
+    Binding, Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode,
+    PathPattern, PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
 };
 pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
 pub use when::TimeWindow;
@@ -569,6 +569,97 @@ egress:
         assert!(w.destinations[0].allows_underscore_headers());
         let snap = load(&[("p.yaml", BASE)]).unwrap();
         assert!(!snap.workload(WorkloadId(0)).unwrap().destinations[0].allows_underscore_headers());
+    }
+
+    #[test]
+    fn allow_internal_and_numeric_hosts_in_policy_check() {
+        use crate::policy::{AllowInternal, Cidr};
+        let with =
+            |field: &str| BASE.replace("    port: 443\n", &format!("    port: 443\n{field}"));
+        let dest = |text: &str| {
+            let snap = load(&[("p.yaml", text)]).unwrap_or_else(|e| panic!("{e:#?}"));
+            snap.workload(WorkloadId(0)).unwrap().destinations[0]
+                .allow_internal()
+                .clone()
+        };
+        assert_eq!(dest(BASE), AllowInternal::No);
+        assert_eq!(
+            dest(&with("    allow_internal: false\n")),
+            AllowInternal::No
+        );
+        assert_eq!(
+            dest(&with("    allow_internal: true\n")),
+            AllowInternal::All
+        );
+        assert_eq!(
+            dest(&with("    allow_internal: [127.0.0.0/8, \"fd00::/8\"]\n")),
+            AllowInternal::Ranges(vec![
+                Cidr::new("127.0.0.0".parse().unwrap(), 8),
+                Cidr::new("fd00::".parse().unwrap(), 8),
+            ])
+        );
+        let one = |text: &str| {
+            let errs = errors(&[("p.yaml", text)]);
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            errs.into_iter().next().unwrap()
+        };
+        assert_eq!(
+            one(&with("    allow_internal: [127.0.0.0/8, 10.0.0.1/8]\n")),
+            "p.yaml:7:35: egress[0].allow_internal[1]: \"10.0.0.1/8\": host bits are set; \
+             write the network address"
+        );
+        assert_eq!(
+            one(&with("    allow_internal: [localhost]\n")),
+            "p.yaml:7:22: egress[0].allow_internal[0]: \"localhost\": expected ADDRESS/PREFIX, \
+             e.g. 192.0.2.10/32"
+        );
+        assert_eq!(
+            one(&with("    allow_internal: []\n")),
+            "p.yaml:7:21: egress[0].allow_internal: \"[]\": an empty list allows nothing; omit \
+             `allow_internal` (or write `false`)"
+        );
+        let e = one(&with("    allow_internal: yes\n"));
+        assert!(
+            e.starts_with("p.yaml:7:21: egress[0].allow_internal: ")
+                && e.contains("`true`, `false` or a list of CIDRs"),
+            "{e}"
+        );
+        let e = one(&with("    allow_internal: true\n")
+            .replace("host: api.example.com", "host: \"127.0.0.1\""));
+        assert!(
+            e.starts_with("p.yaml:7:21: egress[0].allow_internal: \"127.0.0.1\": an IP-literal")
+                && e.contains("applies to DNS names only"),
+            "{e}"
+        );
+        // An L4 exception has no allow_internal.
+        let l4 = "workload: db\nselect:\n  cgroup: /db\negress:\n  - cidr: 10.0.0.0/8\n    ports: [5432]\n    allow_internal: true\n";
+        let e = one(l4);
+        assert!(
+            e.starts_with("p.yaml:5:11: egress[0].cidr: ") && e.contains("HTTP fields"),
+            "{e}"
+        );
+        // Numeric-looking names: refused with the position of the value.
+        for host in [
+            "0x7f.0x21",
+            "2130706433",
+            "127.1",
+            "0xa9fea9fe",
+            "017700000001",
+        ] {
+            let e = one(&BASE.replace("host: api.example.com", &format!("host: {host}")));
+            assert!(
+                e.starts_with(&format!(
+                    "p.yaml:5:11: egress[0].host: \"{host}\" is not a valid host: the last label"
+                )) && e.contains("inet_aton"),
+                "{e}"
+            );
+        }
+        let e = one(&BASE.replace("host: api.example.com", "host: bücher.example"));
+        assert!(
+            e.starts_with("p.yaml:5:11: egress[0].host: \"bücher.example\" is not a valid host: a DNS name is ASCII")
+                && e.contains("xn--"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1095,7 +1095,8 @@ impl TryFrom<raw::Destination> for Destination {
                 path: "rules".to_owned(),
             }));
         }
-        let allow_internal = parse_allow_internal(raw.allow_internal, &host, &raw.host, &mut errors);
+        let allow_internal =
+            parse_allow_internal(raw.allow_internal, &host, &raw.host, &mut errors);
         let loopback = matches!(host, Some(Host::Ip(ip)) if ip.is_loopback());
         let credential_for = |raw: Option<raw::Credential>,
                               path: &str,
@@ -1868,7 +1869,12 @@ mod tests {
             assert!(!lo.matches_authority(spelling), "{spelling}");
         }
         let meta = Host::Ip(IpAddr::from([169, 254, 169, 254]));
-        for spelling in ["0xa9fea9fe", "2852039166", "0251.0376.0251.0376", "169.254.43518"] {
+        for spelling in [
+            "0xa9fea9fe",
+            "2852039166",
+            "0251.0376.0251.0376",
+            "169.254.43518",
+        ] {
             assert!(!meta.matches_authority(spelling), "{spelling}");
         }
     }

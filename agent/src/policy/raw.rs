@@ -44,13 +44,38 @@ pub(crate) enum Dns {
 }
 
 /// `allow_internal:` as written.
-#[derive(Debug, Deserialize)]
-#[serde(untagged, expecting = "`true`, `false` or a list of CIDRs")]
+#[derive(Debug)]
 pub(crate) enum AllowInternal {
     /// `true` or `false`.
     Flag(bool),
     /// Address ranges, e.g. `[10.0.0.0/8]`.
     Ranges(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for AllowInternal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AllowInternal;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`true`, `false` or a list of CIDRs")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AllowInternal, E> {
+                Ok(AllowInternal::Flag(v))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AllowInternal, A::Error> {
+                let mut ranges = Vec::new();
+                while let Some(r) = seq.next_element::<String>()? {
+                    ranges.push(r);
+                }
+                Ok(AllowInternal::Ranges(ranges))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// One `egress` entry as written: an HTTP destination (`host`, `port`, `rules`, …) or an
