@@ -279,6 +279,7 @@ fn run_explain(
     let mut explanation = explain(&snapshot, &req);
     explanation.binding = w
         .destination_for(&target.host, target.port)
+        .filter(|(_, d)| matches!(d.host, super::Host::Name(_)))
         .and_then(|(_, d)| binding_report(d, lookup(&d.host.to_string(), target.port)));
     let bindable = explanation
         .binding

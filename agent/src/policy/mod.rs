@@ -35,6 +35,7 @@
 //!   - host: api.example.com         # DNS name or IP literal ("::1" or "[::1]", quoted)
 //!     port: 443
 //!     path_params: false            # true: accept ';' path parameters (see below)
+//!     allow_internal: false         # names only: true | [CIDR, …] may bind internal answers
 //!     rate: 100/minute              # optional: N/second | N/minute | N/hour
 //!     when:                         # optional time window for the whole destination
 //!       days: [mon, tue, wed, thu, fri]
@@ -91,7 +92,16 @@
 //!
 //! **Destinations.** The request's authority host (case-insensitive; IP literals as
 //! addresses) and the ORIGINAL destination port select one destination; none is
-//! `destination_not_allowed`.
+//! `destination_not_allowed`. Names are never numeric: `policy check` refuses a host
+//! whose last label a resolver (inet_aton) reads as a number (`127.1`, `0x7f.0x1`,
+//! `2130706433`), and an IP-literal destination matches only a canonical literal.
+//!
+//! **Destination binding** (in the proxy, before any rule; [`addr`]). The connection's
+//! original address must equal an IP-literal host, or be among a name's current DNS
+//! answers AND be of a class the destination may reach: a name bound to an internal
+//! address (loopback, private, link-local and the metadata service, CGNAT, ULA, multicast,
+//! reserved, …, and IPv6 forms embedding such an IPv4) is `destination_internal_address`
+//! unless `allow_internal` is `true` or lists a range holding it.
 //!
 //! **Paths.** Requests are matched on their canonical path ([`canonical`]), the form that
 //! is also forwarded. Pattern literals are canonical and case-sensitive; `{name}` matches
@@ -1388,6 +1398,7 @@ mod readme_tests {
             "host:",
             "port:",
             "path_params:",
+            "allow_internal:",
             "rate:",
             "when:",
             "rules:",
