@@ -3,7 +3,8 @@
 //! In order: the port the request names must be the port the kernel recorded; the
 //! connection's original address must belong to the destination the request names
 //! (destination binding comes before any rule, so a request to the wrong address is
-//! always `destination_address_mismatch`); then the pure [`policy::decide`] on exactly the
+//! always `destination_address_mismatch`, and a name destination bound to an internal
+//! address without `allow_internal` is `destination_internal_address`); then the pure [`policy::decide`] on exactly the
 //! outbound request; then the rate limits of the allowing rule. Only then is the
 //! credential injected, into the one header that `policy check` forbids rules to
 //! constrain, so the decision is the same with or without it.
@@ -22,7 +23,7 @@ use crate::{
     audit::{Fault, Record},
     identify::{Identity, normalize},
     outbound::Outbound,
-    policy::{self, Decision, Host, Mode, RateLimiter},
+    policy::{self, AllowInternal, Decision, Host, Mode, RateLimiter},
     resolve::Resolver,
     secrets::Secrets,
     state::{Body, Enforcement, Refused},
@@ -179,7 +180,7 @@ async fn decide(
     // Binding first: the address must belong to the destination before any rule is read.
     if let Some(i) = outbound.destination() {
         let dest = destination_of(cx.enforcement, outbound, i)?;
-        confirm_address(cx.resolver, &dest.host, cx.identity.original_dst).await?;
+        confirm_address(cx.resolver, dest, cx.identity.original_dst).await?;
     }
     let request = policy::Request {
         workload: outbound.workload(),
@@ -228,14 +229,57 @@ fn destination_of<'e>(
         .ok_or_else(|| Refused::agent("internal_error", "destination index out of range".into()))
 }
 
-/// Confirms that the connection's original address belongs to `host`: an IP literal must
-/// be that address; a DNS name must resolve to it.
+/// What destination binding needs to know of a destination: its host and which internal
+/// addresses a name may be bound to.
+pub trait BindTarget {
+    /// The host, as policy names it.
+    fn host(&self) -> &Host;
+    /// `allow_internal`.
+    fn allow_internal(&self) -> &AllowInternal;
+}
+
+/// A bare host allows no internal address (callers that have the destination pass it).
+impl BindTarget for Host {
+    fn host(&self) -> &Host {
+        self
+    }
+    fn allow_internal(&self) -> &AllowInternal {
+        static NONE: AllowInternal = AllowInternal::No;
+        &NONE
+    }
+}
+
+impl BindTarget for policy::Destination {
+    fn host(&self) -> &Host {
+        &self.host
+    }
+    fn allow_internal(&self) -> &AllowInternal {
+        policy::Destination::allow_internal(self)
+    }
+}
+
+impl BindTarget for policy::Binding {
+    fn host(&self) -> &Host {
+        &self.host
+    }
+    fn allow_internal(&self) -> &AllowInternal {
+        &self.allow_internal
+    }
+}
+
+/// Confirms that the connection's original address belongs to the destination: an IP
+/// literal must be exactly that address (no class check: the policy named it); a DNS name
+/// must resolve to it right now AND the address must be of a class the destination may
+/// reach: internal classes (loopback, private, link-local, CGNAT, ULA, embedded IPv4 of
+/// those, …) only with `allow_internal` ([`policy::addr`]). The connection's address
+/// decides: in a mixed answer set only the allowed addresses can be bound.
 pub async fn confirm_address(
     resolver: &Resolver,
-    host: &Host,
+    dest: &(impl BindTarget + ?Sized),
     original: SocketAddr,
 ) -> Result<(), Refused> {
     let want = normalize(original).ip();
+    let host = dest.host();
     let ok = match host {
         Host::Ip(ip) => normalize(SocketAddr::new(*ip, 0)).ip() == want,
         Host::Name(name) => resolver
@@ -251,12 +295,107 @@ pub async fn confirm_address(
             })?
             .contains(&want),
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(Refused::policy(
+    if !ok {
+        return Err(Refused::policy(
             "destination_address_mismatch",
             format!("the connection was to {original} which is not an address of {host}"),
-        ))
+        ));
+    }
+    if let Host::Name(_) = host {
+        let (verdict, class) = dest.allow_internal().check(want);
+        if !verdict.is_allowed() {
+            return Err(Refused::policy(
+                "destination_internal_address",
+                format!(
+                    "{host} resolves to {want} ({class}), an internal address; a name \
+                     destination reaches internal addresses only with `allow_internal`"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use crate::resolve::StaticLookup;
+    use policy::Cidr;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn binding(allow_internal: AllowInternal) -> policy::Binding {
+        policy::Binding {
+            host: Host::Name("api.test".to_owned()),
+            allow_internal,
+        }
+    }
+
+    async fn bind(answers: &[&str], allow: AllowInternal, to: &str) -> Result<(), Refused> {
+        let resolver =
+            Resolver::new(StaticLookup::new().with("api.test", answers.iter().map(|a| ip(a))));
+        confirm_address(&resolver, &binding(allow), SocketAddr::new(ip(to), 443)).await
+    }
+
+    fn reason(r: Result<(), Refused>) -> &'static str {
+        r.err().map_or("ok", |r| r.reason)
+    }
+
+    #[tokio::test]
+    async fn a_mixed_answer_set_binds_only_to_the_allowed_address() {
+        let mixed = ["198.51.100.7", "127.0.0.1"];
+        assert_eq!(
+            reason(bind(&mixed, AllowInternal::No, "198.51.100.7").await),
+            "ok"
+        );
+        assert_eq!(
+            reason(bind(&mixed, AllowInternal::No, "127.0.0.1").await),
+            "destination_internal_address"
+        );
+        assert_eq!(
+            reason(bind(&mixed, AllowInternal::No, "203.0.113.9").await),
+            "destination_address_mismatch"
+        );
+        let lo = AllowInternal::Ranges(vec![Cidr::new(ip("127.0.0.0"), 8)]);
+        let mixed = ["10.0.0.1", "127.0.0.1"];
+        assert_eq!(reason(bind(&mixed, lo.clone(), "127.0.0.1").await), "ok");
+        assert_eq!(
+            reason(bind(&mixed, lo, "10.0.0.1").await),
+            "destination_internal_address"
+        );
+        assert_eq!(
+            reason(bind(&mixed, AllowInternal::All, "10.0.0.1").await),
+            "ok"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_deny_names_the_address_and_its_class() {
+        let err = bind(&["64:ff9b::7f00:1"], AllowInternal::No, "64:ff9b::7f00:1")
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason, "destination_internal_address");
+        assert_eq!(err.fault, Fault::Policy);
+        assert_eq!(err.status, StatusCode::FORBIDDEN);
+        assert!(
+            err.detail
+                .contains("64:ff9b::7f00:1 (loopback, IPv4 127.0.0.1 in NAT64 64:ff9b::/96)"),
+            "{}",
+            err.detail
+        );
+        // A bare host allows nothing internal; an IP literal is never class-checked.
+        let resolver = Resolver::new(StaticLookup::new().with("api.test", [ip("127.0.0.1")]));
+        let to = SocketAddr::new(ip("127.0.0.1"), 80);
+        let name = Host::Name("api.test".to_owned());
+        assert_eq!(
+            reason(confirm_address(&resolver, &name, to).await),
+            "destination_internal_address"
+        );
+        let literal = Host::Ip(ip("127.0.0.1"));
+        assert_eq!(reason(confirm_address(&resolver, &literal, to).await), "ok");
     }
 }

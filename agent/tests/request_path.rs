@@ -28,12 +28,12 @@ use scopegate::{
     identify::StaticOrigins,
     pipeline::{self, Shared},
     policy::{self, RateLimiter, Snapshot, WorkloadId},
-    resolve::Resolver,
+    resolve::{Resolver, StaticLookup},
     secrets::Secrets,
     state::Enforcement,
     workloads::{CgroupInfo, Resolution},
 };
-use scopegate_common::{FAMILY_V4, Origin};
+use scopegate_common::{FAMILY_V4, FAMILY_V6, Origin};
 
 const CGROUP: u64 = 4242;
 const SECRET: &str = "sk-live-0123456789abcdef";
@@ -224,16 +224,25 @@ egress:
 
 impl Proxy {
     fn start(upstream: SocketAddr) -> Self {
+        Self::start_with(
+            upstream,
+            |secret| policy_text(upstream.port(), secret),
+            Resolver::default(),
+        )
+    }
+
+    /// The proxy with the policy `text(secret_file)` and DNS answered by `resolver`.
+    fn start_with(
+        upstream: SocketAddr,
+        text: impl FnOnce(&Path) -> String,
+        resolver: Resolver,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).unwrap();
-        std::fs::write(
-            policies.join("app.yaml"),
-            policy_text(upstream.port(), &secret),
-        )
-        .unwrap();
+        std::fs::write(policies.join("app.yaml"), text(&secret)).unwrap();
         let snapshot = Arc::new(Snapshot::load_dir(&policies).unwrap_or_else(|e| panic!("{e}")));
         let mut managed = HashMap::new();
         managed.insert(
@@ -268,7 +277,7 @@ impl Proxy {
             origins: origins.clone(),
             auditor,
             upstream: Upstream::new(0, None),
-            resolver: Resolver::default(),
+            resolver,
             limiter: RateLimiter::new(),
             detect_timeout: Duration::from_secs(5),
             leaves: None,
@@ -299,21 +308,32 @@ impl Proxy {
     /// A client connection that the "kernel" attributed to the workload, meant for the
     /// upstream.
     fn connect(&self) -> TcpStream {
+        self.connect_to(self.upstream)
+    }
+
+    /// A client connection that the "kernel" recorded as a connect to `dst` (IPv4 or
+    /// IPv6). The proxy dials `dst` only for a request it admits.
+    fn connect_to(&self, dst: SocketAddr) -> TcpStream {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket
             .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
             .unwrap();
         let local = socket.local_addr().unwrap().as_socket().unwrap();
-        let SocketAddr::V4(dst) = self.upstream else {
-            panic!("v4 upstream")
+        let (dst_ip, family) = match dst {
+            SocketAddr::V4(v4) => ([u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0], FAMILY_V4),
+            SocketAddr::V6(v6) => {
+                let o = v6.ip().octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                ([word(0), word(4), word(8), word(12)], FAMILY_V6)
+            }
         };
         self.origins.insert(
             local,
             Origin {
-                dst_ip: [u32::from_ne_bytes(dst.ip().octets()), 0, 0, 0],
+                dst_ip,
                 dst_port: u32::from(dst.port()),
-                family: FAMILY_V4,
+                family,
                 cgroup_id: CGROUP,
                 pid: std::process::id(),
                 uid: 1000,
@@ -435,7 +455,12 @@ fn read_answer(stream: &mut TcpStream) -> Answer {
 }
 
 fn exchange(proxy: &Proxy, raw: &[u8]) -> Answer {
-    let mut stream = proxy.connect();
+    exchange_to(proxy, proxy.upstream, raw)
+}
+
+/// `raw` on a connection the kernel recorded as a connect to `dst`.
+fn exchange_to(proxy: &Proxy, dst: SocketAddr, raw: &[u8]) -> Answer {
+    let mut stream = proxy.connect_to(dst);
     stream.write_all(raw).unwrap();
     read_answer(&mut stream)
 }
@@ -461,8 +486,30 @@ fn assert_refused(
     reason: &str,
     error_kind: Option<&str>,
 ) {
+    assert_refused_to(
+        recorder,
+        proxy,
+        proxy.upstream,
+        raw,
+        status,
+        reason,
+        error_kind,
+    );
+}
+
+/// [`assert_refused`] on a connection the kernel recorded as a connect to `dst`; returns
+/// the answer.
+fn assert_refused_to(
+    recorder: &Recorder,
+    proxy: &Proxy,
+    dst: SocketAddr,
+    raw: &[u8],
+    status: u16,
+    reason: &str,
+    error_kind: Option<&str>,
+) -> Answer {
     let (before_seen, before_records) = (recorder.seen().len(), proxy.records().len());
-    let answer = exchange(proxy, raw);
+    let answer = exchange_to(proxy, dst, raw);
     let case = String::from_utf8_lossy(raw);
     assert_eq!(answer.status, status, "{case}\n{answer:?}");
     assert!(answer.body.contains(reason), "{case}\n{answer:?}");
@@ -492,6 +539,7 @@ fn assert_refused(
         before_seen,
         "the upstream saw {case:?}"
     );
+    answer
 }
 
 #[test]
@@ -848,4 +896,241 @@ fn read_answer_keep(stream: &mut TcpStream) -> u16 {
     let mut body = vec![0; length];
     stream.read_exact(&mut body).unwrap();
     head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Destination binding: a name is not an address.
+
+/// A policy of name destinations on the upstream's port, one rule each; `extra` lines go
+/// into every destination (e.g. `allow_internal`), per name.
+fn names_policy(port: u16, names: &[(&str, &str)]) -> String {
+    let mut text = "workload: app\nselect:\n  cgroup: /test/app\negress:\n".to_owned();
+    for (i, (name, extra)) in names.iter().enumerate() {
+        text.push_str(&format!(
+            "  - host: {name}\n    port: {port}\n{extra}    rules:\n      - id: r{i}\n        methods: [GET]\n        path: /**\n"
+        ));
+    }
+    text
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+/// The proxy with name destinations answered by `answers`.
+fn names_setup(names: &[(&str, &str)], answers: &[(&str, &[&str])]) -> (Recorder, Proxy) {
+    let recorder = Recorder::start();
+    let lookup = answers.iter().fold(StaticLookup::new(), |l, (name, ips)| {
+        l.with(name, ips.iter().map(|s| ip(s)))
+    });
+    let port = recorder.addr.port();
+    let proxy = Proxy::start_with(
+        recorder.addr,
+        |_| names_policy(port, names),
+        Resolver::new(lookup),
+    );
+    (recorder, proxy)
+}
+
+fn get_name(name: &str, port: u16) -> Vec<u8> {
+    format!("GET /x HTTP/1.1\r\nhost: {name}:{port}\r\n\r\n").into_bytes()
+}
+
+/// The connection's address (the upstream's port) as the kernel would record it.
+fn at(proxy: &Proxy, addr: &str) -> SocketAddr {
+    SocketAddr::new(ip(addr), proxy.upstream.port())
+}
+
+#[test]
+fn name_resolving_to_an_internal_address_is_denied() {
+    let (recorder, proxy) = names_setup(
+        &[("lo.test", ""), ("private.test", "")],
+        &[("lo.test", &["127.0.0.1"]), ("private.test", &["10.0.0.1"])],
+    );
+    let port = proxy.upstream.port();
+    let answer = assert_refused_to(
+        &recorder,
+        &proxy,
+        proxy.upstream,
+        &get_name("lo.test", port),
+        403,
+        "destination_internal_address",
+        None,
+    );
+    assert!(
+        answer
+            .body
+            .contains("lo.test resolves to 127.0.0.1 (loopback), an internal address"),
+        "{answer:?}"
+    );
+    let record = proxy.records().pop().unwrap();
+    assert_eq!(record["dst"]["ip"], "127.0.0.1", "{record}");
+    // RFC 1918 too (denied before any dial: nothing listens there).
+    let answer = assert_refused_to(
+        &recorder,
+        &proxy,
+        at(&proxy, "10.0.0.1"),
+        &get_name("private.test", port),
+        403,
+        "destination_internal_address",
+        None,
+    );
+    assert!(answer.body.contains("10.0.0.1 (private)"), "{answer:?}");
+    assert!(recorder.seen().is_empty());
+    assert_eq!(proxy.records().len(), 2);
+}
+
+#[test]
+fn allow_internal_true_forwards_to_loopback() {
+    let (recorder, proxy) = names_setup(
+        &[("lo.test", "    allow_internal: true\n")],
+        &[("lo.test", &["127.0.0.1"])],
+    );
+    let answer = exchange(&proxy, &get_name("lo.test", proxy.upstream.port()));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = recorder.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(proxy.redecide(&seen[0]), Ok("r0".to_owned()));
+    let records = proxy.wait_records(1);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["decision"], "allow");
+    assert_eq!(records[0]["rule"], "r0");
+}
+
+#[test]
+fn embedded_ipv4_loopback_answers_are_denied_as_loopback() {
+    let (recorder, proxy) = names_setup(
+        &[("mapped.test", ""), ("nat64.test", "")],
+        &[
+            ("mapped.test", &["::ffff:127.0.0.31"]),
+            ("nat64.test", &["64:ff9b::7f00:1"]),
+        ],
+    );
+    let port = proxy.upstream.port();
+    // The kernel may record the v4-mapped connect as IPv6 or as IPv4: both are 127.0.0.31.
+    for dst in ["::ffff:127.0.0.31", "127.0.0.31"] {
+        let answer = assert_refused_to(
+            &recorder,
+            &proxy,
+            at(&proxy, dst),
+            &get_name("mapped.test", port),
+            403,
+            "destination_internal_address",
+            None,
+        );
+        assert!(answer.body.contains("127.0.0.31 (loopback)"), "{answer:?}");
+    }
+    let answer = assert_refused_to(
+        &recorder,
+        &proxy,
+        at(&proxy, "64:ff9b::7f00:1"),
+        &get_name("nat64.test", port),
+        403,
+        "destination_internal_address",
+        None,
+    );
+    assert!(
+        answer
+            .body
+            .contains("64:ff9b::7f00:1 (loopback, IPv4 127.0.0.1 in NAT64 64:ff9b::/96)"),
+        "{answer:?}"
+    );
+    assert_eq!(proxy.records().len(), 3);
+}
+
+#[test]
+fn a_mixed_answer_set_binds_only_the_allowed_address() {
+    let (recorder, proxy) = names_setup(
+        &[
+            ("mixed.test", ""),
+            ("inside.test", "    allow_internal: [127.0.0.0/8]\n"),
+        ],
+        &[
+            ("mixed.test", &["198.51.100.7", "127.0.0.1"]),
+            ("inside.test", &["10.0.0.1", "127.0.0.1"]),
+        ],
+    );
+    let port = proxy.upstream.port();
+    // Public + loopback, no allow_internal: the connection to loopback is not bound.
+    // (A connection to 198.51.100.7 is: `enforce` unit tests; nothing listens there.)
+    assert_refused_to(
+        &recorder,
+        &proxy,
+        proxy.upstream,
+        &get_name("mixed.test", port),
+        403,
+        "destination_internal_address",
+        None,
+    );
+    // allow_internal [127.0.0.0/8]: the connection to 127.0.0.1 is forwarded ...
+    let answer = exchange(&proxy, &get_name("inside.test", port));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(recorder.seen().len(), 1);
+    assert_eq!(proxy.redecide(&recorder.seen()[0]), Ok("r1".to_owned()));
+    // ... but 10.0.0.1, also in the answers, is still not bindable: the connection's
+    // address decides, not the answer set.
+    let before = proxy.wait_records(2).len();
+    let answer = assert_refused_to(
+        &recorder,
+        &proxy,
+        at(&proxy, "10.0.0.1"),
+        &get_name("inside.test", port),
+        403,
+        "destination_internal_address",
+        None,
+    );
+    assert!(answer.body.contains("10.0.0.1 (private)"), "{answer:?}");
+    assert_eq!(proxy.records().len(), before + 1);
+    // An address outside the answers is still a mismatch.
+    assert_refused_to(
+        &recorder,
+        &proxy,
+        at(&proxy, "127.0.0.2"),
+        &get_name("mixed.test", port),
+        403,
+        "destination_address_mismatch",
+        None,
+    );
+}
+
+#[test]
+fn numeric_hosts_match_no_destination() {
+    // An IP-literal destination 127.0.0.1 and a name destination: inet_aton spellings of
+    // 127.0.0.1 in Host name neither.
+    let recorder = Recorder::start();
+    let port = recorder.addr.port();
+    let proxy = Proxy::start_with(
+        recorder.addr,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: \"127.0.0.1\"\n    port: {port}\n    rules:\n      - id: lit\n        methods: [GET]\n        path: /**\n  - host: lo.test\n    port: {port}\n    allow_internal: true\n    rules:\n      - id: name\n        methods: [GET]\n        path: /**\n"
+            )
+        },
+        Resolver::new(StaticLookup::new().with("lo.test", [ip("127.0.0.1")])),
+    );
+    for spelling in [
+        "0x7f.0x1",
+        "0x7f000001",
+        "2130706433",
+        "017700000001",
+        "127.1",
+        "0177.0.0.1",
+    ] {
+        let raw = format!("GET /x HTTP/1.1\r\nhost: {spelling}:{port}\r\n\r\n");
+        let answer = exchange(&proxy, raw.as_bytes());
+        assert_eq!(answer.status, 403, "{spelling}: {answer:?}");
+        assert!(
+            answer
+                .body
+                .contains("\"reason\":\"destination_not_allowed\""),
+            "{spelling}: {answer:?}"
+        );
+    }
+    assert!(recorder.seen().is_empty());
+    assert_eq!(proxy.records().len(), 6);
+    // The canonical spellings do match.
+    let answer = exchange(&proxy, &get("/x", recorder.addr, ""));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let answer = exchange(&proxy, &get_name("lo.test", port));
+    assert_eq!(answer.status, 200, "{answer:?}");
 }

@@ -138,7 +138,7 @@ fn curl_h2_and_h1_through_interception_reach_nginx_with_a_host() {
     let f = fixture(
         |managed| {
             format!(
-                "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    tls: intercept\n    rules:\n      - id: nginx-hello\n        methods: [GET]\n        path: /hello/**\n"
+                "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    allow_internal: true\n    tls: intercept\n    rules:\n      - id: nginx-hello\n        methods: [GET]\n        path: /hello/**\n"
             )
         },
         vec![

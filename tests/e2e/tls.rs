@@ -221,7 +221,7 @@ fn fixture(pki: &TestPki, policy: impl Fn(&str, &Path) -> String, upstream_ca: &
 fn intercept_policy(port: u16) -> impl Fn(&str, &Path) -> String {
     move |managed, secret| {
         format!(
-            "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    tls: intercept\n    credential:\n      header: Authorization\n      format: \"Bearer {{secret}}\"\n      secret_file: {}\n    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n",
+            "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    allow_internal: true\n    tls: intercept\n    credential:\n      header: Authorization\n      format: \"Bearer {{secret}}\"\n      secret_file: {}\n    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n",
             secret.display()
         )
     }
@@ -367,7 +367,7 @@ fn a_bad_upstream_certificate_gives_502_and_the_credential_is_never_sent() {
 fn passthrough_policy(port: u16) -> impl Fn(&str, &Path) -> String {
     move |managed, _| {
         format!(
-            "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    tls: passthrough\n"
+            "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    allow_internal: true\n    tls: passthrough\n"
         )
     }
 }
@@ -534,7 +534,7 @@ fn plain_http_from_the_workload_goes_upstream_over_verified_tls() {
         &pki,
         move |managed, secret| {
             format!(
-                "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    upstream_tls: true\n    credential:\n      header: Authorization\n      format: \"Token {{secret}}\"\n      secret_file: {}\n    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n",
+                "workload: web\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    allow_internal: true\n    upstream_tls: true\n    credential:\n      header: Authorization\n      format: \"Token {{secret}}\"\n      secret_file: {}\n    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n",
                 secret.display()
             )
         },

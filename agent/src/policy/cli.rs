@@ -7,9 +7,30 @@ use std::path::PathBuf;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use jiff::Timestamp;
 
+use std::net::{IpAddr, ToSocketAddrs};
+
 use super::{
-    BodyError, PathError, PolicyErrors, Request, Snapshot, explain, normalize_with, parse_json_body,
+    BodyError, PathError, PolicyErrors, Request, Snapshot, binding_report, explain, normalize_with,
+    parse_json_body,
 };
+
+/// How `explain` resolves a destination name: the answers, or the error text.
+type Lookup<'a> = &'a dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>;
+
+/// The system resolver (getaddrinfo), as the proxy uses it.
+fn system_lookup(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for addr in (name, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {name}: {e}"))?
+    {
+        let ip = addr.ip().to_canonical();
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
 
 /// The `policy` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -144,15 +165,20 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
             }
         },
         explain @ PolicyCommand::Explain { .. } => {
-            let (allowed, text) = run_explain(explain)?;
+            let (allowed, text) = run_explain(explain, &system_lookup)?;
             println!("{text}");
             Ok(allowed)
         }
     }
 }
 
-/// `explain`: whether the request is allowed, and the text to print.
-fn run_explain(command: PolicyCommand) -> Result<(bool, String), PolicyCliError> {
+/// `explain`: whether the request is allowed, and the text to print. A matched name
+/// destination is resolved with `lookup` to show destination binding; the request counts
+/// as allowed only if some answer may be bound.
+fn run_explain(
+    command: PolicyCommand,
+    lookup: Lookup<'_>,
+) -> Result<(bool, String), PolicyCliError> {
     let PolicyCommand::Explain {
         dir,
         workload,
@@ -250,8 +276,16 @@ fn run_explain(command: PolicyCommand) -> Result<(bool, String), PolicyCliError>
         body: parsed_body.as_ref(),
         at,
     };
-    let explanation = explain(&snapshot, &req);
-    let allowed = explanation.decision == "allow";
+    let mut explanation = explain(&snapshot, &req);
+    explanation.binding = w
+        .destination_for(&target.host, target.port)
+        .filter(|(_, d)| matches!(d.host, super::Host::Name(_)))
+        .and_then(|(_, d)| binding_report(d, lookup(&d.host.to_string(), target.port)));
+    let bindable = explanation
+        .binding
+        .as_ref()
+        .is_none_or(|b| b.any_bindable());
+    let allowed = explanation.decision == "allow" && bindable;
     let text = if json {
         serde_json::to_string_pretty(&explanation)?
     } else {
@@ -377,6 +411,14 @@ egress:
         path: /health
 ";
 
+    /// The test resolver: api.example.com is a documentation address (a public stand-in).
+    fn fixed_lookup(name: &str, _port: u16) -> Result<Vec<IpAddr>, String> {
+        match name {
+            "api.example.com" => Ok(vec!["198.51.100.7".parse().unwrap()]),
+            other => Err(format!("resolving {other}: no such name")),
+        }
+    }
+
     struct Env {
         dir: tempfile::TempDir,
     }
@@ -401,16 +443,19 @@ egress:
                 std::fs::write(&path, b).unwrap();
                 path
             });
-            run_explain(PolicyCommand::Explain {
-                dir: self.dir.path().join("policies"),
-                workload: "billing".to_owned(),
-                request: request.to_owned(),
-                header: header.iter().map(|h| (*h).to_owned()).collect(),
-                body,
-                at: Some("2024-06-03T10:00:00Z".to_owned()),
-                uid: None,
-                json,
-            })
+            run_explain(
+                PolicyCommand::Explain {
+                    dir: self.dir.path().join("policies"),
+                    workload: "billing".to_owned(),
+                    request: request.to_owned(),
+                    header: header.iter().map(|h| (*h).to_owned()).collect(),
+                    body,
+                    at: Some("2024-06-03T10:00:00Z".to_owned()),
+                    uid: None,
+                    json,
+                },
+                &fixed_lookup,
+            )
         }
     }
 
@@ -483,7 +528,9 @@ egress:
              with JSON body)\n\
              workload:  billing (mode enforce)\n\
              decision:  ALLOW by rule create-charge of api.example.com:443\n\
-             rate:      100/minute (destination api.example.com:443)"
+             rate:      100/minute (destination api.example.com:443)\n\
+             binding:   api.example.com resolves to 1 address(es) (allow_internal: none)\n  \
+             198.51.100.7 (documentation): allowed"
         );
         let (_, json) = env
             .explain("GET http://[::1]:8080/health", &[], None, true)
@@ -495,6 +542,103 @@ egress:
         assert_eq!(v["mode"], "enforce");
         assert_eq!(v["request"]["uid"], 1001);
         assert!(v["rules"].as_array().unwrap().is_empty());
+        // An IP-literal destination is bound to exactly its address: no binding report.
+        assert!(v.get("binding").is_none());
+    }
+
+    #[test]
+    fn explains_destination_binding() {
+        let env = env();
+        let policies = env.dir.path().join("policies");
+        std::fs::write(
+            policies.join("internal.yaml"),
+            "workload: fetcher\nselect: {cgroup: /fetcher}\negress:\n  \
+             - {host: mixed.test, port: 80, rules: [{id: m, methods: [GET], path: /**}]}\n  \
+             - {host: inside.test, port: 80, allow_internal: [127.0.0.0/8], \
+                rules: [{id: i, methods: [GET], path: /**}]}\n  \
+             - {host: lo.test, port: 80, rules: [{id: l, methods: [GET], path: /**}]}\n  \
+             - {host: gone.test, port: 80, rules: [{id: g, methods: [GET], path: /**}]}\n",
+        )
+        .unwrap();
+        let lookup = |name: &str, _port: u16| -> Result<Vec<IpAddr>, String> {
+            let ips = |list: &[&str]| list.iter().map(|s| s.parse().unwrap()).collect();
+            match name {
+                "mixed.test" => Ok(ips(&[
+                    "198.51.100.7",
+                    "127.0.0.1",
+                    "::ffff:169.254.169.254",
+                ])),
+                "inside.test" => Ok(ips(&["127.0.0.1", "10.0.0.1"])),
+                "lo.test" => Ok(ips(&["64:ff9b::7f00:1"])),
+                other => Err(format!("resolving {other}: no such name")),
+            }
+        };
+        let run = |url: &str, json: bool| {
+            run_explain(
+                PolicyCommand::Explain {
+                    dir: policies.clone(),
+                    workload: "fetcher".to_owned(),
+                    request: format!("GET {url}"),
+                    header: Vec::new(),
+                    body: None,
+                    at: Some("2024-06-03T10:00:00Z".to_owned()),
+                    uid: None,
+                    json,
+                },
+                &lookup,
+            )
+            .unwrap()
+        };
+        let (allowed, text) = run("http://mixed.test/x", false);
+        assert!(allowed, "{text}");
+        assert!(
+            text.ends_with(
+                "decision:  ALLOW by rule m of mixed.test:80\n\
+                 binding:   mixed.test resolves to 3 address(es) (allow_internal: none)\n  \
+                 198.51.100.7 (documentation): allowed\n  \
+                 127.0.0.1 (loopback): internal, denied (destination_internal_address)\n  \
+                 169.254.169.254 (link-local, cloud metadata service): internal, denied \
+                 (destination_internal_address)"
+            ),
+            "{text}"
+        );
+        let (allowed, text) = run("http://inside.test/x", false);
+        assert!(allowed, "{text}");
+        assert!(
+            text.ends_with(
+                "binding:   inside.test resolves to 2 address(es) (allow_internal: 127.0.0.0/8)\n  \
+                 127.0.0.1 (loopback): allowed (allow_internal)\n  \
+                 10.0.0.1 (private): internal, denied (destination_internal_address)"
+            ),
+            "{text}"
+        );
+        // Every answer internal: the rules allow, the binding does not; exit 1.
+        let (allowed, text) = run("http://lo.test/x", false);
+        assert!(!allowed, "{text}");
+        assert!(
+            text.ends_with(
+                "  64:ff9b::7f00:1 (loopback, IPv4 127.0.0.1 in NAT64 64:ff9b::/96): internal, \
+                 denied (destination_internal_address)\n           \
+                 (no answer may be bound: the proxy denies every request to lo.test with \
+                 destination_internal_address)"
+            ),
+            "{text}"
+        );
+        let (_, json) = run("http://lo.test/x", true);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["decision"], "allow");
+        assert_eq!(v["binding"]["host"], "lo.test");
+        assert_eq!(v["binding"]["addresses"][0]["class"], "loopback");
+        assert_eq!(v["binding"]["addresses"][0]["verdict"], "internal_denied");
+        let (allowed, text) = run("http://gone.test/x", false);
+        assert!(!allowed, "{text}");
+        assert!(
+            text.ends_with(
+                "binding:   resolving gone.test: no such name (the proxy answers 502 \
+                 resolve_failed)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -518,7 +662,9 @@ egress:
              \"expand\" is not allowed\n\
              rules of api.example.com:443:\n  \
                create-charge: path_not_allowed: the path does not match /v1/charges\n  \
-               read-customer: query_param_not_allowed: query parameter \"expand\" is not allowed"
+               read-customer: query_param_not_allowed: query parameter \"expand\" is not allowed\n\
+             binding:   api.example.com resolves to 1 address(es) (allow_internal: none)\n  \
+             198.51.100.7 (documentation): allowed"
         );
         let (allowed, json) = env
             .explain(
@@ -603,30 +749,36 @@ egress:
             false,
         );
         assert!(err(wrong_type).contains("(the proxy answers 415 unsupported_media_type)"));
-        let unknown = run_explain(PolicyCommand::Explain {
-            dir: env.dir.path().join("policies"),
-            workload: "nope".to_owned(),
-            request: "GET https://a/".to_owned(),
-            header: Vec::new(),
-            body: None,
-            at: None,
-            uid: None,
-            json: false,
-        });
+        let unknown = run_explain(
+            PolicyCommand::Explain {
+                dir: env.dir.path().join("policies"),
+                workload: "nope".to_owned(),
+                request: "GET https://a/".to_owned(),
+                header: Vec::new(),
+                body: None,
+                at: None,
+                uid: None,
+                json: false,
+            },
+            &fixed_lookup,
+        );
         assert_eq!(
             err(unknown),
             "--workload \"nope\": no such workload in the policy directory (known: billing)"
         );
-        let bad_time = run_explain(PolicyCommand::Explain {
-            dir: env.dir.path().join("policies"),
-            workload: "billing".to_owned(),
-            request: "GET https://a/".to_owned(),
-            header: Vec::new(),
-            body: None,
-            at: Some("2024-06-03 10:00".to_owned()),
-            uid: None,
-            json: false,
-        });
+        let bad_time = run_explain(
+            PolicyCommand::Explain {
+                dir: env.dir.path().join("policies"),
+                workload: "billing".to_owned(),
+                request: "GET https://a/".to_owned(),
+                header: Vec::new(),
+                body: None,
+                at: Some("2024-06-03 10:00".to_owned()),
+                uid: None,
+                json: false,
+            },
+            &fixed_lookup,
+        );
         assert!(err(bad_time).starts_with(
             "--at \"2024-06-03 10:00\": not an RFC 3339 time with an offset or Z, e.g. \
                  2024-06-03T10:00:00Z ("

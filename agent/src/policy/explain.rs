@@ -6,11 +6,13 @@
 //! that rule fails. Like denial reasons, it never shows header, query or body values.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
+use super::addr::{AddrClass, AllowInternal, Verdict};
 use super::decide::{Check, Decision, Evaluator, Request, RuleFailure, decide};
-use super::model::{Destination, Mode};
+use super::model::{Destination, Host, Mode};
 use super::{Snapshot, matchers};
 
 /// The explanation of one decision. Displays as a short report; serialises to JSON.
@@ -36,6 +38,89 @@ pub struct Explanation {
     pub rate_limits: Vec<String>,
     /// For a denial: why each rule did not allow the request.
     pub rules: Vec<RuleReport>,
+    /// Destination binding of a matched name destination, when the caller resolved it
+    /// ([`binding_report`]; `policy explain` does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingReport>,
+}
+
+/// Destination binding for a name destination: what the name resolves to, each address's
+/// class, and whether a connection to it may be bound.
+#[derive(Clone, Debug, Serialize)]
+pub struct BindingReport {
+    /// The destination's host name.
+    pub host: String,
+    /// `allow_internal` as compiled: `none`, `all`, or the ranges.
+    pub allow_internal: String,
+    /// The resolution error, if the name did not resolve.
+    pub error: Option<String>,
+    /// The answers, in resolver order.
+    pub addresses: Vec<AddressReport>,
+}
+
+impl BindingReport {
+    /// Whether a connection to some answer may be bound (false if none resolved).
+    pub fn any_bindable(&self) -> bool {
+        self.addresses.iter().any(|a| a.verdict.is_allowed())
+    }
+}
+
+/// One answer of a name destination.
+#[derive(Clone, Debug, Serialize)]
+pub struct AddressReport {
+    /// The address.
+    pub address: IpAddr,
+    /// Its class.
+    pub class: AddrClass,
+    /// The class with its details (embedded IPv4, metadata service).
+    pub detail: String,
+    /// Whether a connection to it may be bound.
+    pub verdict: Verdict,
+}
+
+/// The binding report for `dest` given the name's `answers` (None for an IP-literal
+/// destination, which is bound to exactly its address).
+pub fn binding_report(
+    dest: &Destination,
+    answers: Result<Vec<IpAddr>, String>,
+) -> Option<BindingReport> {
+    let Host::Name(name) = &dest.host else {
+        return None;
+    };
+    let allow = dest.allow_internal();
+    let allow_internal = match allow {
+        AllowInternal::No => "none".to_owned(),
+        AllowInternal::All => "all".to_owned(),
+        AllowInternal::Ranges(r) => r
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let (error, addresses) = match answers {
+        Err(e) => (Some(e), Vec::new()),
+        Ok(ips) => (
+            None,
+            ips.into_iter()
+                .map(|ip| {
+                    let ip = ip.to_canonical();
+                    let (verdict, class) = allow.check(ip);
+                    AddressReport {
+                        address: ip,
+                        class: class.class,
+                        detail: class.to_string(),
+                        verdict,
+                    }
+                })
+                .collect(),
+        ),
+    };
+    Some(BindingReport {
+        host: name.clone(),
+        allow_internal,
+        error,
+        addresses,
+    })
 }
 
 /// The request as the policy saw it.
@@ -102,6 +187,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         rule: None,
         rate_limits: Vec::new(),
         rules: Vec::new(),
+        binding: None,
     };
     let Some(workload) = workload else {
         if let Decision::Deny(reason) = &decision {
@@ -260,6 +346,36 @@ impl fmt::Display for Explanation {
                     writeln!(f, "  {}: {code}: {detail}", report.rule)?;
                 }
                 _ => writeln!(f, "  {}: allow", report.rule)?,
+            }
+        }
+        if let Some(b) = &self.binding {
+            match &b.error {
+                Some(e) => writeln!(f, "binding:   {e} (the proxy answers 502 resolve_failed)")?,
+                None => writeln!(
+                    f,
+                    "binding:   {} resolves to {} address(es) (allow_internal: {})",
+                    b.host,
+                    b.addresses.len(),
+                    b.allow_internal
+                )?,
+            }
+            for a in &b.addresses {
+                match a.verdict {
+                    Verdict::InternalDenied => writeln!(
+                        f,
+                        "  {} ({}): internal, denied (destination_internal_address)",
+                        a.address, a.detail
+                    )?,
+                    v => writeln!(f, "  {} ({}): {v}", a.address, a.detail)?,
+                }
+            }
+            if b.error.is_none() && !b.any_bindable() {
+                writeln!(
+                    f,
+                    "           (no answer may be bound: the proxy denies every request to {} \
+                     with destination_internal_address)",
+                    b.host
+                )?;
             }
         }
         Ok(())

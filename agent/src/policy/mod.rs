@@ -35,6 +35,7 @@
 //!   - host: api.example.com         # DNS name or IP literal ("::1" or "[::1]", quoted)
 //!     port: 443
 //!     path_params: false            # true: accept ';' path parameters (see below)
+//!     allow_internal: false         # names only: true | [CIDR, …] may bind internal answers
 //!     rate: 100/minute              # optional: N/second | N/minute | N/hour
 //!     when:                         # optional time window for the whole destination
 //!       days: [mon, tue, wed, thu, fri]
@@ -91,7 +92,16 @@
 //!
 //! **Destinations.** The request's authority host (case-insensitive; IP literals as
 //! addresses) and the ORIGINAL destination port select one destination; none is
-//! `destination_not_allowed`.
+//! `destination_not_allowed`. Names are never numeric: `policy check` refuses a host
+//! whose last label a resolver (inet_aton) reads as a number (`127.1`, `0x7f.0x1`,
+//! `2130706433`), and an IP-literal destination matches only a canonical literal.
+//!
+//! **Destination binding** (in the proxy, before any rule; [`addr`]). The connection's
+//! original address must equal an IP-literal host, or be among a name's current DNS
+//! answers AND be of a class the destination may reach: a name bound to an internal
+//! address (loopback, private, link-local and the metadata service, CGNAT, ULA, multicast,
+//! reserved, …, and IPv6 forms embedding such an IPv4) is `destination_internal_address`
+//! unless `allow_internal` is `true` or lists a range holding it.
 //!
 //! **Paths.** Requests are matched on their canonical path ([`canonical`]), the form that
 //! is also forwarded. Pattern literals are canonical and case-sensitive; `{name}` matches
@@ -150,6 +160,7 @@
 //! `duplicate_header`, `body_required`, `json_constraint_failed`, `outside_time_window`.
 //! Denial messages never contain header, query or body values.
 
+pub mod addr;
 mod body;
 pub mod canonical;
 pub mod cli;
@@ -169,19 +180,20 @@ use std::collections::hash_map::Entry;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+pub use addr::{AddrClass, AllowInternal, Cidr, Classified, Embedding, Verdict, classify};
 pub use body::{BodyError, DEFAULT_BODY_CAP, Decimal, JsonBody, MAX_JSON_DEPTH, parse_json_body};
 pub use canonical::{CanonicalPath, NormalizeOptions, PathError, normalize, normalize_with};
 pub use decide::{
     Check, Decision, DenyReason, OVERRIDE_HEADERS, Request, RuleFailure, RuleRef, decide,
 };
 pub use error::{PolicyError, PolicyErrors};
-pub use explain::{Explanation, explain};
+pub use explain::{AddressReport, BindingReport, Explanation, binding_report, explain};
 pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
 pub use model::{
-    Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode, PathPattern,
-    PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
+    Binding, Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode,
+    PathPattern, PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
 };
 pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
 pub use when::TimeWindow;
@@ -570,6 +582,97 @@ egress:
     }
 
     #[test]
+    fn allow_internal_and_numeric_hosts_in_policy_check() {
+        use crate::policy::{AllowInternal, Cidr};
+        let with =
+            |field: &str| BASE.replace("    port: 443\n", &format!("    port: 443\n{field}"));
+        let dest = |text: &str| {
+            let snap = load(&[("p.yaml", text)]).unwrap_or_else(|e| panic!("{e:#?}"));
+            snap.workload(WorkloadId(0)).unwrap().destinations[0]
+                .allow_internal()
+                .clone()
+        };
+        assert_eq!(dest(BASE), AllowInternal::No);
+        assert_eq!(
+            dest(&with("    allow_internal: false\n")),
+            AllowInternal::No
+        );
+        assert_eq!(
+            dest(&with("    allow_internal: true\n")),
+            AllowInternal::All
+        );
+        assert_eq!(
+            dest(&with("    allow_internal: [127.0.0.0/8, \"fd00::/8\"]\n")),
+            AllowInternal::Ranges(vec![
+                Cidr::new("127.0.0.0".parse().unwrap(), 8),
+                Cidr::new("fd00::".parse().unwrap(), 8),
+            ])
+        );
+        let one = |text: &str| {
+            let errs = errors(&[("p.yaml", text)]);
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            errs.into_iter().next().unwrap()
+        };
+        assert_eq!(
+            one(&with("    allow_internal: [127.0.0.0/8, 10.0.0.1/8]\n")),
+            "p.yaml:7:35: egress[0].allow_internal[1]: \"10.0.0.1/8\": host bits are set; \
+             write the network address"
+        );
+        assert_eq!(
+            one(&with("    allow_internal: [localhost]\n")),
+            "p.yaml:7:22: egress[0].allow_internal[0]: \"localhost\": expected ADDRESS/PREFIX, \
+             e.g. 192.0.2.10/32"
+        );
+        assert_eq!(
+            one(&with("    allow_internal: []\n")),
+            "p.yaml:7:21: egress[0].allow_internal: \"[]\": an empty list allows nothing; omit \
+             `allow_internal` (or write `false`)"
+        );
+        let e = one(&with("    allow_internal: yes\n"));
+        assert!(
+            e.starts_with("p.yaml:7:21: egress[0].allow_internal: ")
+                && e.contains("`true`, `false` or a list of CIDRs"),
+            "{e}"
+        );
+        let e = one(&with("    allow_internal: true\n")
+            .replace("host: api.example.com", "host: \"127.0.0.1\""));
+        assert!(
+            e.starts_with("p.yaml:7:21: egress[0].allow_internal: \"127.0.0.1\": an IP-literal")
+                && e.contains("applies to DNS names only"),
+            "{e}"
+        );
+        // An L4 exception has no allow_internal.
+        let l4 = "workload: db\nselect:\n  cgroup: /db\negress:\n  - cidr: 10.0.0.0/8\n    ports: [5432]\n    allow_internal: true\n";
+        let e = one(l4);
+        assert!(
+            e.starts_with("p.yaml:5:11: egress[0].cidr: ") && e.contains("HTTP fields"),
+            "{e}"
+        );
+        // Numeric-looking names: refused with the position of the value.
+        for host in [
+            "0x7f.0x21",
+            "2130706433",
+            "127.1",
+            "0xa9fea9fe",
+            "017700000001",
+        ] {
+            let e = one(&BASE.replace("host: api.example.com", &format!("host: {host}")));
+            assert!(
+                e.starts_with(&format!(
+                    "p.yaml:5:11: egress[0].host: \"{host}\" is not a valid host: the last label"
+                )) && e.contains("inet_aton"),
+                "{e}"
+            );
+        }
+        let e = one(&BASE.replace("host: api.example.com", "host: bücher.example"));
+        assert!(
+            e.starts_with("p.yaml:5:11: egress[0].host: \"bücher.example\" is not a valid host: a DNS name is ASCII")
+                && e.contains("xn--"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn tls_credential_l4_and_dns_errors_name_file_line_and_column() {
         let cases: &[(&str, &str, &str)] = &[
             (
@@ -753,7 +856,7 @@ egress:
                 "    port: 443\n    tls_mode: intercept\n"
             ),
             "p.yaml:7:5: egress[0]: unknown field `tls_mode`, expected one of `host`, `port`, \
-             `path_params`, `allow_underscore_headers`, `rate`, `when`, `rules`, `cidr`, \
+             `path_params`, `allow_underscore_headers`, `allow_internal`, `rate`, `when`, `rules`, `cidr`, \
              `ports`, `protocol`, `tls`, `upstream_tls`, `credential`"
         );
         assert_eq!(
@@ -1295,6 +1398,7 @@ mod readme_tests {
             "host:",
             "port:",
             "path_params:",
+            "allow_internal:",
             "rate:",
             "when:",
             "rules:",

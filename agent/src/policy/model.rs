@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::addr::{AllowInternal, Cidr};
 use super::body::DEFAULT_BODY_CAP;
 use super::canonical::{self, CanonicalPath, NormalizeOptions};
 use super::error::{PolicyError, invalid};
@@ -269,6 +270,7 @@ pub struct Destination {
     routes: RouteTable,
     path_params: bool,
     underscore_headers: bool,
+    allow_internal: AllowInternal,
     when: Option<TimeWindow>,
     rate: Option<(RateKey, RateLimit)>,
     tls: TlsMode,
@@ -321,6 +323,20 @@ impl Destination {
     /// `allow_underscore_headers: true`: request header names may contain `_`.
     pub fn allows_underscore_headers(&self) -> bool {
         self.underscore_headers
+    }
+
+    /// `allow_internal`: which internal addresses a name destination may be bound to
+    /// (IP-literal destinations are bound to exactly their address, whatever its class).
+    pub fn allow_internal(&self) -> &AllowInternal {
+        &self.allow_internal
+    }
+
+    /// What destination binding needs of this destination, owned.
+    pub fn binding(&self) -> Binding {
+        Binding {
+            host: self.host.clone(),
+            allow_internal: self.allow_internal.clone(),
+        }
     }
 
     pub(crate) fn routes(&self) -> &RouteTable {
@@ -397,6 +413,15 @@ impl Destination {
             }
         }
     }
+}
+
+/// What destination binding needs of a destination: its host and `allow_internal`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The host, as policy names it.
+    pub host: Host,
+    /// Which internal addresses a name may be bound to.
+    pub allow_internal: AllowInternal,
 }
 
 /// A destination host: a DNS name (lowercase) or an IP address.
@@ -739,6 +764,7 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 port,
                 path_params: raw.path_params,
                 allow_underscore_headers: raw.allow_underscore_headers,
+                allow_internal: raw.allow_internal,
                 rate: raw.rate,
                 when: raw.when,
                 rules,
@@ -756,6 +782,7 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 || raw.when.is_some()
                 || raw.path_params
                 || raw.allow_underscore_headers
+                || raw.allow_internal.is_some()
                 || raw.tls.is_some()
                 || raw.upstream_tls.is_some()
                 || raw.credential.is_some()
@@ -1068,6 +1095,8 @@ impl TryFrom<raw::Destination> for Destination {
                 path: "rules".to_owned(),
             }));
         }
+        let allow_internal =
+            parse_allow_internal(raw.allow_internal, &host, &raw.host, &mut errors);
         let loopback = matches!(host, Some(Host::Ip(ip)) if ip.is_loopback());
         let credential_for = |raw: Option<raw::Credential>,
                               path: &str,
@@ -1148,6 +1177,7 @@ impl TryFrom<raw::Destination> for Destination {
                     routes,
                     path_params: raw.path_params,
                     underscore_headers: raw.allow_underscore_headers,
+                    allow_internal,
                     when,
                     rate,
                     tls,
@@ -1156,6 +1186,56 @@ impl TryFrom<raw::Destination> for Destination {
                 })
             }
             _ => Err(errors),
+        }
+    }
+}
+
+/// `allow_internal:` on a destination whose host is `host` (None if invalid).
+fn parse_allow_internal(
+    raw: Option<raw::AllowInternal>,
+    host: &Option<Host>,
+    written: &str,
+    errors: &mut Vec<PolicyError>,
+) -> AllowInternal {
+    let bad = |path: String, value: String, reason: &'static str| {
+        invalid!(InvalidEgress {
+            path,
+            value,
+            reason,
+        })
+    };
+    let Some(raw) = raw else {
+        return AllowInternal::No;
+    };
+    if matches!(host, Some(Host::Ip(_))) {
+        errors.push(bad(
+            "allow_internal".to_owned(),
+            written.to_owned(),
+            "an IP-literal destination is bound to exactly its address, whatever its class; \
+             `allow_internal` applies to DNS names only",
+        ));
+        return AllowInternal::No;
+    }
+    match raw {
+        raw::AllowInternal::Flag(false) => AllowInternal::No,
+        raw::AllowInternal::Flag(true) => AllowInternal::All,
+        raw::AllowInternal::Ranges(list) if list.is_empty() => {
+            errors.push(bad(
+                "allow_internal".to_owned(),
+                "[]".to_owned(),
+                "an empty list allows nothing; omit `allow_internal` (or write `false`)",
+            ));
+            AllowInternal::No
+        }
+        raw::AllowInternal::Ranges(list) => {
+            let mut ranges = Vec::with_capacity(list.len());
+            for (i, text) in list.into_iter().enumerate() {
+                match parse_cidr(&text) {
+                    Ok((addr, prefix)) => ranges.push(Cidr::new(addr, prefix)),
+                    Err(reason) => errors.push(bad(format!("allow_internal[{i}]"), text, reason)),
+                }
+            }
+            AllowInternal::Ranges(ranges)
         }
     }
 }
@@ -1592,6 +1672,12 @@ fn parse_host(s: &str) -> Result<Host, &'static str> {
     if s.contains('*') {
         return Err("wildcard hosts are not supported");
     }
+    if !s.is_ascii() {
+        return Err(
+            "a DNS name is ASCII: write an internationalised name in its IDNA punycode form \
+             (labels starting with `xn--`, e.g. xn--mnchen-3ya.de for münchen.de)",
+        );
+    }
     let name = s.to_ascii_lowercase();
     if name.len() > 253 {
         return Err("a DNS name has at most 253 characters");
@@ -1613,14 +1699,26 @@ fn parse_host(s: &str) -> Result<Host, &'static str> {
             return Err("a DNS label does not start or end with '-'");
         }
     }
-    if name
-        .rsplit('.')
-        .next()
-        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err("the last label of a DNS name is not all digits (not an IP address?)");
+    if name.rsplit('.').next().is_some_and(is_numeric_label) {
+        return Err(
+            "the last label of a DNS name is never numeric, and resolvers (inet_aton) read \
+             this name as an IPv4 address (as in 127.1, 0x7f.0x1, 2130706433, 017700000001); \
+             write an IP literal in dotted-decimal form instead",
+        );
     }
     Ok(Host::Name(name))
+}
+
+/// Whether a DNS label reads as a number to inet_aton: all decimal (or octal) digits, or
+/// `0x` followed by hex digits.
+fn is_numeric_label(label: &str) -> bool {
+    let hex = label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"));
+    match hex {
+        Some(digits) => digits.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()),
+    }
 }
 
 #[cfg(test)]
@@ -1670,6 +1768,69 @@ mod tests {
     }
 
     #[test]
+    fn numeric_looking_names_are_refused() {
+        // Every form inet_aton (and so getaddrinfo, curl, Python, Go's cgo resolver) reads
+        // as an IPv4 address.
+        for input in [
+            "0x7f.0x21",
+            "0x7f000001",
+            "0X7F000001",
+            "2130706433",
+            "017700000001",
+            "127.1",
+            "127.0.1",
+            "10.1",
+            "0xa9fea9fe",
+            "0xa9.0xfe.0xa9.0xfe",
+            "0251.0376.0251.0376",
+            "169.254.43518",
+            "0x7f.1",
+            "a.0x1f",
+            "example.123",
+            "0x",
+        ] {
+            let err = parse_host(input).expect_err(input);
+            assert!(err.contains("inet_aton"), "{input}: {err}");
+        }
+        // Numeric labels elsewhere are fine, and so are hex-looking words.
+        for ok in [
+            "1.2.3.4.nip.io",
+            "0x7f.example.com",
+            "123.example",
+            "0xg",
+            "x0x1",
+            "deadbeef",
+            "a1",
+            "xn--mnchen-3ya.de",
+        ] {
+            assert!(parse_host(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn invalid_dns_names_are_refused() {
+        let long_label = format!("{}.com", "a".repeat(64));
+        let long_name = format!("{}.com", vec!["a".repeat(63); 4].join("."));
+        for (input, needle) in [
+            ("münchen.de", "punycode"),
+            ("例え.jp", "xn--"),
+            ("a_b.example", "letters, digits and '-'"),
+            ("-a.example", "start or end with '-'"),
+            ("a-.example", "start or end with '-'"),
+            ("xn--.example", "start or end with '-'"),
+            (long_label.as_str(), "63"),
+            (long_name.as_str(), "253"),
+            ("a..b", "empty labels"),
+        ] {
+            let err = parse_host(input).expect_err(input);
+            assert!(err.contains(needle), "{input}: {err}");
+        }
+        let max = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(61));
+        assert_eq!(max.len(), 253);
+        assert!(parse_host(&max).is_ok());
+    }
+
+    #[test]
     fn authority_matching() {
         let name = Host::Name("api.example.com".to_owned());
         assert!(name.matches_authority("api.example.com"));
@@ -1688,6 +1849,34 @@ mod tests {
         assert!(v4.matches_authority("[::ffff:192.0.2.1]"));
         assert!(!v4.matches_authority("[192.0.2.1]"));
         assert!(!v4.matches_authority("192.000.2.1"));
+        // Only canonical dotted-decimal IPv4: none of the forms inet_aton would accept.
+        let lo = Host::Ip(IpAddr::from([127, 0, 0, 1]));
+        assert!(lo.matches_authority("127.0.0.1"));
+        for spelling in [
+            "0x7f.0x1",
+            "0x7f.0.0.1",
+            "0x7f000001",
+            "2130706433",
+            "017700000001",
+            "0177.0.0.1",
+            "127.1",
+            "127.0.1",
+            "127.000.000.001",
+            "127.0.0.1.",
+            " 127.0.0.1",
+            "127.0.0.1 ",
+        ] {
+            assert!(!lo.matches_authority(spelling), "{spelling}");
+        }
+        let meta = Host::Ip(IpAddr::from([169, 254, 169, 254]));
+        for spelling in [
+            "0xa9fea9fe",
+            "2852039166",
+            "0251.0376.0251.0376",
+            "169.254.43518",
+        ] {
+            assert!(!meta.matches_authority(spelling), "{spelling}");
+        }
     }
 
     #[test]

@@ -43,6 +43,41 @@ pub(crate) enum Dns {
     Resolvers(Vec<String>),
 }
 
+/// `allow_internal:` as written.
+#[derive(Debug)]
+pub(crate) enum AllowInternal {
+    /// `true` or `false`.
+    Flag(bool),
+    /// Address ranges, e.g. `[10.0.0.0/8]`.
+    Ranges(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for AllowInternal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AllowInternal;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`true`, `false` or a list of CIDRs")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AllowInternal, E> {
+                Ok(AllowInternal::Flag(v))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<AllowInternal, A::Error> {
+                let mut ranges = Vec::new();
+                while let Some(r) = seq.next_element::<String>()? {
+                    ranges.push(r);
+                }
+                Ok(AllowInternal::Ranges(ranges))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// One `egress` entry as written: an HTTP destination (`host`, `port`, `rules`, …) or an
 /// L4 exception (`cidr`, `ports`, `protocol`). Which one is decided in validation, so that
 /// a mix-up gets a precise error with its position.
@@ -60,6 +95,10 @@ pub(crate) struct Egress {
     /// map headers to CGI variables fold `X_Role` and `X-Role` into one).
     #[serde(default)]
     pub allow_underscore_headers: bool,
+    /// Which internal addresses (loopback, private, link-local, …) a name destination may
+    /// be bound to: `true`, or a list of CIDRs. Absent: none.
+    #[serde(default)]
+    pub allow_internal: Option<AllowInternal>,
     /// `N/second|minute|hour` for the whole destination.
     #[serde(default)]
     pub rate: Option<String>,
@@ -136,6 +175,10 @@ pub(crate) struct Destination {
     /// map headers to CGI variables fold `X_Role` and `X-Role` into one).
     #[serde(default)]
     pub allow_underscore_headers: bool,
+    /// Which internal addresses (loopback, private, link-local, …) a name destination may
+    /// be bound to: `true`, or a list of CIDRs. Absent: none.
+    #[serde(default)]
+    pub allow_internal: Option<AllowInternal>,
     /// `N/second|minute|hour` for the whole destination.
     #[serde(default)]
     pub rate: Option<String>,
