@@ -299,7 +299,7 @@ async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, identity: Identity) {
     let destination = workload
         .and_then(|w| enforcement.policy.workload(w))
         .and_then(|w| w.destination_for(&sni, identity.original_dst.port()))
-        .map(|(_, d)| (d.tls(), d.host.clone()));
+        .map(|(_, d)| (d.tls(), d.binding()));
     let Some((mode, host)) = destination else {
         return refuse(record, "sni_not_allowed", Fault::Policy);
     };

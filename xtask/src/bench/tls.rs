@@ -51,7 +51,7 @@ pub(super) fn run(
     origin_proc.wait_listening(origin)?;
 
     let policy = format!(
-        "workload: tlsbench\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    tls: intercept\n    upstream_tls: false\n    rules:\n      - {{id: all-tls, methods: [GET], path: /**}}\n  - host: 127.0.0.1\n    port: {port}\n    rules:\n      - {{id: all-plain, methods: [GET], path: /**}}\n",
+        "workload: tlsbench\nselect:\n  cgroup: {managed}\negress:\n  - host: localhost\n    port: {port}\n    allow_internal: true\n    tls: intercept\n    upstream_tls: false\n    rules:\n      - {{id: all-tls, methods: [GET], path: /**}}\n  - host: 127.0.0.1\n    port: {port}\n    rules:\n      - {{id: all-plain, methods: [GET], path: /**}}\n",
         port = origin.port()
     );
     fs::write(dir.join("policies/tls.yaml"), policy).context("writing the TLS policy")?;
