@@ -251,7 +251,17 @@ fn interception_decides_every_request_and_injects_the_rotated_credential() {
     );
     let (status, body) = status_and_body(&out);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(body, "auth=['Bearer s3cret-one']", "exactly one, injected");
+    // The upstream echoes the header back: the workload sees the injected secret redacted
+    // (same length), the upstream got exactly one, injected.
+    assert_eq!(body, "auth=['Bearer **********']", "the echoed secret is redacted");
+    assert!(
+        upstream
+            .requests()
+            .last()
+            .is_some_and(|r| r.ends_with("auth=['Bearer s3cret-one']")),
+        "exactly one, injected: {:?}",
+        upstream.requests()
+    );
     // Denied inside TLS: 403 JSON, nothing forwarded.
     let out = curl_in(
         &f.managed,
@@ -270,7 +280,15 @@ fn interception_decides_every_request_and_injects_the_rotated_credential() {
     );
     assert_eq!(
         status_and_body(&out),
-        (200, "auth=['Bearer s3cret-two']".to_owned())
+        (200, "auth=['Bearer **********']".to_owned())
+    );
+    assert!(
+        upstream
+            .requests()
+            .last()
+            .is_some_and(|r| r.ends_with("auth=['Bearer s3cret-two']")),
+        "{:?}",
+        upstream.requests()
     );
     // HTTP/2 to the proxy (ALPN h2): the stream is decided like any request.
     let out = curl_in(
@@ -330,6 +348,15 @@ fn interception_decides_every_request_and_injects_the_rotated_credential() {
     assert_eq!(
         records.iter().filter(|r| r["decision"] == "allow").count(),
         3
+    );
+    // Each echo of the secret is one credential_reflected record.
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["reason"] == "credential_reflected")
+            .count(),
+        3,
+        "{records:#?}"
     );
 }
 
@@ -551,7 +578,15 @@ fn plain_http_from_the_workload_goes_upstream_over_verified_tls() {
     );
     assert_eq!(
         status_and_body(&out),
-        (200, "auth=['Token s3cret-one']".to_owned())
+        (200, "auth=['Token **********']".to_owned())
+    );
+    assert!(
+        upstream
+            .requests()
+            .last()
+            .is_some_and(|r| r.ends_with("auth=['Token s3cret-one']")),
+        "{:?}",
+        upstream.requests()
     );
     let out = curl_in(
         &f.managed,
