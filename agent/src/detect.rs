@@ -72,6 +72,8 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Result<Protocol, D
             loop {
                 stream.readable().await?;
                 match stream.peek(&mut buf).await {
+                    // The client closed: nothing more will come.
+                    Ok(0) => return Ok(0),
                     // Peek returns immediately with what is buffered; wait for more.
                     Ok(n) if n == got && n < NEED => {
                         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -145,6 +145,8 @@ pub struct Arrival<'a> {
     pub default_port: u16,
     /// The TLS server name, for intercepted TLS.
     pub sni: Option<&'a str>,
+    /// How long reading a body that a rule inspects may take.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Builds the outbound request from what the client sent. Fills the audit record (workload,
@@ -168,7 +170,20 @@ pub async fn build(
     let needs_body = destination.is_some_and(|d| d.needs_body(head.method.as_str(), &head.path));
     let (json, body) = if needs_body {
         identity_encoding(&head.headers)?;
-        let (json, bytes) = read_json_body(&head.headers, body, head.body_cap).await?;
+        let read = read_json_body(&head.headers, body, head.body_cap);
+        let (json, bytes) = tokio::time::timeout(arrival.body_timeout, read)
+            .await
+            .map_err(|_| {
+                Refused::status(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive within {:?}",
+                        arrival.body_timeout
+                    ),
+                    Fault::Client,
+                )
+            })??;
         (Some(json), full_body(bytes))
     } else {
         (None, body.boxed())

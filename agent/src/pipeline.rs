@@ -36,7 +36,7 @@ use crate::{
     resolve::Resolver,
     respond::{self, Forwarded, Reply},
     secrets::Secrets,
-    state::{AGENT_MARK, Body, Enforcement, Refused},
+    state::{AGENT_MARK, Body, ConnectionCounts, Enforcement, Refused, Timeouts},
     tls::LeafCache,
 };
 
@@ -62,6 +62,10 @@ pub struct Shared {
     pub secrets: Secrets,
     /// Limits of the HTTP/1 framing guard.
     pub framing: framing::Limits,
+    /// Header and body timeouts.
+    pub timeouts: Timeouts,
+    /// Live connections per workload (`max_connections`).
+    pub connections: ConnectionCounts,
 }
 
 /// What every request on one connection shares: who is calling, and how they arrived.
@@ -73,10 +77,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn arrival(&self) -> Arrival<'_> {
+    fn arrival(&self, timeouts: Timeouts) -> Arrival<'_> {
         Arrival {
             default_port: if self.sni.is_some() { 443 } else { 80 },
             sni: self.sni.as_deref(),
+            body_timeout: timeouts.body,
         }
     }
 }
@@ -98,6 +103,10 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
             return;
         }
     };
+    // Each workload holds at most `max_connections` at once; the excess is refused.
+    let Some(_slot) = connection_slot(&shared, &identity, &stream) else {
+        return;
+    };
     // detect
     match detect::detect(&stream, shared.detect_timeout).await {
         Ok(Protocol::Http1) => {
@@ -116,6 +125,32 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
             connection_refused(&shared, &identity, "client_closed", Fault::Client);
         }
     }
+}
+
+/// Takes a connection slot of the caller's workload (callers the policy does not know take
+/// none: every request of theirs is refused anyway). Over the limit: one record, and the
+/// connection is reset.
+fn connection_slot(
+    shared: &Shared,
+    identity: &Identity,
+    stream: &TcpStream,
+) -> Option<Option<crate::state::ConnectionSlot>> {
+    let enforcement = shared.enforcement.load();
+    let Some(workload) = identity
+        .workload(&enforcement.cgroups)
+        .0
+        .and_then(|w| enforcement.policy.workload(w))
+    else {
+        return Some(None);
+    };
+    let limit = workload.max_connections();
+    if let Some(slot) = shared.connections.acquire(&workload.name, limit) {
+        return Some(Some(slot));
+    }
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+    tracing::warn!(workload = %workload.name, limit, "connection limit reached; refusing");
+    connection_refused(shared, identity, "connection_limit", Fault::Client);
+    None
 }
 
 fn service(
@@ -142,7 +177,11 @@ where
 {
     let (io, watch) = framing::guard(io, shared.framing);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.keep_alive(true).half_close(false);
+    builder
+        .keep_alive(true)
+        .half_close(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(shared.timeouts.header);
     let violation = {
         let connection = builder.serve_connection(io, service(shared.clone(), conn.clone()));
         tokio::pin!(connection);
@@ -235,6 +274,21 @@ async fn write_all<S: hyper::rt::Write + Unpin>(
 /// (the parser's, the size limits) are one `malformed_request` record each; a client that
 /// went away is not a decision.
 fn connection_error(shared: &Shared, conn: &Conn, error: &hyper::Error, mid_request: bool) {
+    if error.is_timeout() {
+        // hyper's header timer: a head still partial is refused; an idle keep-alive
+        // connection simply closes.
+        if mid_request {
+            let enforcement = shared.enforcement.load();
+            let record = request_record(&enforcement, &conn.identity, &new_request_id());
+            shared.auditor.guard(record).finish(
+                Decision::Deny,
+                Some(408),
+                Some("header_timeout"),
+                Some(Fault::Client),
+            );
+        }
+        return;
+    }
     let Some(kind) = parser_error_kind(error, mid_request) else {
         tracing::debug!(error = %error, "client connection ended with an error");
         return;
@@ -424,7 +478,7 @@ async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) ->
         .guard(request_record(&enforcement, &conn.identity, &request_id));
 
     // build: the one request that will go upstream
-    let arrival = conn.arrival();
+    let arrival = conn.arrival(shared.timeouts);
     let outbound = match outbound::build(
         &enforcement,
         &conn.identity,

@@ -204,6 +204,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         leaves: Some(leaves),
         secrets: crate::secrets::Secrets::default(),
         framing: crate::framing::Limits::default(),
+        timeouts: crate::state::Timeouts::default(),
+        connections: crate::state::ConnectionCounts::default(),
     });
     let control = Control {
         shared: shared.clone(),

@@ -108,3 +108,91 @@ impl Refused {
 
 /// The reason of every request the HTTP parser or the framing guard refused.
 pub const MALFORMED_REQUEST: &str = "malformed_request";
+
+/// How long a client may take, per stage of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the moment the proxy waits for a request head (a new connection, or a
+    /// keep-alive connection after its last response) until the head is complete. A
+    /// partial head at expiry is refused (`header_timeout`, recorded); an idle keep-alive
+    /// connection is closed.
+    pub header: Duration,
+    /// Reading a body that a rule inspects (buffered before the decision): 408
+    /// `body_timeout`.
+    pub body: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Live proxy connections per workload, for `max_connections`.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl ConnectionCounts {
+    /// Takes one of `limit` connection slots of `workload`; None when all are taken.
+    pub fn acquire(&self, workload: &str, limit: usize) -> Option<ConnectionSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(workload.to_owned()).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ConnectionSlot {
+            counts: Arc::clone(&self.0),
+            workload: workload.to_owned(),
+        })
+    }
+
+    /// The live connections of `workload`.
+    pub fn live(&self, workload: &str) -> usize {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(workload).copied().unwrap_or(0)
+    }
+}
+
+/// One taken connection slot; released on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    workload: String,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.workload) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.workload);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_counted_and_released() {
+        let counts = ConnectionCounts::default();
+        let a = counts.acquire("w", 2).unwrap();
+        let b = counts.acquire("w", 2).unwrap();
+        assert!(counts.acquire("w", 2).is_none());
+        assert!(counts.acquire("other", 2).is_some());
+        assert_eq!(counts.live("w"), 2);
+        drop(a);
+        assert_eq!(counts.live("w"), 1);
+        let _c = counts.acquire("w", 2).unwrap();
+        drop(b);
+        assert_eq!(counts.live("w"), 1);
+    }
+}

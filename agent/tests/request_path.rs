@@ -30,7 +30,7 @@ use scopegate::{
     policy::{self, RateLimiter, Snapshot, WorkloadId},
     resolve::{Resolver, StaticLookup},
     secrets::Secrets,
-    state::Enforcement,
+    state::{ConnectionCounts, Enforcement, Timeouts},
     workloads::{CgroupInfo, Resolution},
 };
 use scopegate_common::{FAMILY_V4, FAMILY_V6, Origin};
@@ -283,6 +283,11 @@ impl Proxy {
             leaves: None,
             secrets: Secrets::default(),
             framing: framing::Limits::default(),
+            timeouts: Timeouts {
+                header: Duration::from_secs(3),
+                body: Duration::from_secs(2),
+            },
+            connections: ConnectionCounts::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -1133,4 +1138,94 @@ fn numeric_hosts_match_no_destination() {
     assert_eq!(answer.status, 200, "{answer:?}");
     let answer = exchange(&proxy, &get_name("lo.test", port));
     assert_eq!(answer.status, 200, "{answer:?}");
+}
+
+#[test]
+fn a_partial_head_is_refused_at_the_header_timeout_and_an_idle_connection_closes() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    // A head that never completes: closed at the header timeout, one record.
+    let mut stream = proxy.connect();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(format!("GET /reports/a HTTP/1.1\r\nhost: {up}\r\nx-a: 1").as_bytes())
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a partial head got an answer");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2), "closed after {waited:?}");
+    let records = proxy.wait_records(1);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["reason"], "header_timeout");
+    assert_eq!(records[0]["status"], 408);
+    assert_eq!(records[0]["origin"], "client");
+    assert!(recorder.seen().is_empty());
+    // An idle keep-alive connection is closed after its last response, without a record.
+    let mut stream = proxy.connect();
+    stream.write_all(&get("/reports/a", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut stream), 200);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(stream.read(&mut buf).unwrap_or(0), 0);
+    assert_eq!(proxy.records().len(), 2, "{:#?}", proxy.records());
+}
+
+#[test]
+fn a_body_that_does_not_arrive_is_refused_at_the_body_timeout() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    let raw = format!(
+        "POST /charges HTTP/1.1\r\nhost: {up}\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{{\"amount\""
+    );
+    let answer = exchange(&proxy, raw.as_bytes());
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert!(answer.body.contains("body_timeout"), "{answer:?}");
+    assert!(answer.closed);
+    let records = proxy.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["reason"], "body_timeout");
+    assert!(recorder.seen().is_empty());
+}
+
+#[test]
+fn connections_over_the_workload_limit_are_refused_and_recorded() {
+    let recorder = Recorder::start();
+    let up = recorder.addr;
+    let proxy = Proxy::start_with(
+        up,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\nmax_connections: 2\negress:\n  - host: \"127.0.0.1\"\n    port: {}\n    rules:\n      - {{id: all, methods: [GET], path: /**}}\n",
+                up.port()
+            )
+        },
+        Resolver::default(),
+    );
+    let mut held: Vec<TcpStream> = (0..2).map(|_| proxy.connect()).collect();
+    // Let the proxy take both slots before the third connection arrives.
+    thread::sleep(Duration::from_millis(200));
+    let mut third = proxy.connect();
+    let mut buf = [0u8; 16];
+    let _ = third.write_all(&get("/x", up, ""));
+    let refused = matches!(third.read(&mut buf), Ok(0) | Err(_));
+    assert!(refused, "the third connection was served");
+    let records = proxy.wait_records(1);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["reason"], "connection_limit");
+    assert_eq!(records[0]["decision"], "deny");
+    assert!(recorder.seen().is_empty());
+    // A held connection still works; once one closes, a new one is admitted.
+    held[0].write_all(&get("/a", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut held[0]), 200);
+    // (A connection closed before sending anything releases its slot at once.)
+    drop(held.pop());
+    thread::sleep(Duration::from_millis(300));
+    let answer = exchange(&proxy, &get("/b", up, ""));
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(recorder.seen().len(), 2);
 }

@@ -296,6 +296,20 @@ pub enum PolicyError {
         /// The offending value.
         value: i64,
     },
+    /// `max_connections:` is out of range.
+    #[error("{file}:{line}:{col}: {path}: {value} is not a valid connection limit (1 to 1000000)")]
+    InvalidMaxConnections {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Logical path of the value.
+        path: String,
+        /// The offending value.
+        value: i64,
+    },
     /// `body_cap:` is not a valid size.
     #[error("{file}:{line}:{col}: {path}: {value:?} is not a valid body cap: {reason}")]
     InvalidBodyCap {
@@ -536,6 +550,7 @@ impl PolicyError {
             | Self::NonCanonicalPath { file, .. }
             | Self::InvalidUid { file, .. }
             | Self::InvalidBodyCap { file, .. }
+            | Self::InvalidMaxConnections { file, .. }
             | Self::InvalidRate { file, .. }
             | Self::InvalidRegex { file, .. }
             | Self::UnknownTimeZone { file, .. }
@@ -571,6 +586,7 @@ impl PolicyError {
             | Self::NonCanonicalPath { line, col, .. }
             | Self::InvalidUid { line, col, .. }
             | Self::InvalidBodyCap { line, col, .. }
+            | Self::InvalidMaxConnections { line, col, .. }
             | Self::InvalidRate { line, col, .. }
             | Self::InvalidRegex { line, col, .. }
             | Self::UnknownTimeZone { line, col, .. }
@@ -601,6 +617,7 @@ impl PolicyError {
             | Self::NonCanonicalPath { path, .. }
             | Self::InvalidUid { path, .. }
             | Self::InvalidBodyCap { path, .. }
+            | Self::InvalidMaxConnections { path, .. }
             | Self::InvalidRate { path, .. }
             | Self::InvalidRegex { path, .. }
             | Self::UnknownTimeZone { path, .. }
@@ -633,6 +650,7 @@ impl PolicyError {
             | Self::NonCanonicalPath { file, line, col, path, .. }
             | Self::InvalidUid { file, line, col, path, .. }
             | Self::InvalidBodyCap { file, line, col, path, .. }
+            | Self::InvalidMaxConnections { file, line, col, path, .. }
             | Self::InvalidRate { file, line, col, path, .. }
             | Self::InvalidRegex { file, line, col, path, .. }
             | Self::UnknownTimeZone { file, line, col, path, .. }

@@ -538,6 +538,31 @@ egress:
     }
 
     #[test]
+    fn max_connections_is_validated() {
+        assert_eq!(
+            error_with(
+                "workload: billing\n",
+                "workload: billing\nmax_connections: 0\n"
+            ),
+            "p.yaml:2:18: max_connections: 0 is not a valid connection limit (1 to 1000000)"
+        );
+        let snap = load(&[(
+            "p.yaml",
+            &BASE.replace(
+                "workload: billing\n",
+                "workload: billing\nmax_connections: 64\n",
+            ),
+        )])
+        .unwrap();
+        assert_eq!(snap.workload(WorkloadId(0)).unwrap().max_connections(), 64);
+        let snap = load(&[("p.yaml", BASE)]).unwrap();
+        assert_eq!(
+            snap.workload(WorkloadId(0)).unwrap().max_connections(),
+            model::DEFAULT_MAX_CONNECTIONS
+        );
+    }
+
+    #[test]
     fn request_integrity_rules_in_policy_check() {
         // CONNECT opens a tunnel no rule can inspect: never grantable.
         assert_eq!(
@@ -862,7 +887,7 @@ egress:
         assert_eq!(
             error_with("workload: billing\n", "workload: billing\nmodes: audit\n"),
             "p.yaml:2:1: unknown field `modes`, expected one of `workload`, `select`, `mode`, \
-             `body_cap`, `egress`, `dns`"
+             `body_cap`, `max_connections`, `egress`, `dns`"
         );
     }
 

@@ -47,7 +47,11 @@ pub struct Workload {
     pub dns: Dns,
     mode: Mode,
     body_cap: usize,
+    max_connections: usize,
 }
+
+/// The default `max_connections` of a workload.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// An `egress` entry with `cidr` and `ports`: allowed by the kernel without the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +134,12 @@ impl Workload {
     /// `enforce` (deny what no rule allows) or `audit` (record it, allow it).
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Most connections the workload may hold open through the proxy at once
+    /// (`max_connections`, default [`DEFAULT_MAX_CONNECTIONS`]); more are refused.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// The largest request body the proxy buffers for `json` rules (`body_cap`, default
@@ -625,6 +635,20 @@ impl TryFrom<raw::Workload> for Workload {
             }),
         };
 
+        let max_connections = match raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n) => match usize::try_from(n) {
+                Ok(n) if (1..=1_000_000).contains(&n) => n,
+                _ => {
+                    errors.push(invalid!(InvalidMaxConnections {
+                        path: "max_connections".to_owned(),
+                        value: n,
+                    }));
+                    DEFAULT_MAX_CONNECTIONS
+                }
+            },
+        };
+
         // Split the egress list into HTTP destinations and L4 exceptions, keeping each
         // entry's index for error positions.
         let mut http = Vec::new();
@@ -703,6 +727,7 @@ impl TryFrom<raw::Workload> for Workload {
                         Some(raw::Mode::Enforce) | None => Mode::Enforce,
                     },
                     body_cap,
+                    max_connections,
                 })
             }
             _ => Err(errors),

@@ -25,6 +25,9 @@ pub(crate) struct Workload {
     /// Largest request body buffered for `json` rules, e.g. `64KiB`.
     #[serde(default)]
     pub body_cap: Option<Scalar>,
+    /// Most connections the workload may hold open through the proxy at once.
+    #[serde(default)]
+    pub max_connections: Option<i64>,
     /// Allowed destinations and L4 exceptions; an empty list denies everything.
     pub egress: Vec<Egress>,
     /// DNS: `system` (the resolvers of /etc/resolv.conf) or a list of resolver addresses.
