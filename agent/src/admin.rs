@@ -141,6 +141,16 @@ pub fn metrics(sources: &Sources) -> String {
         "Redirects whose origin could not be stored (denied).",
         kernel.counter(counters::ORIGIN_STORE_FAILED),
     );
+    counter(
+        "scopegate_cgroup_scan_errors_total",
+        "Parts of the cgroup tree a scan could not read (their managed cgroups were kept).",
+        crate::workloads::scan_errors(),
+    );
+    counter(
+        "scopegate_cgroup_scan_kept_total",
+        "Managed cgroups kept although a scan did not see them.",
+        crate::workloads::kept_unseen(),
+    );
     let audit = sources.shared.auditor.metrics();
     counter(
         "scopegate_audit_records_written_total",

@@ -119,6 +119,18 @@ pub enum RunError {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    // 0. descriptors: two per proxied connection, plus the scan and the audit writer
+    match crate::sys::raise_nofile_limit() {
+        Ok((old, new)) if old != new => {
+            tracing::info!(
+                old,
+                new,
+                "raised RLIMIT_NOFILE soft limit to the hard limit"
+            );
+        }
+        Ok((old, _)) => tracing::debug!(limit = old, "RLIMIT_NOFILE already at the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     // 1. policy
     let policy_hash = lifecycle::policy_hash_or_log(&opts.policies);
     let mut start_rejected = None;
@@ -321,8 +333,17 @@ impl Control {
     /// Resolves `policy` against the cgroup tree and, if anything changed, publishes the new
     /// snapshot (one swap) and then syncs the kernel's managed-cgroup map.
     fn publish(&self, policy: Arc<Snapshot>, announce: bool) -> Result<(), BpfError> {
-        let resolution = workloads::resolve(&policy, &self.mount, &self.root, &self.subtrees);
         let current = self.shared.enforcement.load();
+        // A partial view never removes enforcement: what the scan could not see is kept.
+        let (resolution, scan_errors) = workloads::resolve_from(
+            &policy,
+            &self.mount,
+            &self.root,
+            &self.subtrees,
+            Some(&current.cgroups),
+            &workloads::Fs,
+        );
+        workloads::report_scan_errors(&scan_errors);
         if Arc::ptr_eq(&current.policy, &policy) && *current.cgroups == resolution {
             return Ok(());
         }
@@ -585,6 +606,7 @@ fn deny_events(mut events: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<S
 fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
     let enforcement = shared.enforcement.load();
     let proto = match (event.sock_type, event.protocol) {
+        (1, 262) => "mptcp",
         (1, _) => "tcp",
         (2, 17) => "udp",
         (2, 1 | 58) => "icmp",

@@ -1,6 +1,6 @@
 //! The few raw system calls the agent needs that aya 0.14, socket2 and nix do not offer:
 //! `BPF_OBJ_GET` and `BPF_LINK_UPDATE` (to swap the program behind a pinned link without a
-//! gap), and `SO_NETNS_COOKIE`. Each is a thin, checked wrapper.
+//! gap), `SO_NETNS_COOKIE` and `RLIMIT_NOFILE`. Each is a thin, checked wrapper.
 #![allow(
     unsafe_code,
     reason = "raw bpf(2) and getsockopt(2); every call is wrapped and checked"
@@ -100,10 +100,54 @@ pub fn netns_cookie() -> io::Result<u64> {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns (old soft, new soft).
+///
+/// Every proxied connection costs the agent two descriptors; at the distribution default
+/// soft limit (1024) a burst of connections would make accept, the cgroup scan and the
+/// audit writer fail with EMFILE.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid, writable rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = limit.rlim_cur;
+    if limit.rlim_cur == limit.rlim_max {
+        return Ok((old, old));
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: a valid rlimit struct; raising the soft limit up to the hard one is always
+    // permitted.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((old, limit.rlim_cur))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nofile_soft_limit_is_raised_to_the_hard_limit() {
+        let (_old, new) = raise_nofile_limit().unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid, writable rlimit struct.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+        assert_eq!(new, limit.rlim_cur);
+        assert_eq!(raise_nofile_limit().unwrap(), (new, new), "idempotent");
+    }
 
     #[test]
     fn netns_cookie_is_stable_and_nonzero() {

@@ -5,13 +5,22 @@
 //! path or a systemd unit name) to ids, and extends each selected cgroup to its descendants,
 //! so a child cgroup never escapes its parent's policy. The agent rescans periodically, so a
 //! cgroup created after start is enforced once it exists.
+//!
+//! A partial view never removes enforcement: a rescan that cannot read part of the tree
+//! (EMFILE, EACCES, a race with rmdir or rename, anything) keeps every previously managed
+//! cgroup it did not see, unless that cgroup positively no longer exists (its own path is
+//! gone, or now names another cgroup). See [`resolve_from`].
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use crate::policy::{Snapshot, WorkloadId};
@@ -140,22 +149,153 @@ impl Resolution {
     }
 }
 
+/// How a scan reads the cgroup tree: the real filesystem ([`Fs`]), or a test double that
+/// injects errors.
+pub trait TreeReader {
+    /// The cgroup id (inode number) of a directory (stat, no descriptor needed).
+    fn id(&self, dir: &Path) -> io::Result<u64>;
+    /// The child directories of a directory; symlinks are never followed. Any error while
+    /// listing (opening, reading an entry, its type) is an error of the whole listing.
+    fn children(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+}
+
+/// The real cgroup filesystem.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fs;
+
+impl TreeReader for Fs {
+    fn id(&self, dir: &Path) -> io::Result<u64> {
+        fs::metadata(dir).map(|m| m.ino())
+    }
+
+    fn children(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            // Cgroup directories are real directories; never follow symlinks.
+            if entry.file_type()?.is_dir() {
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A part of the tree a scan could not read.
+#[derive(Debug)]
+pub struct ScanError {
+    /// The directory.
+    pub path: PathBuf,
+    /// What failed.
+    pub action: &'static str,
+    /// The error.
+    pub error: io::Error,
+}
+
+/// Scan errors seen since start (a metric).
+static SCAN_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Previously managed cgroups kept because a scan could not see them (a metric).
+static KEPT: AtomicU64 = AtomicU64::new(0);
+/// Error kinds already logged: each is logged once, not on every rescan.
+static LOGGED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Number of cgroup scan errors since start.
+pub fn scan_errors() -> u64 {
+    SCAN_ERRORS.load(Ordering::Relaxed)
+}
+
+/// Number of times a managed cgroup was kept because a scan could not see it.
+pub fn kept_unseen() -> u64 {
+    KEPT.load(Ordering::Relaxed)
+}
+
+/// Counts scan errors and logs the first of each kind (errno) once.
+pub fn report_scan_errors(errors: &[ScanError]) {
+    if errors.is_empty() {
+        return;
+    }
+    SCAN_ERRORS.fetch_add(errors.len() as u64, Ordering::Relaxed);
+    let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    let logged = logged.get_or_insert_with(HashSet::new);
+    for e in errors {
+        let kind = match e.error.raw_os_error() {
+            Some(code) => format!("{}:{code}", e.action),
+            None => format!("{}:{:?}", e.action, e.error.kind()),
+        };
+        if logged.insert(kind) {
+            tracing::error!(
+                path = %e.path.display(),
+                action = e.action,
+                error = %e.error,
+                "cgroup scan incomplete; managed cgroups under it keep their enforcement (logged once per error kind; see scopegate_cgroup_scan_errors_total)"
+            );
+        }
+    }
+}
+
 /// Walks the cgroup tree under `root` (a directory under `mount`) and resolves every
 /// workload's selector. A directly selected cgroup and all its descendants are managed by
 /// that workload; a deeper selection wins over an inherited one.
 ///
 /// `subtrees` are managed slices (paths relative to the mount): every cgroup below one of
 /// them is managed even without a policy of its own, and then gets the default, deny all.
+///
+/// This is a first scan (nothing known before) on the real filesystem; the agent's rescans
+/// use [`resolve_from`].
 pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path, subtrees: &[String]) -> Resolution {
+    resolve_from(snapshot, mount, root, subtrees, None, &Fs).0
+}
+
+/// [`resolve`], keeping what `previous` knew where this scan is blind.
+///
+/// Every cgroup `previous` managed that the walk did not find is looked at once more, by
+/// its own path: when the path is gone (ENOENT) or now names another cgroup, it no longer
+/// exists and is dropped; when it still has the same id, or cannot be looked at (any other
+/// error), it stays in the tree and is resolved against `snapshot` like any other cgroup.
+/// So a scan error can never un-manage a cgroup. Returns the resolution and the errors.
+pub fn resolve_from(
+    snapshot: &Snapshot,
+    mount: &Path,
+    root: &Path,
+    subtrees: &[String],
+    previous: Option<&Resolution>,
+    reader: &dyn TreeReader,
+) -> (Resolution, Vec<ScanError>) {
     let mut dirs = Vec::new();
-    walk(root, &mut dirs);
+    let mut errors = Vec::new();
+    walk(reader, root, &mut dirs, &mut errors);
     // (path relative to mount, id), parents before children.
     let mut tree: Vec<(String, u64)> = dirs
         .into_iter()
         .filter_map(|(dir, id)| relative_cgroup_path(mount, &dir).map(|p| (p, id)))
         .collect();
+    if let Some(previous) = previous {
+        let seen: HashSet<u64> = tree.iter().map(|(_, id)| *id).collect();
+        let mut unseen: Vec<(&u64, &CgroupInfo)> = previous
+            .managed
+            .iter()
+            .filter(|(id, _)| !seen.contains(id))
+            .collect();
+        unseen.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        for (id, info) in unseen {
+            let dir = mount.join(info.path.trim_start_matches('/'));
+            match reader.id(&dir) {
+                Ok(now) if now == *id => {}
+                // Gone, or the path now names a new cgroup (which the walk saw or not).
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => errors.push(ScanError {
+                    path: dir,
+                    action: "stat",
+                    error,
+                }),
+            }
+            KEPT.fetch_add(1, Ordering::Relaxed);
+            tree.push((info.path.clone(), *id));
+        }
+    }
     tree.sort();
-
+    tree.dedup();
     // Selected cgroup path → its workload (None: a managed subtree without a policy).
     let mut direct: HashMap<&str, Option<WorkloadId>> = HashMap::new();
     for (path, _) in &tree {
@@ -208,7 +348,7 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path, subtrees: &[Strin
         .filter(|(_, m)| !**m)
         .map(|(i, _)| WorkloadId(i as u32))
         .collect();
-    Resolution { managed, unmatched }
+    (Resolution { managed, unmatched }, errors)
 }
 
 /// `dir` relative to `mount`, as a cgroup path starting with '/'.
@@ -218,16 +358,44 @@ pub fn relative_cgroup_path(mount: &Path, dir: &Path) -> Option<String> {
     Some(format!("/{rel}"))
 }
 
-fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) {
-    let Ok(meta) = fs::metadata(dir) else { return };
-    out.push((dir.to_path_buf(), meta.ino()));
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        // Cgroup directories are real directories; never follow symlinks.
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk(&entry.path(), out);
+/// Depth-first walk. A directory that is gone (ENOENT on itself) is skipped with its
+/// subtree; any other error is reported, and what lies below stays unknown.
+fn walk(
+    reader: &dyn TreeReader,
+    dir: &Path,
+    out: &mut Vec<(PathBuf, u64)>,
+    errors: &mut Vec<ScanError>,
+) {
+    // Explicit stack: bounded by the tree, not by the thread's stack.
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let id = match reader.id(&dir) {
+            Ok(id) => id,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => {
+                errors.push(ScanError {
+                    path: dir,
+                    action: "stat",
+                    error,
+                });
+                continue;
+            }
+        };
+        match reader.children(&dir) {
+            Ok(children) => {
+                out.push((dir, id));
+                stack.extend(children);
+            }
+            // Removed between the stat and the listing: gone, and so are its children.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                out.push((dir.clone(), id));
+                errors.push(ScanError {
+                    path: dir,
+                    action: "read_dir",
+                    error,
+                });
+            }
         }
     }
 }
@@ -349,5 +517,186 @@ mod tests {
         assert!(res.lookup(id("managed.slice")).unwrap().selected);
         let ghost = snap.workload_by_name("ghost").unwrap();
         assert_eq!(res.unmatched, vec![ghost]);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod scan_tests {
+    use super::*;
+
+    /// The real filesystem, with errors injected per directory.
+    #[derive(Default)]
+    struct Faulty {
+        /// Directory → errno of `children`.
+        list: HashMap<PathBuf, i32>,
+        /// Directory → errno of `id`.
+        stat: HashMap<PathBuf, i32>,
+    }
+
+    impl TreeReader for Faulty {
+        fn id(&self, dir: &Path) -> io::Result<u64> {
+            match self.stat.get(dir) {
+                Some(code) => Err(io::Error::from_raw_os_error(*code)),
+                None => Fs.id(dir),
+            }
+        }
+
+        fn children(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+            match self.list.get(dir) {
+                Some(code) => Err(io::Error::from_raw_os_error(*code)),
+                None => Fs.children(dir),
+            }
+        }
+    }
+
+    fn policy(name: &str, select: &str) -> String {
+        format!(
+            "workload: {name}\nselect:\n  {select}\negress:\n  - host: 127.0.0.1\n    port: 80\n    rules:\n      - id: r\n        methods: [GET]\n        path: /\n"
+        )
+    }
+
+    fn snapshot(files: &[(&str, String)]) -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        Snapshot::load_dir(dir.path()).unwrap()
+    }
+
+    struct Tree {
+        dir: tempfile::TempDir,
+        snap: Snapshot,
+        first: Resolution,
+    }
+
+    impl Tree {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            for d in [
+                "system.slice/billing.service/child",
+                "system.slice/other.service",
+                "managed.slice/stray.service",
+            ] {
+                fs::create_dir_all(dir.path().join(d)).unwrap();
+            }
+            let snap = snapshot(&[("a.yaml", policy("billing", "systemd_unit: billing.service"))]);
+            let first = resolve(&snap, dir.path(), dir.path(), &subtrees());
+            assert_eq!(first.managed.len(), 4, "{first:?}");
+            Self { dir, snap, first }
+        }
+
+        fn path(&self, p: &str) -> PathBuf {
+            self.dir.path().join(p)
+        }
+
+        fn id(&self, p: &str) -> u64 {
+            cgroup_id(&self.path(p)).unwrap()
+        }
+
+        fn rescan(&self, snap: &Snapshot, reader: &Faulty) -> (Resolution, Vec<ScanError>) {
+            let m = self.dir.path();
+            resolve_from(snap, m, m, &subtrees(), Some(&self.first), reader)
+        }
+    }
+
+    fn subtrees() -> Vec<String> {
+        vec!["/managed.slice".to_owned()]
+    }
+
+    #[test]
+    fn emfile_on_a_parent_keeps_its_managed_children() {
+        let t = Tree::new();
+        let mut reader = Faulty::default();
+        reader.list.insert(t.path("system.slice"), libc::EMFILE);
+        reader.list.insert(t.path("managed.slice"), libc::EMFILE);
+        // Without the last known state, the partial view would drop them (the old bug).
+        let m = t.dir.path();
+        let (blind, errors) = resolve_from(&t.snap, m, m, &subtrees(), None, &reader);
+        assert!(blind.lookup(t.id("system.slice/billing.service")).is_none());
+        assert_eq!(errors.len(), 2);
+        let (res, errors) = t.rescan(&t.snap, &reader);
+        assert_eq!(res, t.first, "nothing un-managed");
+        assert_eq!(errors.len(), 2);
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.error.raw_os_error() == Some(libc::EMFILE))
+        );
+        let billing = res.lookup(t.id("system.slice/billing.service")).unwrap();
+        assert!(billing.selected);
+        report_scan_errors(&errors);
+        assert!(scan_errors() >= 2);
+    }
+
+    #[test]
+    fn eacces_on_the_cgroup_itself_keeps_it() {
+        let t = Tree::new();
+        let mut reader = Faulty::default();
+        for p in [
+            "system.slice/billing.service",
+            "system.slice/billing.service/child",
+        ] {
+            reader.stat.insert(t.path(p), libc::EACCES);
+        }
+        let (res, errors) = t.rescan(&t.snap, &reader);
+        assert_eq!(res, t.first);
+        // The walk's stat and the re-check of each unseen cgroup.
+        assert!(!errors.is_empty());
+    }
+
+    #[test]
+    fn a_cgroup_that_is_gone_is_dropped_even_while_blind() {
+        let t = Tree::new();
+        let gone = t.id("system.slice/billing.service/child");
+        fs::remove_dir(t.path("system.slice/billing.service/child")).unwrap();
+        let mut reader = Faulty::default();
+        reader.list.insert(t.path("system.slice"), libc::EMFILE);
+        let (res, _) = t.rescan(&t.snap, &reader);
+        assert!(res.lookup(gone).is_none(), "ENOENT on itself: gone");
+        assert!(res.lookup(t.id("system.slice/billing.service")).is_some());
+        // ENOENT while listing a directory: it was removed after its stat; nothing kept.
+        let mut reader = Faulty::default();
+        reader
+            .list
+            .insert(t.path("managed.slice/stray.service"), libc::ENOENT);
+        let (res, errors) = t.rescan(&t.snap, &reader);
+        assert!(errors.is_empty());
+        // Still exists on disk, so the re-check by its own path keeps it.
+        assert!(res.lookup(t.id("managed.slice/stray.service")).is_some());
+    }
+
+    #[test]
+    fn a_path_that_names_another_cgroup_now_drops_the_old_id() {
+        let t = Tree::new();
+        let old = t.id("system.slice/billing.service/child");
+        fs::remove_dir(t.path("system.slice/billing.service/child")).unwrap();
+        fs::create_dir(t.path("system.slice/billing.service/child")).unwrap();
+        let new = t.id("system.slice/billing.service/child");
+        assert_ne!(old, new);
+        let (res, errors) = t.rescan(&t.snap, &Faulty::default());
+        assert!(errors.is_empty());
+        assert!(res.lookup(old).is_none());
+        assert!(res.lookup(new).is_some());
+    }
+
+    #[test]
+    fn kept_cgroups_are_resolved_against_the_new_policy() {
+        let t = Tree::new();
+        // A new snapshot in which billing has another workload index.
+        let snap = snapshot(&[
+            ("0.yaml", policy("aaa", "cgroup: /nowhere")),
+            ("a.yaml", policy("billing", "systemd_unit: billing.service")),
+        ]);
+        let mut reader = Faulty::default();
+        reader.list.insert(t.path("system.slice"), libc::EMFILE);
+        let (res, _) = t.rescan(&snap, &reader);
+        for p in [
+            "system.slice/billing.service",
+            "system.slice/billing.service/child",
+        ] {
+            let w = res.lookup(t.id(p)).unwrap().workload.unwrap();
+            assert_eq!(snap.workload(w).unwrap().name, "billing", "{p}");
+        }
     }
 }

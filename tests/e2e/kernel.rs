@@ -591,3 +591,171 @@ print('udp_exception_as_tcp', attempt(tcp(socket.AF_INET, ('127.0.0.4', {syslog}
     assert_eq!(records.len(), 4, "{records:#?}");
     assert!(records.iter().all(|r| r["decision"] == "deny"));
 }
+
+/// `unshare -Urn` gives an unprivileged task CAP_NET_ADMIN in a namespace of its own, so it
+/// can set the agent's SO_MARK there. The hooks check the namespace before the mark: the
+/// connect is denied and recorded, not let through.
+#[test]
+fn the_agent_mark_set_in_a_private_user_and_network_namespace_is_not_honoured() {
+    privileged_test("the_agent_mark_set_in_a_private_user_and_network_namespace_is_not_honoured");
+    let f = Fixture::new();
+    let script = format!(
+        "{PY_PRELUDE}
+listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+listener.bind(('192.0.2.1', 8080))
+listener.listen(4)
+def marked(mark):
+    def f():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(3)
+        try:
+            if mark:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            s.connect(('192.0.2.1', 8080))
+        finally:
+            s.close()
+    return f
+print('marked', attempt(marked({mark:#x})))
+print('unmarked', attempt(marked(0)))
+",
+        mark = scopegate::run::AGENT_MARK
+    );
+    // Unprivileged (uid 65534, no capabilities) outside; "root" only inside its own
+    // user namespace. A documentation address on the namespace's own loopback.
+    let out = Command::new(bin())
+        .args([
+            "exec",
+            "--cgroup",
+            &f.managed,
+            "--",
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "unshare",
+            "-Urn",
+            "sh",
+            "-c",
+        ])
+        .arg("ip link set lo up && ip addr add 192.0.2.1/32 dev lo && python3 -c \"$0\"")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout.trim(), "marked EPERM\nunmarked EPERM", "{out:?}");
+    let records = f.agent.wait_audit(2);
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["decision"], "deny", "{r}");
+        assert_eq!(r["reason"], "foreign_network_namespace", "{r}");
+        assert_eq!(r["dst"]["ip"], "192.0.2.1", "{r}");
+        assert_eq!(r["cgroup"], f.managed, "{r}");
+    }
+    assert!(f.upstream.seen().is_empty());
+}
+
+/// MPTCP would connect through kernel-made TCP subflows: refused at socket() with one
+/// record each; plain TCP from the same cgroup is still proxied.
+#[test]
+fn mptcp_sockets_are_refused_at_socket_and_tcp_still_works() {
+    privileged_test("mptcp_sockets_are_refused_at_socket_and_tcp_still_works");
+    let f = Fixture::new();
+    let script = format!(
+        "{PY_PRELUDE}
+IPPROTO_MPTCP = 262
+print('mptcp4', attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)))
+print('mptcp6', attempt(lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM, IPPROTO_MPTCP)))
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    print('python', 'ok')
+except PermissionError:
+    print('python', 'PermissionError')
+print('tcp', attempt(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()))
+"
+    );
+    let out = python_in(&f.managed, &script);
+    assert_eq!(
+        out, "mptcp4 EPERM\nmptcp6 EPERM\npython PermissionError\ntcp ok",
+        "{out}"
+    );
+    let curl = curl_in(&f.managed, &["-w", STATUS, &f.upstream.url("/allowed/x")]);
+    let (status, body) = status_and_body(&curl);
+    assert_eq!(status, 200, "{body} {curl:?}");
+    let records = f.agent.wait_audit(4);
+    assert_eq!(records.len(), 4, "{records:#?}");
+    let denied: Vec<_> = records.iter().filter(|r| r["decision"] == "deny").collect();
+    assert_eq!(denied.len(), 3, "{records:#?}");
+    for r in denied {
+        assert_eq!(r["reason"], "protocol_not_allowed", "{r}");
+        assert_eq!(r["proto"], "mptcp", "{r}");
+        assert_eq!(r["cgroup"], f.managed, "{r}");
+    }
+    assert_eq!(f.upstream.seen().len(), 1);
+}
+
+/// The agent raises its soft RLIMIT_NOFILE to the hard limit at start (as under
+/// `prlimit --nofile=1024:HARD`, HARD being the test's own hard limit).
+#[test]
+fn the_agent_raises_its_open_file_limit_to_the_hard_limit() {
+    privileged_test("the_agent_raises_its_open_file_limit_to_the_hard_limit");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let upstream = Upstream::start("127.0.0.2");
+    let policies = policy_dir(&[("web.yaml", policy(&managed, &upstream))]);
+    let pins = PinDir::new();
+    let audit_dir = tempfile::tempdir().unwrap();
+    // The soft limit of this test process is lowered (with prlimit(1) on its own pid) only
+    // while the agent is spawned, which inherits it; then it is restored.
+    let nofile = |pid: u32| -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields[3].to_owned(), fields[4].to_owned())
+    };
+    let me = std::process::id();
+    let (saved_soft, saved_hard) = nofile(me);
+    // The hard limit stays (raising it needs CAP_SYS_RESOURCE); it must be above 1024.
+    let hard: u64 = saved_hard.parse().unwrap();
+    assert!(
+        hard > 1024,
+        "hard RLIMIT_NOFILE {hard} leaves nothing to raise"
+    );
+    let prlimit = |soft: &str, hard: u64| {
+        let status = Command::new("prlimit")
+            .arg("--pid")
+            .arg(me.to_string())
+            .arg(format!("--nofile={soft}:{hard}"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "prlimit failed");
+    };
+    prlimit("1024", hard);
+    assert_eq!(nofile(me).0, "1024");
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit_dir.path().join("audit.jsonl"),
+    ));
+    prlimit(&saved_soft, hard);
+    let (soft, agent_hard) = nofile(agent.pid());
+    assert_eq!(agent_hard, hard.to_string());
+    assert_eq!(soft, agent_hard, "soft limit not raised");
+    assert!(
+        agent
+            .stderr()
+            .iter()
+            .any(|l| l.contains("raised RLIMIT_NOFILE") && l.contains("1024")),
+        "{:?}",
+        agent.stderr()
+    );
+}

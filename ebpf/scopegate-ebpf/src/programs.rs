@@ -216,8 +216,17 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
     if config.enabled == 0 {
         return deny(deny_reasons::NOT_CONFIGURED);
     }
+    // A socket in another network namespace cannot reach the proxy on the host's loopback.
+    // Checked before the SO_MARK: inside its own user and network namespace
+    // (`unshare -Urn`) an unprivileged task holds CAP_NET_ADMIN there and can set any mark.
+    if config.netns_cookie != 0
+        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie
+    {
+        return deny(deny_reasons::FOREIGN_NETNS);
+    }
     // The agent's own upstream sockets carry its SO_MARK (setting a mark needs
-    // CAP_NET_ADMIN, which managed workloads must not have).
+    // CAP_NET_ADMIN over the socket's network namespace, which managed workloads must not
+    // have in the host's; the namespace was checked above).
     if config.agent_mark != 0 {
         let mut mark: u32 = 0;
         let rc = unsafe {
@@ -232,12 +241,6 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         if rc == 0 && mark == config.agent_mark {
             return Verdict::Pass;
         }
-    }
-    // A socket in another network namespace cannot reach the proxy on the host's loopback.
-    if config.netns_cookie != 0
-        && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie
-    {
-        return deny(deny_reasons::FOREIGN_NETNS);
     }
     let caller = Caller {
         cgroup_id,
@@ -390,17 +393,21 @@ pub fn sg_sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr6(ctx, hooks::SENDMSG6, hooks::SENDMSG4)
 }
 
-/// cgroup/sock_create: managed tasks may not open raw sockets or ICMP ("ping") sockets,
-/// which no address hook would see.
+/// cgroup/sock_create: a managed task may open only plain TCP (`SOCK_STREAM`,
+/// `IPPROTO_TCP`) and UDP (`SOCK_DGRAM`, `IPPROTO_UDP`) sockets. Raw and ICMP ("ping")
+/// sockets would be seen by no address hook; MPTCP connects through kernel-made TCP
+/// subflows that the proxy cannot identify; SCTP, UDP-Lite and the like are not proxied.
+/// All of them get EPERM at `socket()`. The kernel resolves protocol 0 to TCP or UDP before
+/// this hook runs, and its own sockets (MPTCP subflows) never reach it.
 #[cgroup_sock(sock_create)]
 pub fn sg_sock_create(ctx: SockContext) -> i32 {
     let sk: *mut bpf_sock = ctx.sock;
     let sock_type = unsafe { (*sk).type_ };
     let protocol = unsafe { (*sk).protocol };
     let family = unsafe { (*sk).family };
-    let raw = sock_type == SOCK_RAW;
-    let ping = sock_type == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
-    if !raw && !ping {
+    let tcp = sock_type == SOCK_STREAM && protocol == IPPROTO_TCP;
+    let udp = sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP;
+    if tcp || udp {
         return ALLOW;
     }
     let Some(config) = CONFIG.get(0) else {
@@ -413,6 +420,13 @@ pub fn sg_sock_create(ctx: SockContext) -> i32 {
     if unsafe { EXEMPT.get(&cgroup_id) }.is_some() {
         return ALLOW;
     }
+    let raw = sock_type == SOCK_RAW;
+    let ping = sock_type == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
+    let reason = if raw || ping {
+        deny_reasons::RAW_SOCKET
+    } else {
+        deny_reasons::PROTOCOL
+    };
     let dest = Dest {
         ip: [0; 4],
         port_be: 0,
@@ -422,7 +436,7 @@ pub fn sg_sock_create(ctx: SockContext) -> i32 {
         cgroup_id,
         &dest,
         hooks::SOCK_CREATE,
-        deny_reasons::RAW_SOCKET,
+        reason,
         sock_type,
         protocol,
     );
