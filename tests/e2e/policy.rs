@@ -436,7 +436,10 @@ egress:
         upstream.seen()
     );
     assert!(
-        !upstream.seen().iter().any(|s| s.target.starts_with("/items/7")),
+        !upstream
+            .seen()
+            .iter()
+            .any(|s| s.target.starts_with("/items/7")),
         "/items/7/ is not /items/7: {:?}",
         upstream.seen()
     );

@@ -253,7 +253,10 @@ fn interception_decides_every_request_and_injects_the_rotated_credential() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&out.stderr));
     // The upstream echoes the header back: the workload sees the injected secret redacted
     // (same length), the upstream got exactly one, injected.
-    assert_eq!(body, "auth=['Bearer **********']", "the echoed secret is redacted");
+    assert_eq!(
+        body, "auth=['Bearer **********']",
+        "the echoed secret is redacted"
+    );
     assert!(
         upstream
             .requests()
