@@ -15,6 +15,7 @@
 // Below the stages: pure policy, shared state, audit, control-plane helpers.
 pub mod audit;
 pub mod bpf;
+pub mod cut;
 pub mod policy;
 pub mod resolve;
 pub mod secrets;

@@ -227,6 +227,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         policies: opts.policies.clone(),
         own_cgroup: own_id,
         subtrees: opts.managed_subtrees.clone(),
+        proxy_port: port,
     };
     control.publish(snapshot, true)?;
     // 7. serve
@@ -327,6 +328,8 @@ struct Control {
     own_cgroup: u64,
     /// Managed slices.
     subtrees: Vec<String>,
+    /// The proxy port (connections to it are not cut).
+    proxy_port: u16,
 }
 
 impl Control {
@@ -375,14 +378,64 @@ impl Control {
         } else {
             &[self.own_cgroup]
         };
+        // Cgroups managed from now on: their connections from before are cut below.
+        let newly: HashSet<u64> = resolution
+            .managed
+            .keys()
+            .filter(|id| !current.cgroups.managed.contains_key(id) && **id != self.own_cgroup)
+            .copied()
+            .collect();
         // Publish first: the proxy knows a workload before the kernel redirects it, and a
         // cgroup dropped from policy is denied by the proxy until the map forgets it.
-        self.shared.enforcement.store(Arc::new(Enforcement {
+        let enforcement = Arc::new(Enforcement {
             policy,
             cgroups: Arc::new(resolution),
-        }));
+        });
+        self.shared.enforcement.store(enforcement.clone());
         self.kernel.sync_exempt(exempt)?;
-        kernel_state.apply(&self.kernel)
+        kernel_state.apply(&self.kernel)?;
+        // The hooks now decide every new connect of those cgroups; what they had opened
+        // before was never decided.
+        self.cut_preexisting(&enforcement, &newly);
+        Ok(())
+    }
+
+    /// Destroys the TCP connections that newly managed cgroups opened before they were
+    /// managed (not those to the proxy), one deny record each.
+    fn cut_preexisting(&self, enforcement: &Enforcement, newly: &HashSet<u64>) {
+        let passes = |sock: &crate::cut::DiagSock| {
+            sock.cgroup
+                .and_then(|id| enforcement.cgroups.lookup(id))
+                .and_then(|info| info.workload)
+                .and_then(|w| enforcement.policy.workload(w))
+                .is_some_and(|w| l4_passes(w, sock.remote))
+        };
+        let cut = match crate::cut::cut(newly, self.proxy_port, AGENT_MARK, &passes) {
+            Ok(cut) => cut,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list TCP sockets to cut pre-existing connections of newly managed cgroups");
+                return;
+            }
+        };
+        for c in cut {
+            let mut record = Record::new("tcp").with_dst_addr(c.sock.remote);
+            record.pid = c.pid;
+            record.uid = Some(c.sock.uid);
+            if let Some(info) = c.sock.cgroup.and_then(|id| enforcement.cgroups.lookup(id)) {
+                record.cgroup = Some(info.path.clone());
+                record.workload = info
+                    .workload
+                    .and_then(|w| enforcement.policy.workload(w))
+                    .map(|w| w.name.clone());
+            }
+            tracing::info!(local = %c.sock.local, remote = %c.sock.remote, pid = ?c.pid, "cut a connection opened before its cgroup was managed");
+            self.shared.auditor.guard(record).finish(
+                Decision::Deny,
+                None,
+                Some("preexisting_connection_cut"),
+                Some(Fault::Policy),
+            );
+        }
     }
 
     /// Reloads the policy directory; an invalid policy keeps the last good snapshot. Every
@@ -452,6 +505,33 @@ fn system_resolvers() -> Vec<std::net::IpAddr> {
             Vec::new()
         }
     }
+}
+
+/// Whether the hooks let a TCP connect of `workload` to `remote` straight through (an L4
+/// exception or a DNS resolver), the same rule as the kernel's L4 map.
+fn l4_passes(workload: &crate::policy::Workload, remote: std::net::SocketAddr) -> bool {
+    let in_range = |addr: std::net::IpAddr, prefix: u8| {
+        let bits = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(a) => (u128::from(a.to_ipv6_mapped()), 96),
+            std::net::IpAddr::V6(a) => (u128::from(a), 0),
+        };
+        let (net, offset) = bits(addr);
+        let (ip, ip_offset) = bits(remote.ip());
+        let len = u32::from(prefix) + offset;
+        offset == ip_offset && (len == 0 || (net ^ ip) >> (128 - len.min(128)) == 0)
+    };
+    let l4 = workload.l4.iter().any(|x| {
+        x.protocol == L4Protocol::Tcp
+            && x.ports.contains(&remote.port())
+            && in_range(x.addr, x.prefix)
+    });
+    let dns = remote.port() == 53
+        && match &workload.dns {
+            Dns::None => false,
+            Dns::System => system_resolvers().contains(&remote.ip()),
+            Dns::Resolvers(list) => list.contains(&remote.ip()),
+        };
+    l4 || dns
 }
 
 /// The L4 trie key of an address range for a workload.
@@ -673,6 +753,25 @@ fn check_privileges() -> Result<(), RunError> {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preexisting_connections_to_l4_exceptions_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("db.yaml"),
+            "workload: db\nselect:\n  cgroup: /x\negress:\n  - cidr: 192.0.2.8/29\n    ports: [5432]\n  - cidr: 2001:db8::/32\n    ports: [5432]\ndns: [198.51.100.53]\n",
+        )
+        .unwrap();
+        let snap = Snapshot::load_dir(dir.path()).unwrap();
+        let w = &snap.workloads()[0];
+        let pass = |a: &str| l4_passes(w, a.parse().unwrap());
+        assert!(pass("192.0.2.9:5432"));
+        assert!(pass("[2001:db8::7]:5432"));
+        assert!(pass("198.51.100.53:53"));
+        assert!(!pass("192.0.2.9:5433"));
+        assert!(!pass("192.0.2.16:5432"));
+        assert!(!pass("198.51.100.54:53"));
+    }
 
     #[test]
     fn resolv_conf_nameservers() {

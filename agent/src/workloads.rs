@@ -670,8 +670,14 @@ mod scan_tests {
     fn a_path_that_names_another_cgroup_now_drops_the_old_id() {
         let t = Tree::new();
         let old = t.id("system.slice/billing.service/child");
+        // A directory that exists alongside, so its inode cannot be the old one reused.
+        fs::create_dir(t.path("system.slice/billing.service/spare")).unwrap();
         fs::remove_dir(t.path("system.slice/billing.service/child")).unwrap();
-        fs::create_dir(t.path("system.slice/billing.service/child")).unwrap();
+        fs::rename(
+            t.path("system.slice/billing.service/spare"),
+            t.path("system.slice/billing.service/child"),
+        )
+        .unwrap();
         let new = t.id("system.slice/billing.service/child");
         assert_ne!(old, new);
         let (res, errors) = t.rescan(&t.snap, &Faulty::default());

@@ -759,3 +759,88 @@ fn the_agent_raises_its_open_file_limit_to_the_hard_limit() {
         agent.stderr()
     );
 }
+
+/// A keep-alive connection opened before its cgroup was managed was never decided: when the
+/// agent starts and manages the cgroup, the connection is destroyed (SOCK_DESTROY) and
+/// recorded. A connection of an unmanaged sibling cgroup stays up.
+#[test]
+fn connections_opened_before_the_cgroup_was_managed_are_cut() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    privileged_test("connections_opened_before_the_cgroup_was_managed_are_cut");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let other = tree.child("other");
+    let upstream = Upstream::start("127.0.0.2");
+    let script = format!(
+        "
+import socket, sys
+s = socket.create_connection(('127.0.0.2', {port}), timeout=5)
+s.sendall(b'GET /allowed/before HTTP/1.1\\r\\nHost: 127.0.0.2\\r\\n\\r\\n')
+assert s.recv(4096).startswith(b'HTTP/1.1 200')
+print('connected', flush=True)
+sys.stdin.readline()
+s.settimeout(float(sys.argv[1]))
+try:
+    print('eof' if s.recv(100) == b'' else 'data', flush=True)
+except (ConnectionResetError, ConnectionAbortedError):
+    print('reset', flush=True)
+except socket.timeout:
+    print('alive', flush=True)
+",
+        port = upstream.addr.port()
+    );
+    let spawn = |cgroup: &str, timeout: &str| {
+        let mut child = Command::new(bin())
+            .args([
+                "exec", "--cgroup", cgroup, "--", "python3", "-c", &script, timeout,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "connected");
+        (child, out)
+    };
+    let (mut victim, mut victim_out) = spawn(&managed, "5");
+    let (mut bystander, mut bystander_out) = spawn(&other, "1");
+    let policies = policy_dir(&[("web.yaml", policy(&managed, &upstream))]);
+    let pins = PinDir::new();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit_dir.path().join("audit.jsonl"),
+    ));
+    let records = agent.wait_audit(1);
+    let result = |child: &mut std::process::Child,
+                  out: &mut BufReader<std::process::ChildStdout>| {
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let _ = child.wait();
+        line.trim().to_owned()
+    };
+    let victim_pid = victim.id();
+    let victim_saw = result(&mut victim, &mut victim_out);
+    let bystander_saw = result(&mut bystander, &mut bystander_out);
+    assert!(
+        victim_saw == "reset" || victim_saw == "eof",
+        "the managed connection survived: {victim_saw}"
+    );
+    assert_eq!(bystander_saw, "alive", "an unmanaged connection was cut");
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r["decision"], "deny", "{r}");
+    assert_eq!(r["reason"], "preexisting_connection_cut", "{r}");
+    assert_eq!(r["cgroup"], managed, "{r}");
+    assert_eq!(r["workload"], "web", "{r}");
+    assert_eq!(r["pid"], victim_pid, "{r}");
+    assert_eq!(r["dst"]["ip"], "127.0.0.2", "{r}");
+    assert_eq!(r["dst"]["port"], upstream.addr.port(), "{r}");
+    // Only the request from before; nothing after.
+    assert_eq!(upstream.seen().len(), 2, "{:?}", upstream.seen().len());
+}
