@@ -246,6 +246,8 @@ pub struct AgentConfig<'a> {
     pub extra: Vec<String>,
     /// State directory (default: a fresh temporary one).
     pub state_dir: Option<PathBuf>,
+    /// `--rescan-secs` (default 0.2).
+    pub rescan_secs: &'static str,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -260,6 +262,7 @@ impl<'a> AgentConfig<'a> {
             port: None,
             extra: Vec::new(),
             state_dir: None,
+            rescan_secs: "0.2",
         }
     }
 }
@@ -296,7 +299,7 @@ impl Agent {
             .arg(&cfg.audit)
             .arg("--no-audit-stdout")
             .arg("--rescan-secs")
-            .arg("0.2")
+            .arg(cfg.rescan_secs)
             .arg("--state-dir")
             .arg(&state_dir)
             .args(&cfg.extra)

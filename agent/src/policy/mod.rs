@@ -107,7 +107,9 @@
 //! is also forwarded. Pattern literals are canonical and case-sensitive; `{name}` matches
 //! one segment; `{name:REGEX}` matches one segment that the whole regex matches (anchored
 //! as `^(?:REGEX)$`, on the canonical, still percent-encoded, segment; braces in the
-//! regex must balance); `**`, last, matches zero or more segments. Every rule whose
+//! regex must balance); `**`, last, matches zero or more segments. A trailing `/` is
+//! part of the path, as it is to servers: `/a` matches only `/a`, `/a/` only `/a/`, and
+//! `/a/**` matches `/a`, `/a/` and everything below. Every rule whose
 //! pattern matches is a candidate: the trie tries the literal child, then the `{name:REGEX}`
 //! children in order, then `{name}`, then `**`, but this order only affects the
 //! exploration, never the outcome: the FIRST candidate in file order whose other checks
