@@ -34,8 +34,9 @@ use crate::{
     state::{Body, Enforcement, Refused},
 };
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and the common non-standard ones).
-const HOP_BY_HOP: [&str; 9] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the common non-standard ones), removed from
+/// requests here and from responses by [`forward::strip_hop_by_hop`](crate::forward::strip_hop_by_hop).
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
