@@ -2,9 +2,12 @@
 //! decided by its policy; everything else is untouched. Real kernel, real binary, real curl.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
-use std::{net::TcpStream, process::Command, time::Duration};
+use std::{fs, net::TcpStream, process::Command, time::Duration};
 
-use scopegate_e2e::*;
+use scopegate_e2e::{
+    dns_server::{Answer, DnsServer},
+    *,
+};
 
 /// One agent on a fresh cgroup subtree with a `managed` and an `unmanaged` child, and an
 /// upstream on 127.0.0.2.
@@ -455,4 +458,52 @@ fn selector_for_a_missing_cgroup_warns_and_is_enforced_once_it_exists() {
     let out = curl_in(&later, &["-w", STATUS, &upstream.url("/forbidden")]);
     assert_eq!(status_and_body(&out).0, 403);
     assert!(upstream.seen().is_empty());
+}
+
+/// `dig` (UDP and TCP) against the test DNS server: answers, NXDOMAIN, rebinding between two
+/// queries, TXT, and the query log the DNS tests assert on.
+#[test]
+fn the_test_dns_server_answers_rebinds_and_logs_queries() {
+    privileged_test("the_test_dns_server_answers_rebinds_and_logs_queries");
+    let server = DnsServer::start("127.0.53.1");
+    server.set("api.fixture.test", &[Answer::addr("127.0.0.9", 1)]);
+    server.set("note.fixture.test", &[Answer::txt("hello", 5)]);
+    let dig = |args: &[&str]| -> String {
+        let out = Command::new("dig")
+            .arg(format!("@{}", server.addr.ip()))
+            .args(["+time=2", "+tries=1"])
+            .args(args)
+            .output()
+            .expect("run dig");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        dig(&["+short", "api.fixture.test", "A"]).trim(),
+        "127.0.0.9"
+    );
+    assert_eq!(
+        dig(&["+short", "+tcp", "note.fixture.test", "TXT"]).trim(),
+        "\"hello\""
+    );
+    assert!(dig(&["missing.fixture.test", "A"]).contains("status: NXDOMAIN"));
+    server.set("api.fixture.test", &[Answer::addr("::1", 1)]);
+    assert_eq!(dig(&["+short", "api.fixture.test", "AAAA"]).trim(), "::1");
+    assert_eq!(dig(&["+short", "api.fixture.test", "A"]).trim(), "");
+    let queries = server.queries();
+    let seen: Vec<(&str, &str, &str)> = queries
+        .iter()
+        .map(|q| (q.qname.as_str(), q.qtype.as_str(), q.transport.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("api.fixture.test.", "A", "udp"),
+            ("note.fixture.test.", "TXT", "tcp"),
+            ("missing.fixture.test.", "A", "udp"),
+            ("api.fixture.test.", "AAAA", "udp"),
+            ("api.fixture.test.", "A", "udp"),
+        ]
+    );
+    let conf = fs::read_to_string(server.resolv_conf()).expect("resolv.conf");
+    assert!(conf.starts_with("nameserver 127.0.53.1\n"), "{conf}");
 }

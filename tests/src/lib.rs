@@ -10,6 +10,7 @@
 //! something is missing they fail, naming it.
 #![forbid(unsafe_code)]
 
+pub mod dns_server;
 pub mod pki;
 pub mod raw_upstream;
 

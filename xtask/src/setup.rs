@@ -17,8 +17,9 @@ use crate::{
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the end-to-end tests and the demo run (nginx: the TLS origin of the
-/// real-client tests; python3-pip: to install [`PY_PACKAGES`]).
-pub const DEB_PACKAGES: [&str; 7] = [
+/// real-client tests; python3-pip: to install [`PY_PACKAGES`]; bind9-dnsutils: `dig`, the
+/// real DNS client of the DNS tests).
+pub const DEB_PACKAGES: [&str; 8] = [
     "curl",
     "iproute2",
     "openssl",
@@ -26,14 +27,17 @@ pub const DEB_PACKAGES: [&str; 7] = [
     "python3",
     "python3-pip",
     "nginx-light",
+    "bind9-dnsutils",
 ];
 
 /// Python packages the real-client end-to-end tests run, as (import name, pip requirement):
-/// pypiserver (a PEP 503 index), moto's S3 server and boto3 (the S3 client).
-pub const PY_PACKAGES: [(&str, &str); 3] = [
+/// pypiserver (a PEP 503 index), moto's S3 server and boto3 (the S3 client), dnspython (the
+/// test DNS server).
+pub const PY_PACKAGES: [(&str, &str); 4] = [
     ("pypiserver", "pypiserver"),
     ("moto.server", "moto[server]"),
     ("boto3", "boto3"),
+    ("dns.message", "dnspython"),
 ];
 
 /// What [`check_host`] found.
