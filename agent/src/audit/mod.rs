@@ -1,4 +1,5 @@
-//! Audit: exactly one tamper-evident record per decision, written by a dedicated thread.
+//! Audit: exactly one tamper-evident record per decision (a forwarded decision also has
+//! one linked outcome record), written by a dedicated thread.
 //!
 //! Every decision point creates an [`AuditGuard`] holding a partly filled [`Record`]. The
 //! guard is finished with the decision; if it is dropped unfinished (an early return, a
@@ -13,6 +14,26 @@
 //! reports [`Auditor::healthy`] = false (the proxy then refuses requests with 503
 //! `audit_unavailable`), retries every 200 ms and, once a write succeeds, writes the
 //! backlog in order.
+//!
+//! **Record before forward.** A request that is forwarded (an allow, or a would-deny in
+//! audit mode; a TLS passthrough splice) has two linked records. The *decision record*
+//! ([`AuditGuard::record_decision`]: decision, rule, request id, no status) is written
+//! before any byte goes upstream: `record_decision` waits until the writer has it in every
+//! sink (the [`Written`] contract below: it waits for the writer's batch, and adds no fsync
+//! of its own) and only then returns the [`Recorded`] proof that
+//! [`enforce`](crate::enforce) needs to make the `Admitted` request the forwarder takes; so
+//! nothing can be forwarded without a written decision. If a sink fails first (or while
+//! the writer writes it), the writer answers at once: no proof, the client gets 503
+//! `audit_unavailable`, and nothing is forwarded; the record stays in the backlog and is
+//! written later, followed by its 503 outcome. The *outcome record* (same fields, `ts` and
+//! `latency_us` of the outcome, [`Record::outcome_of`] = the decision's `seq`) carries
+//! status, sizes and duration, or the upstream's failure; it is written before the
+//! response is relayed (write before respond). An outcome record is not a decision: the
+//! decisions of a chain are the records without `outcome_of`, each exactly once
+//! ([`chain::StoredRecord::is_decision`], [`query::fold_outcomes`]). A decision without an
+//! outcome was in flight when the agent died (or its client went away before the
+//! forward); it may or may not have reached the upstream, but nothing reached the upstream
+//! without one.
 //!
 //! **Write before respond.** [`AuditGuard::finish_written`] returns a [`Written`] that
 //! resolves once the writer has handed the record to every sink (the file: `write(2)`
