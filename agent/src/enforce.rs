@@ -9,8 +9,11 @@
 //! credential injected, into the one header that `policy check` forbids rules to
 //! constrain, so the decision is the same with or without it.
 //!
-//! The result, an [`Admitted`] request, can only be made here and is consumed by the
-//! [`forward`](crate::forward) stage, which sends it unchanged. The pure decision itself
+//! The result is a [`Decided`] request. **Record before forward:** it becomes an
+//! [`Admitted`] request only through [`Decided::record`], which writes the decision record
+//! and waits until it is in every sink (an [`audit::Recorded`] proof, which only the audit
+//! writer's acknowledgement makes). Both are made only here; the [`forward`](crate::forward)
+//! stage takes only an `Admitted`, and sends it unchanged. The pure decision itself
 //! lives in [`policy::decide`](crate::policy::decide); this module does the I/O around it
 //! (DNS, secrets, the clock, rate-limit state).
 #![forbid(unsafe_code)]
@@ -20,7 +23,7 @@ use std::net::SocketAddr;
 use http::{HeaderValue, Method, StatusCode};
 
 use crate::{
-    audit::{Fault, Record},
+    audit::{self, AuditGuard, Fault, Record},
     identify::{Identity, normalize},
     outbound::Outbound,
     policy::{self, AllowInternal, Decision, Host, Mode, RateLimiter},
@@ -44,9 +47,10 @@ pub struct Context<'a> {
     pub secrets: &'a Secrets,
 }
 
-/// A request the policy allows (or, in audit mode, would deny), ready to send unchanged.
+/// A request the policy allows (or, in audit mode, would deny), not yet recorded: only
+/// [`Decided::record`] turns it into something the forwarder takes.
 #[derive(Debug)]
-pub struct Admitted {
+pub struct Decided {
     outbound: Outbound,
     upstream: SocketAddr,
     tls_name: Option<String>,
@@ -55,7 +59,41 @@ pub struct Admitted {
     secret: Option<String>,
 }
 
-impl Admitted {
+/// A decided request whose decision record is durable, ready to send unchanged.
+#[derive(Debug)]
+pub struct Admitted {
+    decided: Decided,
+    recorded: audit::Recorded,
+}
+
+impl Decided {
+    /// Writes the decision record (`allow`, or `would_deny` in audit mode) and waits until
+    /// it is in every sink ([`AuditGuard::record_decision`]); only then is the request
+    /// [`Admitted`]. Returns it with the guard of the linked outcome record; `Err` (the
+    /// sink failed, nothing may be forwarded) with the guard that records the 503.
+    pub async fn record(self, guard: AuditGuard) -> Result<(Admitted, AuditGuard), AuditGuard> {
+        let (decision, reason, origin) = match &self.would_deny {
+            None => (audit::Decision::Allow, None, None),
+            Some(refused) => (
+                audit::Decision::WouldDeny,
+                Some(refused.reason),
+                Some(Fault::Policy),
+            ),
+        };
+        let (recorded, outcome) = guard.record_decision(decision, reason, origin).await?;
+        Ok((
+            Admitted {
+                decided: self,
+                recorded,
+            },
+            outcome,
+        ))
+    }
+
+    /// The request body's size, when known before sending.
+    pub fn body_len(&self) -> Option<u64> {
+        self.outbound.body_len()
+    }
     /// The allowing rule (None for a would-deny in audit mode).
     pub fn rule(&self) -> Option<&str> {
         self.rule.as_deref()
@@ -70,15 +108,28 @@ impl Admitted {
     pub fn secret(&self) -> Option<&str> {
         self.secret.as_deref()
     }
+}
+
+impl Admitted {
+    /// The decided request.
+    pub fn decided(&self) -> &Decided {
+        &self.decided
+    }
+
+    /// The `seq` of its decision record.
+    pub fn recorded_seq(&self) -> u64 {
+        self.recorded.seq()
+    }
 
     /// The request to send: the address (the kernel's original destination), the verified
     /// TLS server name (the policy host), and the request itself. Only the forwarder
     /// calls it.
     pub(crate) fn into_request(self) -> Sendable {
-        let (method, target, headers, body) = self.outbound.into_parts();
+        let decided = self.decided;
+        let (method, target, headers, body) = decided.outbound.into_parts();
         Sendable {
-            addr: self.upstream,
-            tls_name: self.tls_name,
+            addr: decided.upstream,
+            tls_name: decided.tls_name,
             method,
             target,
             headers,
@@ -97,14 +148,14 @@ pub(crate) struct Sendable {
     pub body: Body,
 }
 
-/// Decides `outbound`. A refusal the policy makes becomes, for a workload in audit mode, an
-/// [`Admitted`] that carries it as [`Admitted::would_deny`]; malformed requests and
+/// Decides `outbound`. A refusal the policy makes becomes, for a workload in audit mode, a
+/// [`Decided`] that carries it as [`Decided::would_deny`]; malformed requests and
 /// failures of the agent are refused in every mode.
 pub async fn admit(
     cx: Context<'_>,
     mut outbound: Outbound,
     record: &mut Record,
-) -> Result<Admitted, Refused> {
+) -> Result<Decided, Refused> {
     match decide(cx, &outbound, record).await {
         Ok((rule_id, destination, rule_index)) => {
             let dest = destination_of(cx.enforcement, &outbound, destination)?;
@@ -133,7 +184,7 @@ pub async fn admit(
                 }
                 None => None,
             };
-            Ok(Admitted {
+            Ok(Decided {
                 upstream: cx.identity.original_dst,
                 tls_name: dest.upstream_tls().then(|| dest.host.to_string()),
                 rule: Some(rule_id),
@@ -148,7 +199,7 @@ pub async fn admit(
                 .and_then(|i| destination_of(cx.enforcement, &outbound, i).ok())
                 .filter(|d| d.upstream_tls())
                 .map(|d| d.host.to_string());
-            Ok(Admitted {
+            Ok(Decided {
                 upstream: cx.identity.original_dst,
                 tls_name,
                 rule: None,

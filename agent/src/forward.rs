@@ -1,7 +1,9 @@
 //! Forward: send an admitted request to its upstream, unchanged, and hand back the response.
 //!
 //! The only input is an [`Admitted`] request, which only the
-//! [`enforce`](crate::enforce) stage makes: what was decided is what is sent. The upstream
+//! [`enforce`](crate::enforce) stage makes, and only once its decision record is durable
+//! (record before forward): what was decided, and recorded, is what is sent. A TLS
+//! passthrough splice ([`splice`]) likewise takes the [`Recorded`] proof of its decision. The upstream
 //! address is the original destination the kernel recorded (already bound to the policy's
 //! destination by that stage); this module never resolves names and edits no request
 //! header (the [`outbound`](crate::outbound) stage already removed the hop-by-hop ones and
@@ -29,6 +31,7 @@ use hyper_util::{
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
+    audit::Recorded,
     enforce::Admitted,
     state::Body,
     tls::{UpstreamTls, UpstreamTlsError},
@@ -247,8 +250,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// How long dialling a passthrough upstream may take.
+const SPLICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Splices a passthrough TLS connection to `addr` (dialled with SO_MARK `mark`), copying
+/// both ways until both sides are done; returns the bytes sent up and down. Takes the
+/// [`Recorded`] proof of its allow decision: nothing is dialled before that record is
+/// durable. A failure after the splice started ends it with the bytes counted so far
+/// unknown (0, 0).
+pub async fn splice(
+    _recorded: Recorded,
+    mut client: TcpStream,
+    addr: SocketAddr,
+    mark: u32,
+) -> std::io::Result<(u64, u64)> {
+    let mut server = tokio::time::timeout(SPLICE_CONNECT_TIMEOUT, connect_marked(addr, mark))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            )
+        })??;
+    Ok(tokio::io::copy_bidirectional(&mut client, &mut server)
+        .await
+        .unwrap_or((0, 0)))
+}
+
 /// Connects to `addr` with SO_MARK `mark` (0: none) and TCP_NODELAY.
-pub async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

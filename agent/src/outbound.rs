@@ -120,6 +120,11 @@ impl Outbound {
         self.json.as_ref()
     }
 
+    /// The body's length, when known before it is sent (Content-Length, or buffered).
+    pub fn body_len(&self) -> Option<u64> {
+        http_body::Body::size_hint(&self.body).exact()
+    }
+
     /// Sets the credential header (replacing whatever the workload sent under that name).
     /// Only the enforce stage calls it, after a rule allowed the request.
     pub(crate) fn inject(&mut self, name: HeaderName, mut value: HeaderValue) {

@@ -8,8 +8,9 @@
 //! [`serve_connection`] runs identify and detect once per connection; HTTP/1 connections
 //! then pass through the [framing guard](crate::framing), which refuses ambiguous framing
 //! before hyper parses it. [`handle_request`] runs once per HTTP request: it builds the
-//! ONE outbound request, decides on exactly that value, forwards exactly what the decision
-//! admitted, and responds once the record is written. Each request reads the current
+//! ONE outbound request, decides on exactly that value, records the decision and waits
+//! until the record is durable (record before forward), forwards exactly what the decision
+//! admitted, and responds once the linked outcome record is written. Each request reads the current
 //! [`Enforcement`] snapshot once, so it is decided entirely by one snapshot, and the next
 //! request on a live keep-alive connection sees a newly published one.
 //!
@@ -401,38 +402,33 @@ async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, identity: Identity) {
     }
 }
 
-/// Splices a passthrough TLS connection to its original destination; one record when it
-/// ends, with bytes and duration.
-async fn passthrough(
-    shared: &Shared,
-    mut client: TcpStream,
-    upstream: SocketAddr,
-    mut record: Record,
-) {
+/// Splices a passthrough TLS connection to its original destination: the allow decision
+/// is recorded (durably) before the upstream is dialled, and a linked outcome record with
+/// bytes and duration when the splice ends.
+async fn passthrough(shared: &Shared, client: TcpStream, upstream: SocketAddr, mut record: Record) {
     record.rule = None;
     let guard = shared.auditor.guard(record);
     if !shared.auditor.healthy() {
         return guard.finish_unavailable();
     }
-    let mut guard = guard;
-    let connect = crate::forward::connect_marked(upstream, AGENT_MARK);
-    let mut server = match tokio::time::timeout(Duration::from_secs(10), connect).await {
-        Ok(Ok(server)) => server,
-        Ok(Err(_)) | Err(_) => {
-            return guard.finish(
-                Decision::Error,
-                None,
-                Some("upstream_unreachable"),
-                Some(Fault::Upstream),
-            );
-        }
+    let (recorded, mut outcome) = match guard.record_decision(Decision::Allow, None, None).await {
+        Ok(recorded) => recorded,
+        Err(outcome) => return outcome.finish_unavailable(),
     };
-    let result = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-    let (up, down) = result.unwrap_or((0, 0));
-    let record = guard.record_mut();
-    record.bytes_up = Some(up);
-    record.bytes_down = Some(down);
-    guard.finish(Decision::Allow, None, None, None);
+    match crate::forward::splice(recorded, client, upstream, AGENT_MARK).await {
+        Ok((up, down)) => {
+            let record = outcome.record_mut();
+            record.bytes_up = Some(up);
+            record.bytes_down = Some(down);
+            outcome.finish(Decision::Allow, None, None, None);
+        }
+        Err(_) => outcome.finish(
+            Decision::Error,
+            None,
+            Some("upstream_unreachable"),
+            Some(Fault::Upstream),
+        ),
+    }
 }
 
 /// One connection-level refusal, recorded with the caller's identity.
@@ -499,22 +495,28 @@ async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) ->
         resolver: &shared.resolver,
         secrets: &shared.secrets,
     };
-    let admitted = match enforce::admit(cx, outbound, guard.record_mut()).await {
-        Ok(admitted) => admitted,
+    let decided = match enforce::admit(cx, outbound, guard.record_mut()).await {
+        Ok(decided) => decided,
         Err(refused) => return respond::refuse(guard, &refused, reply).await,
     };
     // Nothing is forwarded that cannot be recorded.
     if !shared.auditor.healthy() {
         return respond::unavailable(guard, reply);
     }
-    // forward: exactly what was admitted
     let forwarded = Forwarded {
-        would_deny: admitted.would_deny().cloned(),
-        secret: admitted.secret().map(str::to_owned),
+        would_deny: decided.would_deny().cloned(),
+        secret: decided.secret().map(str::to_owned),
+        bytes_up: decided.body_len(),
     };
+    // record before forward: the decision record is durable, or nothing goes upstream
+    let (admitted, outcome) = match decided.record(guard).await {
+        Ok(recorded) => recorded,
+        Err(outcome) => return respond::unavailable(outcome, reply),
+    };
+    // forward: exactly what was admitted; the outcome record is written before responding
     match shared.upstream.send(admitted).await {
-        Ok(response) => respond::relay(&shared.auditor, guard, response, forwarded, reply).await,
-        Err(e) => respond::upstream_failed(guard, &e, reply).await,
+        Ok(response) => respond::relay(&shared.auditor, outcome, response, forwarded, reply).await,
+        Err(e) => respond::upstream_failed(outcome, &e, forwarded.bytes_up, reply).await,
     }
 }
 

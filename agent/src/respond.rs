@@ -1,7 +1,10 @@
 //! Respond: the last stage of a request, what goes back to the client and when.
 //!
 //! Every response leaves only once the record of its decision is written (write before
-//! respond): a refusal's JSON body, the upstream's response, a 502. On routes where a
+//! respond): a refusal's JSON body. A forwarded request's decision record was written
+//! before anything went upstream (record before forward, see [`crate::audit`]); its
+//! response (the upstream's, or a 502) leaves only once the linked *outcome* record is
+//! written. On routes where a
 //! credential was injected, the upstream's response passes through the reflection guard:
 //! the secret is redacted from headers and the streamed body, and a `credential_reflected`
 //! record says so.
@@ -69,10 +72,11 @@ pub fn unavailable(mut guard: AuditGuard, reply: Reply<'_>) -> Response<Body> {
     json_response(&refused, workload.as_deref(), reply.request_id)
 }
 
-/// The upstream could not be reached or failed: 502, recorded as `error`.
+/// The upstream could not be reached or failed: 502, the outcome recorded as `error`.
 pub async fn upstream_failed(
     mut guard: AuditGuard,
     error: &ForwardError,
+    bytes_up: Option<u64>,
     reply: Reply<'_>,
 ) -> Response<Body> {
     tracing::warn!(error = %error, "upstream request failed");
@@ -90,7 +94,9 @@ pub async fn upstream_failed(
             Fault::Upstream,
         ),
     };
-    let workload = guard.record_mut().workload.clone();
+    let record = guard.record_mut();
+    record.bytes_up = bytes_up;
+    let workload = record.workload.clone();
     let written = guard.finish_written(
         Decision::Error,
         Some(refused.status.as_u16()),
@@ -108,10 +114,13 @@ pub struct Forwarded {
     pub would_deny: Option<Refused>,
     /// The injected secret, when a credential was injected: the response is scanned.
     pub secret: Option<String>,
+    /// The request body's length, when known before it was sent.
+    pub bytes_up: Option<u64>,
 }
 
-/// Relays the upstream's response once the allow (or would-deny) record is written, with
-/// the reflection guard on credential routes.
+/// Relays the upstream's response once the outcome record (`guard`, linked to the allow or
+/// would-deny decision written before forwarding) is written, with the reflection guard on
+/// credential routes.
 pub async fn relay(
     auditor: &Auditor,
     mut guard: AuditGuard,
@@ -120,7 +129,10 @@ pub async fn relay(
     reply: Reply<'_>,
 ) -> Response<Body> {
     let status = response.status().as_u16();
-    let workload = guard.record_mut().workload.clone();
+    let record = guard.record_mut();
+    record.bytes_up = forwarded.bytes_up;
+    record.bytes_down = http_body::Body::size_hint(response.body()).exact();
+    let workload = record.workload.clone();
     if forwarded.secret.is_some() && !identity_coded(response.headers()) {
         // A compressed body cannot be scanned for the secret: nothing of it goes back.
         let refused = Refused::status(
@@ -145,6 +157,8 @@ pub async fn relay(
         Some(secret) => {
             let mut base = guard.record_mut().clone();
             base.status = Some(status);
+            // An event of its own (as before outcome records existed), not the outcome.
+            base.outcome_of = None;
             guard_reflection(auditor, base, response, secret)
         }
     };

@@ -355,12 +355,15 @@ impl Proxy {
         stream
     }
 
+    /// One value per decision: outcome records folded into the decision they complete.
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        scopegate::audit::query::fold_outcomes(
+            std::fs::read_to_string(&self.audit)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
     }
 
     /// Waits until there are at least `n` records (for records written after a response).
@@ -846,8 +849,14 @@ fn a_reflected_credential_is_redacted_and_recorded() {
     assert!(head.contains("\r\naccept-encoding: identity"), "{head}");
     assert!(!head.contains("accept-encoding: gzip"), "{head}");
     let records = proxy.wait_records(4);
-    assert_eq!(records[3]["decision"], "error");
-    assert_eq!(records[3]["reason"], "upstream_encoding_unscannable");
+    // Forwarded (allowed, recorded first); the outcome is the withheld response.
+    assert_eq!(records[3]["decision"], "allow");
+    assert_eq!(records[3]["outcome"]["decision"], "error");
+    assert_eq!(
+        records[3]["outcome"]["reason"],
+        "upstream_encoding_unscannable"
+    );
+    assert_eq!(records[3]["status"], 502);
     // OPTIONS gets the credential only where the rule names OPTIONS (here: /exact does).
     let answer = exchange(
         &proxy,

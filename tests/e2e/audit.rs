@@ -140,8 +140,9 @@ fn a_full_disk_denies_with_503_forwards_nothing_and_recovers() {
         .iter()
         .position(|(s, _)| *s == 503)
         .expect("503 while the disk is full");
+    // Record before forward: what was forwarded is exactly what was answered 200.
     let forwarded_while_full = upstream.seen().len() - 1;
-    assert!(forwarded_while_full <= first_503, "{statuses:?}");
+    assert_eq!(forwarded_while_full, first_503, "{statuses:?}");
     for (status, body) in &statuses[first_503..] {
         assert_eq!(*status, 503, "{statuses:?}");
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -179,12 +180,14 @@ fn a_full_disk_denies_with_503_forwards_nothing_and_recovers() {
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "contiguous seq: {seqs:?}"
     );
-    let allowed = records
-        .iter()
-        .filter(|r| r["decision"] == "allow" && r["proto"] != "audit")
+    // A decision refused with 503 after its record was queued is an allow decision with
+    // an `audit_unavailable` outcome: not forwarded.
+    let forwarded = decisions(records.clone())
+        .into_iter()
+        .filter(|r| r["decision"] == "allow" && r["outcome"]["reason"] != "audit_unavailable")
         .count();
     assert_eq!(
-        allowed,
+        forwarded,
         upstream.seen().len(),
         "every forwarded request has its record"
     );
@@ -197,6 +200,153 @@ fn a_full_disk_denies_with_503_forwards_nothing_and_recovers() {
         refusals >= 1,
         "the refusals are accounted for: {records:#?}"
     );
+}
+
+/// The paths of the allow decisions in an audit file (raw: whatever was written).
+fn allowed_paths(audit: &Path) -> std::collections::HashSet<String> {
+    read_jsonl(audit)
+        .iter()
+        .filter(|r| r["decision"] == "allow" && r["outcome_of"].is_null())
+        .filter_map(|r| r["path"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Record before forward, with traffic running while the audit filesystem fills: no
+/// request reaches the upstream before its decision record is written; while full, every
+/// request is a 503 and nothing is forwarded; a kill -9 while full (losing whatever the
+/// agent held in memory) still leaves a record for every request the upstream ever received,
+/// before and after a restart on the freed disk.
+#[test]
+fn no_request_reaches_the_upstream_without_its_record_across_a_full_disk_and_kill_9() {
+    privileged_test(
+        "no_request_reaches_the_upstream_without_its_record_across_a_full_disk_and_kill_9",
+    );
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let upstream = Upstream::start("127.0.0.2");
+    let policies = policy_dir(&[("web.yaml", web(&managed, &upstream))]);
+    let pins = PinDir::new();
+    let fs = Tmpfs::new("320k");
+    let audit = fs.path.join("audit.jsonl");
+    let mut agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit.clone(),
+    ));
+    let port = agent.port;
+    // Two clients, each at most 150 requests with unique paths, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
+    let clients: Vec<_> = (0..2)
+        .map(|t| {
+            let (m, stop, answers) = (managed.clone(), stop.clone(), answers.clone());
+            let base = upstream.url("");
+            thread::spawn(move || {
+                for i in 0..150 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let path = format!("/allowed/c{t}-{i}");
+                    let out = curl_in(&m, &["-w", STATUS, &format!("{base}{path}")]);
+                    answers
+                        .lock()
+                        .unwrap()
+                        .push((path, status_and_body(&out).0));
+                }
+            })
+        })
+        .collect();
+    let answered = |status: u16| {
+        answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| *s == status)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while answered(200) < 10 {
+        assert!(std::time::Instant::now() < deadline, "no traffic passed");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Fill the filesystem under the running traffic.
+    let filler = fs.path.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=1000"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    while answered(503) < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 503 while the disk is full: {:?}",
+            answers.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::SeqCst);
+    // While full: refused, nothing forwarded. (A request whose decision was written just
+    // before the disk filled was forwarded; its response waits for its outcome record.)
+    let before = upstream.seen().len();
+    for i in 0..5 {
+        let out = curl_in(
+            &managed,
+            &["-w", STATUS, &upstream.url(&format!("/allowed/full{i}"))],
+        );
+        let (status, body) = status_and_body(&out);
+        assert_eq!(status, 503, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["reason"], "audit_unavailable");
+    }
+    assert_eq!(
+        upstream.seen().len(),
+        before,
+        "forwarded while the log was full"
+    );
+    // kill -9 while full: what the agent held in memory is gone; the file must already
+    // hold a decision for every request the upstream received.
+    agent.kill9();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    let received: std::collections::HashSet<String> =
+        upstream.seen().into_iter().map(|s| s.target).collect();
+    for (path, status) in &answers {
+        match status {
+            200 => assert!(received.contains(path), "{path}: 200 but not received"),
+            503 => assert!(!received.contains(path), "{path}: 503 but forwarded"),
+            // In flight at the kill (its response held for its outcome record).
+            _ => {}
+        }
+    }
+    let written = allowed_paths(&audit);
+    let missing: Vec<&String> = received.iter().filter(|p| !written.contains(*p)).collect();
+    assert!(
+        missing.is_empty(),
+        "received upstream without a written record: {missing:?}"
+    );
+    // Free the space and restart: traffic passes again, the chain verifies, and still
+    // every request the upstream ever received has its decision record.
+    std::fs::remove_file(&filler).unwrap();
+    let mut config = AgentConfig::new(policies.path(), &tree, &pins, audit.clone());
+    config.port = Some(port);
+    agent = Agent::start(config);
+    let out = curl_in(&managed, &["-w", STATUS, &upstream.url("/allowed/after")]);
+    assert_eq!(status_and_body(&out).0, 200);
+    drop(agent);
+    let (ok, text) = verify(&[&audit]);
+    assert!(ok, "{text}");
+    let written = allowed_paths(&audit);
+    let received: Vec<String> = upstream.seen().into_iter().map(|s| s.target).collect();
+    assert!(received.len() > 10);
+    let missing: Vec<&String> = received.iter().filter(|p| !written.contains(*p)).collect();
+    assert!(missing.is_empty(), "{missing:?}");
 }
 
 #[test]

@@ -1297,6 +1297,16 @@ fn every_forwarded_request_is_allowed_as_received_and_every_refusal_is_one_recor
             }
         }
     }
+    // Record before forward: each forwarded decision has its linked outcome, written
+    // before the response went back.
+    for r in &allow_records {
+        if r["outcome"]["outcome_of"] != r["seq"] {
+            failures.add(
+                "allow record without its linked outcome record",
+                format!("seq {} request_id {}", r["seq"], r["request_id"]),
+            );
+        }
+    }
     if allow_index != allow_records.len() {
         failures.add(
             "allow records without a forwarded request",

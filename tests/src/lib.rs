@@ -427,13 +427,20 @@ impl Drop for Agent {
     }
 }
 
-/// The decision records among `records`: without the audit subsystem's own records
-/// (`proto: "audit"`: agent_started/stopping, policy_reloaded/rejected, checkpoints, …).
+/// The decisions among `records`, one value each: without the audit subsystem's own
+/// records (`proto: "audit"`: agent_started/stopping, policy_reloaded/rejected,
+/// checkpoints, …), and with each outcome record (`outcome_of`: status, sizes, duration of
+/// a forwarded request, written after its decision) folded into the decision record it
+/// completes (under `"outcome"`, its status and sizes copied;
+/// [`scopegate::audit::query::fold_outcomes`]). An outcome that links to no decision stays
+/// a value of its own, so counts show it.
 pub fn decisions(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
-    records
-        .into_iter()
-        .filter(|r| r["proto"] != "audit")
-        .collect()
+    scopegate::audit::query::fold_outcomes(
+        records
+            .into_iter()
+            .filter(|r| r["proto"] != "audit")
+            .collect(),
+    )
 }
 
 /// Reads a JSON-lines file (missing file: no records).

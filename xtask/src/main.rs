@@ -9,6 +9,8 @@
 //! * `demo` runs the agent against a tiny local upstream and shows an allowed and a denied
 //!   request.
 //! * `bench` benchmarks scopegate side by side with direct, nginx and HAProxy.
+//! * `soak` runs the agent for N minutes under mixed load, fd pressure, policy churn and
+//!   kill -9, and reports bypasses and missing audit records (outside CI).
 //!
 //! xtask depends on no other workspace crate, so it builds while they are broken.
 
@@ -19,6 +21,7 @@ mod ci;
 mod ctx;
 mod demo;
 mod setup;
+mod soak;
 mod sys;
 mod upstream;
 
@@ -77,6 +80,10 @@ enum Cmd {
     /// Benchmark scopegate side by side with direct, nginx and HAProxy; writes
     /// target/bench/REPORT.md and results.json.
     Bench(bench::BenchArgs),
+    /// Soak the release agent: mixed load, fd pressure, policy churn every 10 s, kill -9
+    /// every 2 min; fails if a forbidden request reached an upstream or a forwarded one has
+    /// no audit record. Not part of `test`.
+    Soak(soak::SoakArgs),
     /// The benchmark's load clients (started by `bench`, inside cgroups).
     #[command(hide = true)]
     BenchHelper {
@@ -128,6 +135,11 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Test { skip_lint, filter } => ci::test(&ctx, skip_lint, filter.as_deref())?,
         Cmd::Demo { keep } => demo::demo(&ctx, keep)?,
         Cmd::Bench(args) => bench::bench(&ctx, &args)?,
+        Cmd::Soak(args) => {
+            if !soak::soak(&ctx, &args)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Cmd::DemoUpstream { .. } | Cmd::BenchHelper { .. } => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,5 @@
-//! The demo's upstream: a minimal HTTP/1.1 server (std only, a thread per connection).
+//! The demo's (and the soak's) upstream: a minimal HTTP/1.1 server (std only, a thread per
+//! connection), optionally recording each request's target.
 //!
 //! It answers every request with `200` and `hello from the demo upstream: <METHOD> <PATH>`,
 //! keeps HTTP/1.1 connections alive unless asked not to, and closes on anything it does
@@ -7,6 +8,7 @@
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
     thread,
     time::Duration,
 };
@@ -20,24 +22,38 @@ const MAX_HEADERS: usize = 100;
 /// Largest request body read (and discarded).
 const MAX_BODY: u64 = 1024 * 1024;
 
+/// The request targets an upstream received, in order.
+pub type Seen = Arc<Mutex<Vec<String>>>;
+
 /// Listens on `addr` and serves until killed.
 pub fn serve(addr: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     eprintln!("demo upstream listening on http://{addr}");
+    accept_loop(&listener, None);
+    Ok(())
+}
+
+/// Serves `listener` on a thread of its own, recording each request's target in `seen`
+/// before answering it (the soak's upstreams).
+pub fn serve_recording(listener: TcpListener, seen: Seen) {
+    thread::spawn(move || accept_loop(&listener, Some(&seen)));
+}
+
+fn accept_loop(listener: &TcpListener, seen: Option<&Seen>) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
+                let seen = seen.cloned();
                 thread::spawn(move || {
                     let peer = stream.peer_addr().ok();
-                    if let Err(err) = handle(stream) {
-                        eprintln!("demo upstream: connection from {peer:?}: {err}");
+                    if let Err(err) = handle(stream, seen.as_deref()) {
+                        eprintln!("upstream: connection from {peer:?}: {err}");
                     }
                 });
             }
-            Err(err) => eprintln!("demo upstream: accept: {err}"),
+            Err(err) => eprintln!("upstream: accept: {err}"),
         }
     }
-    Ok(())
 }
 
 /// A parsed request head.
@@ -54,7 +70,7 @@ struct Head {
 }
 
 /// Serves requests on one connection until the peer closes or asks to close.
-fn handle(stream: TcpStream) -> io::Result<()> {
+fn handle(stream: TcpStream, seen: Option<&Mutex<Vec<String>>>) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -68,6 +84,11 @@ fn handle(stream: TcpStream) -> io::Result<()> {
             }
             Err(err) => return Err(err),
         };
+        if let Some(seen) = seen {
+            seen.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(head.path.clone());
+        }
         io::copy(
             &mut (&mut reader).take(head.content_length),
             &mut io::sink(),
@@ -214,7 +235,7 @@ mod tests {
         let addr = listener.local_addr()?;
         thread::spawn(move || {
             if let Ok((stream, _)) = listener.accept() {
-                let _ = handle(stream);
+                let _ = handle(stream, None);
             }
         });
         let mut conn = TcpStream::connect(addr)?;

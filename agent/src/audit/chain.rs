@@ -8,7 +8,7 @@
 //! ip, port}, proto, method, path, rule, decision, reason, origin, status, bytes_up,
 //! bytes_down, latency_us, request_id`, then the optional `checkpoint`, `count`,
 //! `truncated_bytes`, `error_kind`, `version`, `clean`, `policy_hash`, `trigger`, `errors`,
-//! `clock_step_us` only when present, then `prev`). Absent optional values of the core
+//! `clock_step_us`, `outcome_of` only when present, then `prev`). Absent optional values of the core
 //! fields are written as `null`; strings use serde_json's escaping (UTF-8, only `"`, `\`
 //! and control characters escaped).
 //!
@@ -214,6 +214,9 @@ pub struct StoredRecord {
     /// Wall-clock step beyond the monotonic clock, µs, on `clock_step` records.
     #[serde(default)]
     pub clock_step_us: Option<i64>,
+    /// On outcome records: the `seq` of the decision record they complete.
+    #[serde(default)]
+    pub outcome_of: Option<u64>,
     /// Hash of the previous record.
     pub prev: ChainHash,
     /// Hash of this record.
@@ -221,6 +224,12 @@ pub struct StoredRecord {
 }
 
 impl StoredRecord {
+    /// Whether this record is a decision (every record but the outcome records, which
+    /// complete a decision recorded before: see [`super::Record::outcome_of`]).
+    pub fn is_decision(&self) -> bool {
+        self.outcome_of.is_none()
+    }
+
     /// Whether this is a `recovered_truncation` record written at agent start.
     pub fn is_recovered_truncation(&self) -> bool {
         self.is_audit(RECOVERED_TRUNCATION)

@@ -24,7 +24,7 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Auditor, Decision, Entry, Fault, Record, Written};
+use super::{Ack, Auditor, Decision, Entry, Fault, Record, Written};
 
 /// Reason of the record written at start.
 pub const AGENT_STARTED: &str = "agent_started";
@@ -219,7 +219,7 @@ impl Auditor {
             .tx
             .send(Entry {
                 record,
-                written: Some(tx),
+                written: Some(Ack::Written(tx)),
                 stop: true,
             })
             .is_err()

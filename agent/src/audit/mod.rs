@@ -1,4 +1,5 @@
-//! Audit: exactly one tamper-evident record per decision, written by a dedicated thread.
+//! Audit: exactly one tamper-evident record per decision (a forwarded decision also has
+//! one linked outcome record), written by a dedicated thread.
 //!
 //! Every decision point creates an [`AuditGuard`] holding a partly filled [`Record`]. The
 //! guard is finished with the decision; if it is dropped unfinished (an early return, a
@@ -13,6 +14,26 @@
 //! reports [`Auditor::healthy`] = false (the proxy then refuses requests with 503
 //! `audit_unavailable`), retries every 200 ms and, once a write succeeds, writes the
 //! backlog in order.
+//!
+//! **Record before forward.** A request that is forwarded (an allow, or a would-deny in
+//! audit mode; a TLS passthrough splice) has two linked records. The *decision record*
+//! ([`AuditGuard::record_decision`]: decision, rule, request id, no status) is written
+//! before any byte goes upstream: `record_decision` waits until the writer has it in every
+//! sink (the [`Written`] contract below: it waits for the writer's batch, and adds no fsync
+//! of its own) and only then returns the [`Recorded`] proof that
+//! [`enforce`](crate::enforce) needs to make the `Admitted` request the forwarder takes; so
+//! nothing can be forwarded without a written decision. If a sink fails first (or while
+//! the writer writes it), the writer answers at once: no proof, the client gets 503
+//! `audit_unavailable`, and nothing is forwarded; the record stays in the backlog and is
+//! written later, followed by its 503 outcome. The *outcome record* (same fields, `ts` and
+//! `latency_us` of the outcome, [`Record::outcome_of`] = the decision's `seq`) carries
+//! status, sizes and duration, or the upstream's failure; it is written before the
+//! response is relayed (write before respond). An outcome record is not a decision: the
+//! decisions of a chain are the records without `outcome_of`, each exactly once
+//! ([`chain::StoredRecord::is_decision`], [`query::fold_outcomes`]). A decision without an
+//! outcome was in flight when the agent died (or its client went away before the
+//! forward); it may or may not have reached the upstream, but nothing reached the upstream
+//! without one.
 //!
 //! **Write before respond.** [`AuditGuard::finish_written`] returns a [`Written`] that
 //! resolves once the writer has handed the record to every sink (the file: `write(2)`
@@ -236,6 +257,12 @@ pub struct Record {
     /// clock since the record before, µs (negative: stepped backwards).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_step_us: Option<i64>,
+    /// On outcome records only: the `seq` of the decision record this record completes
+    /// (same `request_id`). An outcome record is not a decision: it carries what happened
+    /// after a forwarded decision (status, sizes, duration, upstream errors); see
+    /// "Record before forward" in the module docs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome_of: Option<u64>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -275,6 +302,7 @@ impl Record {
             trigger: None,
             errors: None,
             clock_step_us: None,
+            outcome_of: None,
             prev: chain::GENESIS,
         }
     }
@@ -383,9 +411,37 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) record: Record,
-    pub(crate) written: Option<oneshot::Sender<()>>,
+    pub(crate) written: Option<Ack>,
     /// The `agent_stopping` record of [`Auditor::stop`]: checkpoint and anchor after it.
     pub(crate) stop: bool,
+}
+
+/// Whom the writer tells about one record.
+#[derive(Debug)]
+pub(crate) enum Ack {
+    /// Write before respond: told once the record is in every sink, however long the
+    /// sinks fail.
+    Written(oneshot::Sender<()>),
+    /// Record before forward: told the record's seq once it is in every sink (`Ok`), or
+    /// at once when a sink fails (`Err`: the record stays in the backlog and is written
+    /// when the sink recovers, but nothing may be forwarded on it now).
+    Forward(oneshot::Sender<Result<u64, u64>>),
+}
+
+/// Proof that a decision record is in every sink (the writer acknowledged it): what
+/// [`enforce`](crate::enforce) needs to make the [`Admitted`](crate::enforce::Admitted)
+/// request that the forwarder takes, so nothing can be forwarded before its decision is
+/// recorded. Only [`AuditGuard::record_decision`] makes one; it cannot be cloned.
+#[derive(Debug)]
+pub struct Recorded {
+    seq: u64,
+}
+
+impl Recorded {
+    /// The `seq` of the decision record.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 /// Resolves once the writer has handed one record to every sink (see
@@ -500,11 +556,11 @@ impl Auditor {
     pub fn record_written(&self, record: Record) -> Written {
         let (tx, rx) = oneshot::channel();
         // If the writer is gone, the sender is dropped with the entry and `wait` says so.
-        self.send(record, Some(tx));
+        self.send(record, Some(Ack::Written(tx)));
         Written { rx: Some(rx) }
     }
 
-    fn send(&self, mut record: Record, written: Option<oneshot::Sender<()>>) {
+    fn send(&self, mut record: Record, written: Option<Ack>) {
         record.host = self.host.to_string();
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
         if self
@@ -585,6 +641,7 @@ impl Auditor {
 
 /// The pending record of one decision. Finish it with [`AuditGuard::finish`]; dropping it
 /// unfinished records an `error` decision with reason `aborted`.
+#[derive(Debug)]
 pub struct AuditGuard {
     auditor: Auditor,
     record: Option<Record>,
@@ -602,6 +659,61 @@ impl AuditGuard {
         u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
+    /// Takes the record to finish it: latency set, and an outcome record stamped now.
+    fn take(&mut self) -> Option<Record> {
+        let latency = self.elapsed_us();
+        let mut record = self.record.take()?;
+        record.latency_us = Some(latency);
+        if record.outcome_of.is_some() {
+            record.ts = now_rfc3339();
+        }
+        Some(record)
+    }
+
+    /// The guard of the outcome record of a decision written as `seq` (None: not written).
+    fn outcome(&self, decision: &Record, seq: Option<u64>) -> Self {
+        let mut outcome = decision.clone();
+        outcome.outcome_of = seq;
+        outcome.latency_us = None;
+        Self {
+            auditor: self.auditor.clone(),
+            record: Some(outcome),
+            started: self.started,
+        }
+    }
+
+    /// **Record before forward.** Records the decision to forward (`allow`, or in audit
+    /// mode `would_deny` with its reason) and waits until the writer has it in every sink
+    /// (the same contract as [`Written`]: written, and fsynced per the fsync policy,
+    /// waiting for the writer's batch and no fsync of its own). Only then does it return
+    /// the [`Recorded`] proof the forwarder needs, with the guard of the linked *outcome*
+    /// record (same fields, `outcome_of` = the decision's seq): finish that one with the
+    /// status once the upstream answered (dropped unfinished, it records an `aborted`
+    /// outcome). `Err` when a sink fails before the record is written (or the writer
+    /// stopped): nothing may be forwarded; the guard then returned records the 503
+    /// `audit_unavailable` outcome with [`AuditGuard::finish_unavailable`].
+    pub async fn record_decision(
+        mut self,
+        decision: Decision,
+        reason: Option<&str>,
+        origin: Option<Fault>,
+    ) -> Result<(Recorded, AuditGuard), AuditGuard> {
+        let Some(mut record) = self.take() else {
+            return Err(self);
+        };
+        record.decision = decision;
+        record.reason = reason.map(str::to_owned);
+        record.origin = origin;
+        let (tx, rx) = oneshot::channel();
+        let outcome_template = record.clone();
+        self.auditor.send(record, Some(Ack::Forward(tx)));
+        match rx.await {
+            Ok(Ok(seq)) => Ok((Recorded { seq }, self.outcome(&outcome_template, Some(seq)))),
+            Ok(Err(seq)) => Err(self.outcome(&outcome_template, Some(seq))),
+            Err(_) => Err(self.outcome(&outcome_template, None)),
+        }
+    }
+
     /// Records the decision.
     pub fn finish(
         mut self,
@@ -610,13 +722,11 @@ impl AuditGuard {
         reason: Option<&str>,
         origin: Option<Fault>,
     ) {
-        let latency = self.elapsed_us();
-        if let Some(mut record) = self.record.take() {
+        if let Some(mut record) = self.take() {
             record.decision = decision;
             record.status = status;
             record.reason = reason.map(str::to_owned);
             record.origin = origin;
-            record.latency_us = Some(latency);
             self.auditor.record(record);
         }
     }
@@ -630,14 +740,12 @@ impl AuditGuard {
         reason: Option<&str>,
         origin: Option<Fault>,
     ) -> Written {
-        let latency = self.elapsed_us();
-        match self.record.take() {
+        match self.take() {
             Some(mut record) => {
                 record.decision = decision;
                 record.status = status;
                 record.reason = reason.map(str::to_owned);
                 record.origin = origin;
-                record.latency_us = Some(latency);
                 self.auditor.record_written(record)
             }
             None => Written::done(),
@@ -647,9 +755,7 @@ impl AuditGuard {
     /// Records the 503 `audit_unavailable` refusal without blocking (see
     /// [`Auditor::record_unavailable`]).
     pub fn finish_unavailable(mut self) {
-        let latency = self.elapsed_us();
-        if let Some(mut record) = self.record.take() {
-            record.latency_us = Some(latency);
+        if let Some(record) = self.take() {
             self.auditor.record_unavailable(record);
         }
     }
@@ -657,12 +763,10 @@ impl AuditGuard {
 
 impl Drop for AuditGuard {
     fn drop(&mut self) {
-        let latency = self.elapsed_us();
-        if let Some(mut record) = self.record.take() {
+        if let Some(mut record) = self.take() {
             record.decision = Decision::Error;
             record.reason = Some("aborted".into());
             record.origin = Some(Fault::Agent);
-            record.latency_us = Some(latency);
             self.auditor.record(record);
         }
     }

@@ -153,9 +153,10 @@ pub fn format_row(r: &StoredRecord, color: bool) -> String {
         (Some(x), None) | (None, Some(x)) => x.clone(),
         (None, None) => "-".into(),
     };
-    let what = match (r.count, r.truncated_bytes) {
-        (Some(n), _) => format!("{what} (x{n})"),
-        (_, Some(n)) => format!("{what} ({n} bytes)"),
+    let what = match (r.count, r.truncated_bytes, r.outcome_of) {
+        (Some(n), _, _) => format!("{what} (x{n})"),
+        (_, Some(n), _) => format!("{what} ({n} bytes)"),
+        (_, _, Some(seq)) => format!("{what} (outcome of {seq})"),
         _ => what,
     };
     let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
@@ -469,6 +470,41 @@ fn read_new(
         }
         partial.drain(..start);
     }
+}
+
+/// One value per decision: each outcome record (`outcome_of`) is folded into the decision
+/// record it completes, which then carries the outcome's `status`, `bytes_up`,
+/// `bytes_down` and `latency_us` (where the outcome has them) and the whole outcome record
+/// under `"outcome"`. An outcome whose decision is not among `records` (rotated away, or
+/// cut), whose `request_id` differs from its decision's, or that comes second for the same
+/// decision is kept as a value of its own, so a count of the result shows it. For tools and
+/// tests that read JSON lines.
+pub fn fold_outcomes(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = Vec::with_capacity(records.len());
+    let mut by_seq = std::collections::HashMap::new();
+    for record in records {
+        let Some(of) = record.get("outcome_of").and_then(serde_json::Value::as_u64) else {
+            if let Some(seq) = record.get("seq").and_then(serde_json::Value::as_u64) {
+                by_seq.insert(seq, out.len());
+            }
+            out.push(record);
+            continue;
+        };
+        let decision = by_seq.get(&of).and_then(|&i| out.get_mut(i)).filter(|d| {
+            d.get("outcome").is_none() && d.get("request_id") == record.get("request_id")
+        });
+        let Some(serde_json::Value::Object(decision)) = decision else {
+            out.push(record);
+            continue;
+        };
+        for key in ["status", "bytes_up", "bytes_down", "latency_us"] {
+            if let Some(v) = record.get(key).filter(|v| !v.is_null()) {
+                decision.insert(key.into(), v.clone());
+            }
+        }
+        decision.insert("outcome".into(), record);
+    }
+    out
 }
 
 /// Reads every record of `path` (for tests and tools).

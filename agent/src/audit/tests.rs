@@ -650,6 +650,155 @@ fn written_resolves_only_once_the_record_is_in_the_file() {
     assert_contiguous(&records(&path), 1);
 }
 
+/// Record before forward: `record_decision` gives the proof only once the decision record
+/// is in the file; its outcome is a second record linked by `outcome_of`, and the two fold
+/// into one decision. While the sink fails, it is refused at once (no proof, so nothing
+/// could be forwarded), and the decision with its 503 outcome is written once it recovers.
+#[test]
+fn a_decision_is_in_the_file_before_its_proof_and_refused_while_the_sink_fails() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let faults = Faults::default();
+    let (auditor, handle) = flaky_start(&path, Fsync::default(), &faults);
+    let find = |id: &str| -> Vec<StoredRecord> {
+        records(&path)
+            .into_iter()
+            .filter(|r| r.request_id.as_deref() == Some(id))
+            .collect()
+    };
+    for i in 0..50 {
+        let mut guard = auditor.guard(sample(i));
+        guard.record_mut().status = None;
+        let (recorded, outcome) = rt
+            .block_on(guard.record_decision(Decision::Allow, None, None))
+            .unwrap();
+        let id = format!("req-{i}");
+        let decided = find(&id);
+        assert_eq!(decided.len(), 1, "proof {i} before its record was written");
+        assert_eq!(decided[0].seq, recorded.seq());
+        assert!(decided[0].is_decision() && decided[0].status.is_none());
+        rt.block_on(
+            outcome
+                .finish_written(Decision::Allow, Some(200), None, None)
+                .wait(),
+        )
+        .unwrap();
+        let both = find(&id);
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[1].outcome_of, Some(recorded.seq()));
+        assert!(!both[1].is_decision());
+        assert_eq!(both[1].status, Some(200));
+    }
+    // Dropped unfinished (the client went away mid-request): an `aborted` outcome.
+    let (recorded, outcome) = rt
+        .block_on(
+            auditor
+                .guard(sample(50))
+                .record_decision(Decision::Allow, None, None),
+        )
+        .unwrap();
+    drop(outcome);
+    faults.set_write(1);
+    // Refused at once while the sink fails: the request gets a 503, nothing is forwarded.
+    let mut refused = 0;
+    for i in 51..60 {
+        let result = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                auditor
+                    .guard(sample(i))
+                    .record_decision(Decision::Allow, None, None),
+            )
+            .await
+        });
+        match result.expect("record_decision waited for the failing sink to recover") {
+            Ok(_) => assert!(auditor.healthy(), "proof {i} while the sink failed"),
+            Err(outcome) => {
+                refused += 1;
+                outcome.finish_unavailable();
+            }
+        }
+    }
+    assert!(refused >= 8, "only {refused} refused");
+    assert!(find("req-55").is_empty());
+    faults.set_write(0);
+    wait_until("backlog written", || {
+        auditor.healthy() && auditor.metrics().queue_depth == 0
+    });
+    drop(auditor);
+    handle.join().unwrap();
+    let all = records(&path);
+    assert_contiguous(&all, 1);
+    let aborted: Vec<_> = all
+        .iter()
+        .filter(|r| r.request_id.as_deref() == Some("req-50"))
+        .collect();
+    assert_eq!(aborted.len(), 2);
+    assert_eq!(aborted[1].outcome_of, Some(recorded.seq()));
+    assert_eq!(aborted[1].reason.as_deref(), Some("aborted"));
+    let unavailable = find("req-55");
+    assert_eq!(unavailable.len(), 2, "{unavailable:?}");
+    assert_eq!(unavailable[0].decision, Decision::Allow);
+    assert_eq!(unavailable[1].outcome_of, Some(unavailable[0].seq));
+    assert_eq!(unavailable[1].reason.as_deref(), Some(AUDIT_UNAVAILABLE));
+    assert_eq!(unavailable[1].status, Some(503));
+    // Folded: one value per decision, each with its outcome.
+    let folded = query::fold_outcomes(json_lines(&path));
+    assert_eq!(folded.len(), 60);
+    assert!(
+        folded
+            .iter()
+            .all(|d| d["outcome"]["outcome_of"] == d["seq"])
+    );
+    assert_eq!(folded[3]["status"], 200);
+    assert!(check(&[path]).ok());
+}
+
+/// Folding keeps what does not link as values of their own, so counts show it.
+#[test]
+fn folding_outcomes_keeps_what_does_not_link() {
+    let rec = |seq: u64, id: &str, of: Option<u64>| {
+        let mut v = serde_json::json!({"seq": seq, "request_id": id, "status": null});
+        if let Some(of) = of {
+            v["outcome_of"] = of.into();
+            v["status"] = 200.into();
+        }
+        v
+    };
+    let records = vec![
+        rec(1, "a", None),
+        rec(2, "b", None),
+        rec(3, "a", Some(1)),
+        // Second outcome of the same decision.
+        rec(4, "a", Some(1)),
+        // Links to a decision of another request.
+        rec(5, "x", Some(2)),
+        // Links to a decision not in the set (rotated away, cut) or to itself.
+        rec(6, "c", Some(99)),
+        rec(7, "d", Some(7)),
+        // Links forward.
+        rec(8, "e", Some(9)),
+        rec(9, "e", None),
+    ];
+    let folded = query::fold_outcomes(records);
+    let seqs: Vec<_> = folded.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(folded[0]["status"], 200);
+    assert_eq!(folded[0]["outcome"]["seq"], 3);
+    assert!(folded[1].get("outcome").is_none());
+    assert!(folded[7].get("outcome").is_none());
+    // Values that are not objects or lack fields pass through.
+    let odd = query::fold_outcomes(vec![
+        serde_json::json!(3),
+        serde_json::json!({"outcome_of": "x"}),
+    ]);
+    assert_eq!(odd.len(), 2);
+}
+
 #[test]
 fn failing_fsync_rewrites_what_may_have_been_lost() {
     let dir = tempfile::tempdir().unwrap();

@@ -134,6 +134,9 @@ pub struct Report {
     pub first_seq: Option<u64>,
     /// Last seq verified.
     pub last_seq: Option<u64>,
+    /// Outcome records among [`Report::records`] (`outcome_of`: they complete a decision
+    /// recorded before them and are not decisions themselves).
+    pub outcomes: u64,
     /// Checkpoint records seen.
     pub checkpoints: u64,
     /// Checkpoint signatures verified (with a public key).
@@ -173,6 +176,13 @@ impl Report {
             )
         };
         match &self.damage {
+            None if self.outcomes > 0 => writeln!(
+                out,
+                "OK: {} records ({} decisions, {} outcome records), {range}, {cps}",
+                self.records,
+                self.records - self.outcomes,
+                self.outcomes
+            )?,
             None => writeln!(out, "OK: {} records, {range}, {cps}", self.records)?,
             Some(d) => {
                 let seq = match d.seq {
@@ -477,6 +487,15 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report, VerifyError> {
                 last_ts = Some(ts);
             }
             report.records += 1;
+            if let Some(of) = rec.outcome_of {
+                report.outcomes += 1;
+                if of >= rec.seq {
+                    report.notes.push(format!(
+                        "seq {}: an outcome record of seq {of}, which is not before it",
+                        rec.seq
+                    ));
+                }
+            }
             report.first_seq.get_or_insert(rec.seq);
             report.last_seq = Some(rec.seq);
             last = Some(Last {

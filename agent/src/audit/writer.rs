@@ -18,7 +18,11 @@
 //!
 //! After each successful write of the pending records, the writer answers the
 //! [`Written`](super::Written) handles of the records in them, so the proxy can hold each
-//! response until its record is out of the agent's memory.
+//! response until its record is out of the agent's memory, and tells each decision record
+//! waiting to be forwarded its seq (record before forward). When a write fails, the
+//! decision records waiting to be forwarded are answered at once with a refusal (and so is
+//! any that arrives while the sink still fails): their requests get 503 and nothing goes
+//! upstream; the records themselves stay in the backlog and are written in order later.
 //!
 //! [`Auditor`]: super::Auditor
 #![forbid(unsafe_code)]
@@ -41,8 +45,8 @@ use ed25519_dalek::SigningKey;
 use tokio::sync::oneshot;
 
 use super::{
-    AUDIT_UNAVAILABLE, AuditError, CheckpointPolicy, Decision, Entry, Fault, QUEUE, Record, Shared,
-    Sinks,
+    AUDIT_UNAVAILABLE, Ack, AuditError, CheckpointPolicy, Decision, Entry, Fault, QUEUE, Record,
+    Shared, Sinks,
     chain::{self, ChainHash, GENESIS, RECOVERED_TRUNCATION},
     checkpoint,
     lifecycle::{self, AGENT_STARTED, AGENT_STOPPING, CLOCK_STEP_THRESHOLD, Clock, TAIL_WINDOW},
@@ -66,8 +70,8 @@ const MAX_LINE: u64 = 16 << 20;
 
 pub(crate) struct Writer {
     rx: Receiver<Entry>,
-    /// Whom to tell when the pending records are in every sink.
-    acks: Vec<oneshot::Sender<()>>,
+    /// Whom to tell when the pending records are in every sink (with each record's seq).
+    acks: Vec<(Ack, u64)>,
     shared: Arc<Shared>,
     host: Arc<str>,
     seq: u64,
@@ -295,11 +299,20 @@ impl Writer {
                 let n = self.pending.len();
                 self.anchor = Some(self.pending.bytes(n - 1, n).to_vec());
             }
-            if let Some(ack) = entry.written {
-                self.stop_acks.push(ack);
+            match entry.written {
+                Some(Ack::Written(ack)) => self.stop_acks.push(ack),
+                Some(ack @ Ack::Forward(_)) => self.acks.push((ack, self.seq)),
+                None => {}
             }
-        } else if let Some(ack) = entry.written {
-            self.acks.push(ack);
+        } else {
+            match entry.written {
+                // While a sink fails, nothing is forwarded: say so now, not after a retry.
+                Some(Ack::Forward(ack)) if self.failing_since.is_some() => {
+                    let _ = ack.send(Err(self.seq));
+                }
+                Some(ack) => self.acks.push((ack, self.seq)),
+                None => {}
+            }
         }
         self.checkpoint_if_count();
     }
@@ -426,8 +439,15 @@ impl Writer {
         match self.try_write(now, force_sync) {
             Ok(()) => {
                 // Every pending record is now in every sink: answer the waiting requests.
-                for ack in self.acks.drain(..) {
-                    let _ = ack.send(());
+                for (ack, seq) in self.acks.drain(..) {
+                    match ack {
+                        Ack::Written(ack) => {
+                            let _ = ack.send(());
+                        }
+                        Ack::Forward(ack) => {
+                            let _ = ack.send(Ok(seq));
+                        }
+                    }
                 }
                 self.retry_at = None;
                 if let Some(since) = self.failing_since.take() {
@@ -444,6 +464,16 @@ impl Writer {
             Err(e) => {
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
                 self.shared.healthy.store(false, Ordering::Relaxed);
+                // Record before forward: those waiting to forward are refused now (their
+                // records stay in the backlog); those waiting to respond keep waiting.
+                for (ack, seq) in std::mem::take(&mut self.acks) {
+                    match ack {
+                        Ack::Forward(tx) => {
+                            let _ = tx.send(Err(seq));
+                        }
+                        written @ Ack::Written(_) => self.acks.push((written, seq)),
+                    }
+                }
                 self.retry_at = Some(now + RETRY);
                 let file = self
                     .file

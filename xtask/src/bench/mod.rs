@@ -15,7 +15,7 @@
 //! cgroups behind; the next run removes them.
 
 mod client;
-mod procs;
+pub(crate) mod procs;
 mod report;
 mod tls;
 mod workload;

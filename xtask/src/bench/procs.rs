@@ -120,6 +120,19 @@ impl Proc {
         }
     }
 
+    /// SIGKILL now (by its PID) and reap it: an abrupt crash, for the soak.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!(
+                "bench: killed {} (pid {}) with SIGKILL",
+                self.name,
+                child.id()
+            );
+        }
+    }
+
     /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL; reaps it, then stops any
     /// descendant it left behind (nginx workers), by PID.
     pub fn stop(&mut self) {
