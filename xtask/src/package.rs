@@ -182,7 +182,7 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
             .env("MANPAGER", "cat")
             .env("MANWIDTH", "100"),
     )?;
-    for want in ["EXIT STATUS", "78", "RestartPreventExitStatus", "run"] {
+    for want in ["EXIT STATUS", "78", "privileges", "run"] {
         ensure!(
             rendered.contains(want),
             "man -l scopegate.1.gz lacks {want:?}:\n{rendered}"
