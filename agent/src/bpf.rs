@@ -126,8 +126,8 @@ pub struct Kernel {
     exempt: Mutex<HashMap<MapData, u64, u8>>,
     ports: Mutex<HashMap<MapData, PortKey, u8>>,
     l4: Mutex<LpmTrie<MapData, L4Key, L4Allow>>,
-    config: Mutex<Array<MapData, Config>>,
-    base_config: Config,
+    /// The configuration as last written (the map holds exactly this value).
+    config: Mutex<(Array<MapData, Config>, Config)>,
     origins: Mutex<HashMap<MapData, SockKey, Origin>>,
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
@@ -140,8 +140,9 @@ pub fn versioned_pin_dir(base: &Path) -> PathBuf {
 }
 
 impl Kernel {
-    /// Loads the programs (reusing pinned maps), attaches them to the cgroup root, pins the
-    /// links (replacing older pins atomically) and writes the configuration.
+    /// Loads the programs (reusing pinned maps), writes the start-up configuration (managed
+    /// connects refused), attaches the programs to the cgroup root and pins the links
+    /// (replacing older pins atomically). Nothing is redirected until [`Kernel::enable`].
     pub fn start(opts: &KernelOptions) -> Result<Self, BpfError> {
         if OBJECT.is_empty() {
             return Err(BpfError::NoObject);
@@ -160,11 +161,14 @@ impl Kernel {
                 source: Box::new(e),
             })?;
 
-        // Configure before attaching, so the first redirected connect sees the right port.
-        // Until the first sync, every ancestor level is looked at.
+        // Configure before attaching (and, on a restart, before anything else: the pinned
+        // hooks read this map at once). `enabled: 0` is the start-up state: a managed
+        // connect is refused with EPERM and a deny event, never redirected to a proxy that
+        // does not serve yet, until [`Kernel::enable`]. Until the first sync, every ancestor
+        // level is looked at.
         let base_config = Config {
             proxy_port_be: u32::from(opts.proxy_port.to_be()),
-            enabled: 1,
+            enabled: 0,
             agent_mark: opts.agent_mark,
             max_depth: MAX_CGROUP_DEPTH,
             netns_cookie: sys::netns_cookie().map_err(|source| BpfError::Io {
@@ -215,8 +219,7 @@ impl Kernel {
             exempt: Mutex::new(exempt),
             ports: Mutex::new(ports),
             l4: Mutex::new(l4),
-            config: Mutex::new(config),
-            base_config,
+            config: Mutex::new((config, base_config)),
             origins: Mutex::new(origins),
             counters,
             events: Mutex::new(Some(events)),
@@ -260,15 +263,39 @@ impl Kernel {
 
     /// Sets how deep the hooks look for a managed ancestor.
     pub fn set_max_depth(&self, depth: u32) -> Result<(), BpfError> {
-        let value = Config {
-            max_depth: depth.min(MAX_CGROUP_DEPTH),
-            ..self.base_config
-        };
-        let mut map = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        self.update_config(|c| c.max_depth = depth.min(MAX_CGROUP_DEPTH))
+    }
+
+    /// Ends the start-up state: from now on managed TCP connects are redirected to
+    /// `proxy_port` (which must already be served). One atomic write of the config entry.
+    pub fn enable(&self, proxy_port: u16) -> Result<(), BpfError> {
+        self.update_config(|c| {
+            c.proxy_port_be = u32::from(proxy_port.to_be());
+            c.enabled = 1;
+        })
+    }
+
+    /// Whether [`Kernel::enable`] has run (managed connects are redirected, not refused).
+    pub fn enabled(&self) -> bool {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .enabled
+            != 0
+    }
+
+    fn update_config(&self, change: impl FnOnce(&mut Config)) -> Result<(), BpfError> {
+        let mut guard = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, current) = &mut *guard;
+        let mut value = *current;
+        change(&mut value);
         map.set(0, value, 0).map_err(|source| BpfError::Map {
             map: maps::CONFIG,
             source,
-        })
+        })?;
+        *current = value;
+        Ok(())
     }
 
     /// Makes the (workload, TCP port) set equal to `want`.

@@ -37,7 +37,10 @@ pub mod tls;
 
 // Composition and the control plane around it.
 pub mod admin;
+pub mod config;
 pub mod exec;
+pub mod exit;
 pub mod pipeline;
 pub mod run;
+pub mod service;
 pub mod watch;

@@ -1,15 +1,11 @@
 //! The `scopegate` binary: argument parsing and error reporting around the library.
 #![forbid(unsafe_code)]
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use scopegate::{
-    audit::{Fsync, Rotation, Sinks},
-    bpf, exec,
-    run::{self, RunOptions},
-};
+use clap::{CommandFactory as _, Parser, Subcommand};
+use scopegate::{bpf, exec, exit, run};
 
 /// Host-level least-privilege enforcement for workloads' outbound API calls.
 #[derive(Debug, Parser)]
@@ -22,64 +18,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: attach the hooks, serve the proxy, enforce the policies.
-    Run {
-        /// Directory of policy files (*.yaml).
-        #[arg(long, default_value = "/etc/scopegate/policies")]
-        policies: PathBuf,
-        /// Proxy port on 127.0.0.1 and [::1].
-        #[arg(long, default_value_t = 15001)]
-        proxy_port: u16,
-        /// bpffs directory for pinned links and maps (a layout version is appended).
-        #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
-        pin_dir: PathBuf,
-        /// cgroup v2 directory to attach the hooks to (default: the cgroup2 mount).
-        #[arg(long)]
-        cgroup_root: Option<PathBuf>,
-        /// Also append audit records to this file.
-        #[arg(long)]
-        audit_file: Option<PathBuf>,
-        /// Do not write audit records to stdout.
-        #[arg(long)]
-        no_audit_stdout: bool,
-        /// Rotate the audit file before it exceeds this many bytes.
-        #[arg(long, value_name = "BYTES")]
-        audit_max_bytes: Option<u64>,
-        /// Rotate the audit file when its first record is older than this many seconds.
-        #[arg(long, value_name = "SECS")]
-        audit_max_age_secs: Option<u64>,
-        /// Keep this many rotated audit files (default: all).
-        #[arg(long, value_name = "N")]
-        audit_keep: Option<usize>,
-        /// fsync the audit file after every write instead of in batches (at most 4096
-        /// records or 100 ms unsynced).
-        #[arg(long)]
-        audit_fsync_every_record: bool,
-        /// ed25519 key (PKCS#8 PEM; generated if missing) for signed checkpoints in the
-        /// audit stream; verify with `scopegate audit verify --pubkey KEY.pub`.
-        #[arg(long, value_name = "FILE")]
-        audit_signing_key: Option<PathBuf>,
-        /// State directory (created 0700): holds the host CA for TLS interception.
-        #[arg(long, default_value = "/var/lib/scopegate")]
-        state_dir: PathBuf,
-        /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
-        #[arg(long, value_name = "FILE")]
-        upstream_ca: Option<PathBuf>,
-        /// Serve Prometheus metrics (/metrics) and health (/healthz) on this loopback
-        /// address.
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
-        /// Seconds between cgroup rescans (the kernel already applies a managed parent's
-        /// policy to new children; the rescan refreshes names and paths for the audit).
-        #[arg(long, default_value_t = 1.0)]
-        rescan_secs: f64,
-        /// A managed slice (cgroup path relative to the cgroup2 mount, repeatable): every
-        /// cgroup below it without a policy of its own is denied everything, recorded.
-        #[arg(long = "managed-subtree", value_name = "PATH")]
-        managed_subtrees: Vec<String>,
-        /// Start deny-all when the policy directory is invalid, instead of refusing.
-        #[arg(long)]
-        allow_empty: bool,
-    },
+    ///
+    /// Options come from the configuration file (--config) and the flags; a flag
+    /// overrides the file.
+    Run(scopegate::config::RunArgs),
     /// Run a command inside a cgroup (created if needed).
     Exec {
         /// cgroup path relative to the cgroup2 mount, e.g. /scopegate-demo/app.
@@ -104,11 +46,31 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Write man pages or shell completions (used by packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
     /// Remove the pinned hooks and maps: enforcement stops.
     Uninstall {
         /// bpffs directory given to `run --pin-dir`.
         #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
         pin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Generate {
+    /// Man pages (scopegate.1 and one per subcommand) into DIR.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// A completion script for SHELL on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -136,64 +98,21 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line per error; policy errors are one `file:line:col: message` per line.
-            for line in format!("{e:#}").lines() {
+            // One line per error (each message once); policy errors are one
+            // `file:line:col: message` per line.
+            let err: &(dyn std::error::Error + 'static) = e.as_ref();
+            for line in exit::lines(err) {
                 eprintln!("scopegate: error: {line}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(exit::code(err))
         }
     }
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run {
-            policies,
-            proxy_port,
-            pin_dir,
-            cgroup_root,
-            audit_file,
-            no_audit_stdout,
-            audit_max_bytes,
-            audit_max_age_secs,
-            audit_keep,
-            audit_fsync_every_record,
-            audit_signing_key,
-            metrics_addr,
-            state_dir,
-            upstream_ca,
-            rescan_secs,
-            managed_subtrees,
-            allow_empty,
-        } => {
-            let opts = RunOptions {
-                policies,
-                proxy_port,
-                pin_dir,
-                cgroup_root,
-                audit: Sinks {
-                    stdout: !no_audit_stdout,
-                    file: audit_file,
-                    rotation: Rotation {
-                        max_bytes: audit_max_bytes,
-                        max_age: audit_max_age_secs.map(Duration::from_secs),
-                        keep: audit_keep,
-                    },
-                    fsync: if audit_fsync_every_record {
-                        Fsync::EveryRecord
-                    } else {
-                        Fsync::default()
-                    },
-                    signing_key: audit_signing_key,
-                    ..Sinks::default()
-                },
-                metrics_addr,
-                state_dir,
-                upstream_ca,
-                rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
-                managed_subtrees,
-                allow_empty,
-            };
+        Command::Run(args) => {
+            let opts = args.resolve()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -214,6 +133,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate { what } => {
+            generate(what)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Uninstall { pin_dir } => {
             let removed = bpf::uninstall(&pin_dir)?;
             println!(
@@ -224,6 +147,61 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// `scopegate generate`: man pages from the clap definition (with the exit codes), or a
+/// completion script.
+fn generate(what: Generate) -> anyhow::Result<()> {
+    match what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            // scopegate(1) again, with an EXIT STATUS section.
+            let man = clap_mangen::Man::new(Cli::command());
+            let mut page = Vec::new();
+            man.render_title(&mut page)?;
+            man.render_name_section(&mut page)?;
+            man.render_synopsis_section(&mut page)?;
+            man.render_description_section(&mut page)?;
+            man.render_options_section(&mut page)?;
+            man.render_subcommands_section(&mut page)?;
+            page.extend_from_slice(EXIT_STATUS.as_bytes());
+            man.render_version_section(&mut page)?;
+            let path = dir.join(man.get_filename());
+            std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Generate::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "scopegate",
+                &mut std::io::stdout(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The exit codes (see `scopegate::exit`) as a roff section of scopegate(1).
+const EXIT_STATUS: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+Any other failure; it may be transient (a port in use, an unwritable audit file), so restarting can help.
+.TP
+\fB69\fR
+A kernel feature is unavailable: no cgroup v2, no bpf filesystem, or the kernel rejected the programs.
+.TP
+\fB77\fR
+Missing privileges: \fBscopegate run\fR needs root or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN.
+.TP
+\fB78\fR
+A configuration or policy error: an invalid policy directory, a bad configuration file (with file:line:column), a non-loopback metrics address.
+.PP
+69, 77 and 78 do not go away by restarting; the systemd unit lists them in \fBRestartPreventExitStatus=\fR.
+"#;
 
 /// Maps a subcommand's verdict (true: success) to the process exit code.
 fn exit(ok: bool) -> ExitCode {

@@ -2,12 +2,23 @@
 //!
 //! 1. load and validate the policy directory (an invalid policy refuses to start);
 //! 2. check privileges, find the cgroup2 mount and the cgroup root;
-//! 3. bind the proxy listeners (before any hook redirects to them);
-//! 4. start the audit writer;
-//! 5. load, attach and pin the kernel programs, exempting the agent's own cgroup;
-//! 6. resolve selectors to cgroups, publish the snapshot, sync the managed-cgroup map;
-//! 7. serve; rescan cgroups periodically; reload on SIGHUP; turn kernel deny events into
-//!    audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail closed).
+//! 3. load, attach and pin the kernel programs in the *start-up state*: a managed connect
+//!    is refused (EPERM, with a deny event recorded once the reader runs), never
+//!    redirected. On a restart the pinned hooks enter that state at once;
+//! 4. resolve selectors to cgroups and fill the kernel maps: from here every selected
+//!    cgroup is refused (on a first start nothing could be managed before this point);
+//! 5. bind the proxy listeners;
+//! 6. start the audit writer, load the host CA and the upstream trust roots;
+//! 7. publish the snapshot, sync the maps, cut connections opened before a cgroup was managed;
+//! 8. serve, start the deny-event reader, and only then switch the hooks to redirecting
+//!    to the proxy port ([`Kernel::enable`]);
+//! 9. `READY=1` (sd_notify) and the `scopegate ready` log line: managed connects are decided
+//!    from here. Then rescan cgroups periodically; reload on SIGHUP; turn kernel deny events
+//!    into audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail
+//!    closed).
+//!
+//! So there is no state in which a managed connect is passed unenforced: before step 8 it
+//! is refused by the hook, after it the proxy decides it. `STATUS=` lines name each phase.
 //!
 //! Lifecycle audit records (`audit::lifecycle`): `agent_started` right after the audit
 //! writer starts, `policy_reloaded`/`policy_rejected` on every reload attempt, and
@@ -75,7 +86,7 @@ pub struct RunOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The policy directory is invalid.
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyErrors),
     /// Missing capabilities.
     #[error("scopegate run needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN; missing: {}", missing.join(", "))]
@@ -156,20 +167,49 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         "policy loaded"
     );
     // 2. privileges and cgroups
+    crate::service::status("checking privileges and cgroups");
     check_privileges()?;
     let mount = workloads::cgroup2_mount()?;
     let root = opts.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     if !root.starts_with(&mount) || !root.join("cgroup.procs").exists() {
         return Err(RunError::CgroupRoot { root, mount });
     }
-    // 3. listeners
+    // 3. kernel, in the start-up state: managed connects are refused (EPERM + deny event)
+    //    until step 8. On a restart the pinned hooks switch to that state at once.
+    crate::service::status("attaching the hooks (managed connects refused)");
+    let own_cgroup = workloads::cgroup_of_pid("self")?;
+    let own_id = workloads::cgroup_id(&mount.join(own_cgroup.trim_start_matches('/')))?;
+    let kernel = Arc::new(Kernel::start(&KernelOptions {
+        pin_dir: opts.pin_dir.clone(),
+        cgroup_root: root.clone(),
+        proxy_port: opts.proxy_port,
+        agent_mark: AGENT_MARK,
+    })?);
+    // 4. the managed set, as early as possible: from here every selected cgroup is refused
+    //    (on a first start it was unmanaged until now; its older connections are cut in 7).
+    crate::service::status("filling the kernel maps (managed connects refused)");
+    {
+        let (resolution, scan_errors) = workloads::resolve_from(
+            &snapshot,
+            &mount,
+            &root,
+            &opts.managed_subtrees,
+            None,
+            &workloads::Fs,
+        );
+        workloads::report_scan_errors(&scan_errors);
+        sync_kernel(&kernel, &snapshot, &resolution, own_id, false)?;
+    }
+    // 5. listeners (nothing is redirected to them before step 8)
+    crate::service::status("binding the proxy listeners");
     let listeners = Listeners::bind(opts.proxy_port)?;
     let port = listeners.port();
     let admin = match opts.metrics_addr {
         Some(addr) => Some(crate::admin::bind(addr).await?),
         None => None,
     };
-    // 4. audit
+    // 6. audit
+    crate::service::status("starting the audit writer");
     let (auditor, _writer) = Auditor::start(&opts.audit)?;
     auditor.record(lifecycle::agent_started(policy_hash));
     if let Some(rejected) = start_rejected {
@@ -195,16 +235,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
         },
     };
-    // 5. kernel
-    let own_cgroup = workloads::cgroup_of_pid("self")?;
-    let own_id = workloads::cgroup_id(&mount.join(own_cgroup.trim_start_matches('/')))?;
-    let kernel = Arc::new(Kernel::start(&KernelOptions {
-        pin_dir: opts.pin_dir.clone(),
-        cgroup_root: root.clone(),
-        proxy_port: port,
-        agent_mark: AGENT_MARK,
-    })?);
-    // 6. snapshot
+    // 7. the snapshot: published (one swap), then the maps synced again and the
+    //    connections that newly managed cgroups opened before they were managed cut.
     let shared = Arc::new(Shared {
         enforcement: ArcSwap::from_pointee(Enforcement::empty()),
         origins: kernel.clone(),
@@ -229,8 +261,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         subtrees: opts.managed_subtrees.clone(),
         proxy_port: port,
     };
+    crate::service::status("publishing the policy snapshot");
     control.publish(snapshot, true)?;
-    // 7. serve
+    // 8. serve, and only then redirect: every managed connect from here on reaches a
+    //    listener that decides it against the published snapshot.
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
@@ -254,12 +288,27 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             .spawn(move || deny_events(events, shared))
             .map_err(RunError::Signal)?;
     }
+    kernel.enable(port)?;
+    // 9. ready: managed connects are decided now.
+    let workload_count = shared.enforcement.load().policy.workloads().len();
+    crate::service::ready(&format!(
+        "enforcing {workload_count} workload(s); proxy on port {port}"
+    ));
     tracing::info!(
         port,
         pin_dir = %kernel.pin_dir().display(),
         cgroup_root = %control.root.display(),
         "scopegate ready"
     );
+    if let Some(interval) = crate::service::watchdog_interval() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                crate::service::watchdog_ping();
+            }
+        });
+    }
     let mut rescan = tokio::time::interval(opts.rescan);
     let mut events_lost = kernel.counter(scopegate_common::counters::EVENTS_LOST);
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -292,7 +341,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                     events_lost = lost;
                 }
             }
-            _ = hup.recv() => control.reload("SIGHUP"),
+            _ = hup.recv() => {
+                crate::service::reloading();
+                control.reload("SIGHUP");
+                crate::service::ready("reload done");
+            }
             Some(()) = changed.recv() => {
                 // Debounce: editors write, rename and chmod in bursts.
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -303,6 +356,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             _ = int.recv() => break "SIGINT",
         }
     };
+    crate::service::stopping(&format!(
+        "stopping ({stop}); the pinned hooks stay attached"
+    ));
     // The run's last record: durable, checkpointed and anchored before the agent exits.
     match tokio::time::timeout(Duration::from_secs(10), shared.auditor.stop(stop)).await {
         Ok(Ok(())) => {}
@@ -362,22 +418,6 @@ impl Control {
                 }
             }
         }
-        let kernel_state = KernelState::from_policy(&policy, &resolution);
-        // The agent's own cgroup is exempt, unless a policy selects it by name: then
-        // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
-        let shared_with_workloads = resolution
-            .lookup(self.own_cgroup)
-            .is_some_and(|info| info.selected);
-        if shared_with_workloads && announce {
-            tracing::warn!(
-                "a policy selects the agent's own cgroup; its upstream sockets are exempted by SO_MARK only"
-            );
-        }
-        let exempt: &[u64] = if shared_with_workloads {
-            &[]
-        } else {
-            &[self.own_cgroup]
-        };
         // Cgroups managed from now on: their connections from before are cut below.
         let newly: HashSet<u64> = resolution
             .managed
@@ -392,8 +432,13 @@ impl Control {
             cgroups: Arc::new(resolution),
         });
         self.shared.enforcement.store(enforcement.clone());
-        self.kernel.sync_exempt(exempt)?;
-        kernel_state.apply(&self.kernel)?;
+        sync_kernel(
+            &self.kernel,
+            &enforcement.policy,
+            &enforcement.cgroups,
+            self.own_cgroup,
+            announce,
+        )?;
         // The hooks now decide every new connect of those cgroups; what they had opened
         // before was never decided.
         self.cut_preexisting(&enforcement, &newly);
@@ -467,6 +512,36 @@ impl Control {
             }
         }
     }
+}
+
+/// Makes the kernel maps hold what `policy` resolved to `resolution` needs: the agent's own
+/// cgroup exempt (unless a policy selects it), then ports, L4 exceptions, depth and the
+/// managed set.
+fn sync_kernel(
+    kernel: &Kernel,
+    policy: &Snapshot,
+    resolution: &workloads::Resolution,
+    own_cgroup: u64,
+    announce: bool,
+) -> Result<(), BpfError> {
+    let kernel_state = KernelState::from_policy(policy, resolution);
+    // The agent's own cgroup is exempt, unless a policy selects it by name: then
+    // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
+    let shared_with_workloads = resolution
+        .lookup(own_cgroup)
+        .is_some_and(|info| info.selected);
+    if shared_with_workloads && announce {
+        tracing::warn!(
+            "a policy selects the agent's own cgroup; its upstream sockets are exempted by SO_MARK only"
+        );
+    }
+    let exempt: &[u64] = if shared_with_workloads {
+        &[]
+    } else {
+        &[own_cgroup]
+    };
+    kernel.sync_exempt(exempt)?;
+    kernel_state.apply(kernel)
 }
 
 /// What the kernel maps must hold for a snapshot.

@@ -223,6 +223,7 @@ pub struct Agent {
     pub state_dir: PathBuf,
     _state: Option<tempfile::TempDir>,
     stderr: Arc<Mutex<Vec<String>>>,
+    ready: Arc<AtomicBool>,
     /// Proxy port.
     pub port: u16,
     /// Audit file.
@@ -249,6 +250,8 @@ pub struct AgentConfig<'a> {
     pub state_dir: Option<PathBuf>,
     /// `--rescan-secs` (default 0.2).
     pub rescan_secs: &'static str,
+    /// Extra environment variables for the agent (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -264,6 +267,7 @@ impl<'a> AgentConfig<'a> {
             extra: Vec::new(),
             state_dir: None,
             rescan_secs: "0.2",
+            env: Vec::new(),
         }
     }
 }
@@ -271,6 +275,13 @@ impl<'a> AgentConfig<'a> {
 impl Agent {
     /// Starts the agent and waits until it prints `scopegate ready` (or fails).
     pub fn start(cfg: AgentConfig<'_>) -> Self {
+        let mut agent = Self::spawn(cfg);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    pub fn spawn(cfg: AgentConfig<'_>) -> Self {
         let port = cfg.port.unwrap_or_else(free_port);
         let (state_dir, state_guard) = match &cfg.state_dir {
             Some(dir) => (dir.clone(), None),
@@ -304,6 +315,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(&state_dir)
             .args(&cfg.extra)
+            .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -324,33 +336,55 @@ impl Agent {
                 }
             });
         }
-        let agent = Self {
+        Self {
             child,
             reaped: false,
             state_dir,
             _state: state_guard,
             stderr,
+            ready,
             port,
             audit: cfg.audit,
-        };
+        }
+    }
+
+    /// Waits until the agent prints `scopegate ready` (fails if it exits first or takes
+    /// more than 20 s).
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut agent = agent;
-        while !ready.load(Ordering::SeqCst) {
-            if let Ok(Some(status)) = agent.child.try_wait() {
+        while !self.ready.load(Ordering::SeqCst) {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 thread::sleep(Duration::from_millis(100));
                 panic!(
                     "scopegate exited with {status} before it was ready:\n{}",
-                    agent.stderr().join("\n")
+                    self.stderr().join("\n")
                 );
             }
             assert!(
                 Instant::now() < deadline,
                 "scopegate not ready after 20 s:\n{}",
-                agent.stderr().join("\n")
+                self.stderr().join("\n")
             );
             thread::sleep(Duration::from_millis(20));
         }
-        agent
+    }
+
+    /// Waits for the agent to exit (at most 20 s) and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.reaped = true;
+                // Let the stderr reader drain the last lines.
+                thread::sleep(Duration::from_millis(100));
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "scopegate still running after 20 s:\n{}",
+            self.stderr().join("\n")
+        );
     }
 
     /// The agent's stderr so far.

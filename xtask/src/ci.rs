@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::{
     ctx::{self, Ctx},
-    setup,
+    package, setup,
 };
 
 /// The marker each privileged end-to-end test prints to stderr when it really ran.
@@ -65,7 +65,7 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     f().with_context(|| format!("xtask test: step `{name}` failed"))
 }
 
-/// `cargo xtask test`: everything CI checks, in order; the first failing step stops it.
+/// `cargo xtask test`: everything CI checks (the package included), in order; the first failing step stops it.
 pub fn test(ctx: &Ctx, skip_lint: bool, filter: Option<&str>) -> Result<()> {
     step("setup", || setup::setup(ctx).map(drop))?;
     if skip_lint {
@@ -98,6 +98,10 @@ pub fn test(ctx: &Ctx, skip_lint: bool, filter: Option<&str>) -> Result<()> {
         ]))
     })?;
     let bin = step("release build", || release_build_only(ctx))?;
+    step("package", || {
+        let deb = package::build(ctx, &bin)?;
+        package::check(ctx, &deb)
+    })?;
     let ran = step("privileged e2e tests", || e2e(ctx, &bin, filter))?;
     println!("\nxtask test: {ran} privileged tests ran");
     Ok(())

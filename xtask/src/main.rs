@@ -6,6 +6,7 @@
 //! * `build` builds the release agent, `run` builds and execs it.
 //! * `test` is the one command CI runs: fmt, clippy, unit tests, release build and the
 //!   privileged end-to-end tests.
+//! * `package` builds the Debian package from the release build and checks it.
 //! * `demo` runs the agent against a tiny local upstream and shows an allowed and a denied
 //!   request.
 //! * `bench` benchmarks scopegate side by side with direct, nginx and HAProxy.
@@ -20,6 +21,7 @@ mod bench;
 mod ci;
 mod ctx;
 mod demo;
+mod package;
 mod setup;
 mod soak;
 mod sys;
@@ -71,6 +73,9 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         filter: Option<String>,
     },
+    /// Build the Debian package (cargo-deb) from the release build, then inspect and
+    /// check it as CI does; prints the .deb's path.
+    Package,
     /// Run the agent against a local demo upstream; show an allowed and a denied request.
     Demo {
         /// Leave the agent and the upstream running afterwards and print how to stop them.
@@ -133,6 +138,12 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Run { args } => ci::run_agent(&ctx, &args)?,
         Cmd::Test { skip_lint, filter } => ci::test(&ctx, skip_lint, filter.as_deref())?,
+        Cmd::Package => {
+            let bin = ci::build_release(&ctx)?;
+            let deb = package::build(&ctx, &bin)?;
+            package::check(&ctx, &deb)?;
+            println!("{}", deb.display());
+        }
         Cmd::Demo { keep } => demo::demo(&ctx, keep)?,
         Cmd::Bench(args) => bench::bench(&ctx, &args)?,
         Cmd::Soak(args) => {

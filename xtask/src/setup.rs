@@ -19,7 +19,12 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the end-to-end tests and the demo run (nginx: the TLS origin of the
 /// real-client tests; python3-pip: to install [`PY_PACKAGES`]; bind9-dnsutils: `dig`, the
 /// real DNS client of the DNS tests).
-pub const DEB_PACKAGES: [&str; 8] = [
+pub const DEB_PACKAGES: [&str; 12] = [
+    // The package checks: systemd-analyze, man -l, readelf, gzip.
+    "systemd",
+    "man-db",
+    "binutils",
+    "gzip",
     "curl",
     "iproute2",
     "openssl",
@@ -147,6 +152,7 @@ pub fn setup(ctx: &Ctx) -> Result<HostInfo> {
     );
     let nightly = ensure_toolchain(ctx)?;
     ensure_bpf_linker(ctx, &nightly)?;
+    crate::package::ensure_cargo_deb(ctx)?;
     ensure_deb_packages()?;
     ensure_py_packages()?;
     eprintln!(

@@ -171,7 +171,7 @@ mod error;
 pub mod explain;
 mod matchers;
 mod model;
-mod position;
+pub(crate) mod position;
 mod rate;
 mod raw;
 mod routes;
