@@ -39,5 +39,6 @@ pub mod tls;
 pub mod admin;
 pub mod exec;
 pub mod pipeline;
+pub mod release;
 pub mod run;
 pub mod watch;

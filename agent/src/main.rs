@@ -104,6 +104,21 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Stop enforcing a held cgroup (one a policy selected once and none selects now);
+    /// recorded by the running agent as `cgroup_released`.
+    Release {
+        /// cgroup path relative to the cgroup2 mount, e.g. /system.slice/old.service.
+        cgroup: String,
+        /// bpffs directory given to `run --pin-dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
+        pin_dir: PathBuf,
+        /// The agent's state directory (who asked is left there for the agent's record).
+        #[arg(long, default_value = "/var/lib/scopegate")]
+        state_dir: PathBuf,
+        /// Seconds to wait for the running agent to apply and record the release.
+        #[arg(long, default_value_t = 10.0)]
+        wait_secs: f64,
+    },
     /// Remove the pinned hooks and maps: enforcement stops.
     Uninstall {
         /// bpffs directory given to `run --pin-dir`.
@@ -213,6 +228,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let ca = scopegate::tls::HostCa::load_or_create(&state_dir)?;
             print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Release {
+            cgroup,
+            pin_dir,
+            state_dir,
+            wait_secs,
+        } => {
+            let wait = Duration::from_secs_f64(wait_secs.clamp(0.0, 3600.0));
+            match scopegate::release::release(&cgroup, &pin_dir, &state_dir, wait)? {
+                scopegate::release::Outcome::Released => {
+                    println!("released {cgroup}: recorded by the agent, no longer enforced");
+                    Ok(ExitCode::SUCCESS)
+                }
+                scopegate::release::Outcome::Pending => {
+                    eprintln!(
+                        "scopegate: release of {cgroup} is pending: no running agent applied it within {wait_secs} s; the cgroup stays denied until the agent runs, which then records and applies it"
+                    );
+                    Ok(ExitCode::from(3))
+                }
+            }
         }
         Command::Uninstall { pin_dir } => {
             let removed = bpf::uninstall(&pin_dir)?;

@@ -23,7 +23,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use scopegate_common::{
-    L4_MAX_PORTS, L4Allow, L4Key, ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
+    L4_MAX_PORTS, L4Allow, L4Key, MANAGED_HELD, MANAGED_RELEASE_REQUESTED, MAX_CGROUP_DEPTH,
+    ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -228,6 +229,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         own_cgroup: own_id,
         subtrees: opts.managed_subtrees.clone(),
         proxy_port: port,
+        pin_base: opts.pin_dir.clone(),
+        state_dir: opts.state_dir.clone(),
     };
     control.publish(snapshot, true)?;
     // 7. serve
@@ -330,13 +333,21 @@ struct Control {
     subtrees: Vec<String>,
     /// The proxy port (connections to it are not cut).
     proxy_port: u16,
+    /// `--pin-dir` (locked while the managed map is synced).
+    pin_base: PathBuf,
+    /// `--state-dir` (release requests).
+    state_dir: PathBuf,
 }
 
 impl Control {
     /// Resolves `policy` against the cgroup tree and, if anything changed, publishes the new
     /// snapshot (one swap) and then syncs the kernel's managed-cgroup map.
     fn publish(&self, policy: Arc<Snapshot>, announce: bool) -> Result<(), BpfError> {
+        // Managed until released: the pinned map is the source of truth for what stays
+        // managed; the lock keeps `scopegate release` out until the map is written back.
+        let _pins = bpf::lock_pins(&self.pin_base)?;
         let current = self.shared.enforcement.load();
+        let pinned = crate::release::Pinned::split(&self.kernel.managed_entries());
         // A partial view never removes enforcement: what the scan could not see is kept.
         let (resolution, scan_errors) = workloads::resolve_from(
             &policy,
@@ -344,12 +355,25 @@ impl Control {
             &self.root,
             &self.subtrees,
             Some(&current.cgroups),
+            &pinned.held,
             &workloads::Fs,
         );
         workloads::report_scan_errors(&scan_errors);
-        if Arc::ptr_eq(&current.policy, &policy) && *current.cgroups == resolution {
+        if Arc::ptr_eq(&current.policy, &policy)
+            && *current.cgroups == resolution
+            && pinned.requests.is_empty()
+        {
             return Ok(());
         }
+        // Released cgroups are recorded before the sync below removes them.
+        let unrecorded = crate::release::apply_requests(
+            &pinned.requests,
+            &resolution,
+            &current,
+            &self.state_dir,
+            &self.shared.auditor,
+        );
+        crate::release::record_newly_held(&current, &resolution, &self.shared.auditor);
         if announce {
             for id in &resolution.unmatched {
                 if let Some(w) = policy.workload(*id) {
@@ -362,7 +386,16 @@ impl Control {
                 }
             }
         }
-        let kernel_state = KernelState::from_policy(&policy, &resolution);
+        let mut kernel_state = KernelState::from_policy(&policy, &resolution);
+        for id in unrecorded {
+            kernel_state.managed.insert(
+                id,
+                ManagedCgroup {
+                    workload: NO_WORKLOAD,
+                    flags: MANAGED_HELD | MANAGED_RELEASE_REQUESTED,
+                },
+            );
+        }
         // The agent's own cgroup is exempt, unless a policy selects it by name: then
         // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
         let shared_with_workloads = resolution
@@ -615,11 +648,21 @@ impl KernelState {
                 continue;
             }
             let workload = info.workload.map_or(NO_WORKLOAD, |w| w.0);
-            state
-                .managed
-                .insert(*id, ManagedCgroup { workload, flags: 0 });
+            let flags = if info.held { MANAGED_HELD } else { 0 };
+            state.managed.insert(*id, ManagedCgroup { workload, flags });
             let depth = info.path.split('/').filter(|c| !c.is_empty()).count() as u32;
             state.max_depth = state.max_depth.max(depth);
+        }
+        // Held cgroups a blind scan could not place: kept, at any depth.
+        for id in &resolution.unseen_held {
+            state.managed.insert(
+                *id,
+                ManagedCgroup {
+                    workload: NO_WORKLOAD,
+                    flags: MANAGED_HELD,
+                },
+            );
+            state.max_depth = MAX_CGROUP_DEPTH;
         }
         for (index, workload) in policy.workloads().iter().enumerate() {
             let w = index as u32;

@@ -236,6 +236,9 @@ pub struct Record {
     /// clock since the record before, µs (negative: stepped backwards).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_step_us: Option<i64>,
+    /// On `cgroup_held` and `cgroup_released` records only: the cgroup v2 id (inode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -275,6 +278,7 @@ impl Record {
             trigger: None,
             errors: None,
             clock_step_us: None,
+            cgroup_id: None,
             prev: chain::GENESIS,
         }
     }
