@@ -220,7 +220,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(never) => match never {},
             Err(e) => Err(e.into()),
         },
-        Command::Policy { command } => Ok(exit(scopegate::policy::cli::run(command)?)),
+        Command::Policy { command } => {
+            let checked = match &command {
+                scopegate::policy::cli::PolicyCommand::Check { dir } => Some(dir.clone()),
+                _ => None,
+            };
+            let ok = scopegate::policy::cli::run(command)?;
+            // Warnings only (exit code unchanged): how the valid policy meets this host.
+            if ok
+                && let Some(dir) = checked
+                && let Ok(snapshot) = scopegate::policy::Snapshot::load_dir(&dir)
+            {
+                for warning in scopegate::workloads::host_warnings(&snapshot, &dir) {
+                    eprintln!("scopegate: warning: {warning}");
+                }
+            }
+            Ok(exit(ok))
+        }
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Ca {
             command: CaCommand::Export { state_dir },

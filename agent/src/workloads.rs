@@ -450,6 +450,45 @@ fn walk(
     }
 }
 
+/// Warnings of `scopegate policy check` about how a valid policy directory meets this host:
+/// an empty directory (an agent loading it selects nothing; the cgroups it manages stay
+/// deny-all until released), and each workload whose selector matches no cgroup here. The
+/// second needs a complete scan of the cgroup2 tree: without a cgroup2 mount, or when any
+/// part of the tree cannot be read, no "matches nothing" warning is given.
+pub fn host_warnings(snapshot: &Snapshot, dir: &Path) -> Vec<String> {
+    if snapshot.workloads().is_empty() {
+        return vec![format!(
+            "{}: no policy files: an agent loading this directory selects no workload (cgroups it already manages stay deny-all until `scopegate release`)",
+            dir.display()
+        )];
+    }
+    let Ok(mount) = cgroup2_mount() else {
+        return Vec::new();
+    };
+    host_warnings_in(snapshot, &mount, &Fs)
+}
+
+fn host_warnings_in(snapshot: &Snapshot, mount: &Path, reader: &dyn TreeReader) -> Vec<String> {
+    let (resolution, errors) =
+        resolve_from(snapshot, mount, mount, &[], None, &HashSet::new(), reader);
+    if !errors.is_empty() {
+        return Vec::new();
+    }
+    resolution
+        .unmatched
+        .iter()
+        .filter_map(|id| snapshot.workload(*id))
+        .map(|w| {
+            format!(
+                "{}: workload {}: its selector ({:?}) matches no cgroup on this host (yet); it is enforced once such a cgroup exists",
+                w.source.display(),
+                w.name,
+                w.selector
+            )
+        })
+        .collect()
+}
+
 /// Creates (if needed) the cgroup at `path` (relative to the cgroup2 mount) and returns its
 /// directory.
 pub fn ensure_cgroup(mount: &Path, path: &str) -> Result<PathBuf, WorkloadsError> {
@@ -847,5 +886,27 @@ mod scan_tests {
                 .unwrap()
                 .held
         );
+    }
+
+    #[test]
+    fn check_warns_on_selectors_that_match_nothing_only_after_a_complete_scan() {
+        let t = Tree::new();
+        let m = t.dir.path();
+        let snap = snapshot(&[
+            ("a.yaml", policy("billing", "systemd_unit: billing.service")),
+            ("g.yaml", policy("ghost", "cgroup: /nowhere")),
+        ]);
+        let warnings = host_warnings_in(&snap, m, &Fs);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("g.yaml: workload ghost"), "{warnings:?}");
+        // A scan that could not read everything cannot tell: no warning.
+        let mut reader = Faulty::default();
+        reader.list.insert(t.path("system.slice"), libc::EACCES);
+        assert!(host_warnings_in(&snap, m, &reader).is_empty());
+        // An empty directory is warned about without any scan.
+        let empty = tempfile::tempdir().unwrap();
+        let warnings = host_warnings(&Snapshot::load_dir(empty.path()).unwrap(), empty.path());
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("no policy files"), "{warnings:?}");
     }
 }
