@@ -79,6 +79,10 @@ enum Command {
         /// Start deny-all when the policy directory is invalid, instead of refusing.
         #[arg(long)]
         allow_empty: bool,
+        /// Seconds a client may take to send a request head (a new connection, or the
+        /// next request on a keep-alive one); then the connection is closed, recorded.
+        #[arg(long, default_value_t = 10.0)]
+        header_timeout_secs: f64,
     },
     /// Run a command inside a cgroup (created if needed).
     Exec {
@@ -180,6 +184,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             rescan_secs,
             managed_subtrees,
             allow_empty,
+            header_timeout_secs,
         } => {
             let opts = RunOptions {
                 policies,
@@ -208,6 +213,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
                 managed_subtrees,
                 allow_empty,
+                timeouts: scopegate::state::Timeouts {
+                    header: Duration::from_secs_f64(header_timeout_secs.clamp(0.1, 3600.0)),
+                    ..Default::default()
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -70,6 +70,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
     pub upstream_ca: Option<PathBuf>,
+    /// Header and body read timeouts of proxied requests.
+    pub timeouts: crate::state::Timeouts,
 }
 
 /// Errors of `run`.
@@ -121,17 +123,24 @@ pub enum RunError {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // 0. descriptors: two per proxied connection, plus the scan and the audit writer
-    match crate::sys::raise_nofile_limit() {
+    let nofile = match crate::sys::raise_nofile_limit() {
         Ok((old, new)) if old != new => {
             tracing::info!(
                 old,
                 new,
                 "raised RLIMIT_NOFILE soft limit to the hard limit"
             );
+            new
         }
-        Ok((old, _)) => tracing::debug!(limit = old, "RLIMIT_NOFILE already at the hard limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
-    }
+        Ok((old, _)) => {
+            tracing::debug!(limit = old, "RLIMIT_NOFILE already at the hard limit");
+            old
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+            1024
+        }
+    };
     // 1. policy
     let policy_hash = lifecycle::policy_hash_or_log(&opts.policies);
     let mut start_rejected = None;
@@ -217,8 +226,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         leaves: Some(leaves),
         secrets: crate::secrets::Secrets::default(),
         framing: crate::framing::Limits::default(),
-        timeouts: crate::state::Timeouts::default(),
-        connections: crate::state::ConnectionCounts::default(),
+        timeouts: opts.timeouts,
+        // Proxied connections stay below the fd limit by the control plane's reserve.
+        connections: crate::state::ConnectionCounts::with_budget(crate::state::descriptor_budget(
+            nofile,
+        )),
     });
     let control = Control {
         shared: shared.clone(),

@@ -898,7 +898,10 @@ mod scan_tests {
         ]);
         let warnings = host_warnings_in(&snap, m, &Fs);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("g.yaml: workload ghost"), "{warnings:?}");
+        assert!(
+            warnings[0].contains("g.yaml: workload ghost"),
+            "{warnings:?}"
+        );
         // A scan that could not read everything cannot tell: no warning.
         let mut reader = Faulty::default();
         reader.list.insert(t.path("system.slice"), libc::EACCES);
