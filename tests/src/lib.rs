@@ -248,6 +248,9 @@ pub struct AgentConfig<'a> {
     pub state_dir: Option<PathBuf>,
     /// `--rescan-secs` (default 0.2).
     pub rescan_secs: &'static str,
+    /// A command the agent is started through, e.g. `prlimit --nofile=1024:1024 --`
+    /// (default: none).
+    pub wrapper: Vec<String>,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -263,6 +266,7 @@ impl<'a> AgentConfig<'a> {
             extra: Vec::new(),
             state_dir: None,
             rescan_secs: "0.2",
+            wrapper: Vec::new(),
         }
     }
 }
@@ -278,7 +282,14 @@ impl Agent {
                 (dir.path().join("state"), Some(dir))
             }
         };
-        let mut cmd = Command::new(bin());
+        let mut cmd = match cfg.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         if let Some(cgroup) = &cfg.inside {
             cmd.arg("exec")
                 .arg("--cgroup")
