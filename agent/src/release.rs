@@ -96,7 +96,7 @@ pub enum ReleaseError {
     },
     /// A policy selected the cgroup again while the release was pending.
     #[error(
-        "{path} (cgroup id {id}): a policy selected it again before the agent applied the release; it is enforced by that policy"
+        "{path} (cgroup id {id}): a policy (or a --managed-subtree) covers it again; the agent dropped the release and it stays enforced"
     )]
     SelectedAgain {
         /// The path given.

@@ -337,10 +337,14 @@ pub fn resolve_from(
         }
     }
 
-    // Held: in the kernel's map, but no workload covers it (itself or an ancestor).
+    // Held: in the kernel's map, but no workload covers it (itself or an ancestor), and it
+    // is not a managed-subtree root (those are configuration, not held).
     let mut held_paths: HashSet<&str> = HashSet::new();
     for (path, id) in &tree {
-        if held.contains(id) && !matches!(deepest(&direct, path), Some(Some(_))) {
+        if held.contains(id)
+            && !direct.contains_key(path.as_str())
+            && !matches!(deepest(&direct, path), Some(Some(_)))
+        {
             held_paths.insert(path.as_str());
         }
     }
@@ -830,6 +834,10 @@ mod scan_tests {
             (child.workload, child.selected, child.held),
             (None, false, false)
         );
+        // A managed-subtree root is configuration, not held.
+        let (res2, _) = resolve_from(&empty, m, m, &subtrees(), Some(&t.first), &ids, &Fs);
+        let root = res2.lookup(t.id("managed.slice")).unwrap();
+        assert_eq!((root.selected, root.held), (true, false));
         // A former --managed-subtree root stays too, and so does what lies below it.
         assert!(res.lookup(t.id("managed.slice")).unwrap().held);
         assert!(res.lookup(t.id("managed.slice/stray.service")).is_some());

@@ -27,7 +27,11 @@ fn policy(name: &str, cgroup: &str, upstream: &Upstream, extra: &str) -> String 
 /// A python client in `cgroup` that opens `n` connections to `port` on 127.0.0.2, sends
 /// one header byte on each and holds them until the other side closes them (at most
 /// 60 s). Prints `connected C failed F` once all are open, then `closed X open Y`.
-fn slow_clients(cgroup: &str, port: u16, n: usize) -> (Child, BufReader<std::process::ChildStdout>) {
+fn slow_clients(
+    cgroup: &str,
+    port: u16,
+    n: usize,
+) -> (Child, BufReader<std::process::ChildStdout>) {
     let script = format!(
         r#"
 import resource, select, socket, time
@@ -134,7 +138,10 @@ fn a_workload_holding_2000_slow_connections_does_not_open_the_others() {
     let upstream = Upstream::start("127.0.0.2");
     let sink = TcpSink::start("127.0.0.2");
     let policies = policy_dir(&[
-        ("a.yaml", policy("a", &a, &upstream, "max_connections: 200\n")),
+        (
+            "a.yaml",
+            policy("a", &a, &upstream, "max_connections: 200\n"),
+        ),
         ("b.yaml", policy("b", &b, &upstream, "")),
     ]);
     let pins = PinDir::new();
@@ -148,7 +155,10 @@ fn a_workload_holding_2000_slow_connections_does_not_open_the_others() {
     let (mut child, mut out) = slow_clients(&a, upstream.addr.port(), 2000);
     let (connected, failed) = counts(&mut out, "connected");
     assert_eq!(connected + failed, 2000);
-    assert!(connected > 1000, "the proxy accepted and answered: {connected}");
+    assert!(
+        connected > 1000,
+        "the proxy accepted and answered: {connected}"
+    );
     // While `a` holds its slots, `b` is enforced as before.
     assert_b_enforced(&b, &upstream, &sink, &agent.audit);
     let out200 = curl_in(&b, &["-w", STATUS, &upstream.url("/allowed/b")]);
@@ -238,7 +248,10 @@ fn at_the_descriptor_limit_the_control_plane_keeps_enforcing() {
     assert_eq!(status_and_body(&out_c).0, 403, "{out_c:?}");
     assert!(upstream.seen().is_empty());
     assert!(
-        !agent.stderr().iter().any(|l| l.contains("Too many open files")),
+        !agent
+            .stderr()
+            .iter()
+            .any(|l| l.contains("Too many open files")),
         "the agent never ran out of descriptors"
     );
 }

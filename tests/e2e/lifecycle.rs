@@ -106,7 +106,7 @@ impl Fixture {
             before,
             "nothing reached the upstream"
         );
-        let denied = wait_records(audit, |r| {
+        let denied = wait_n_records(audit, 2, |r| {
             r["reason"] == "no_policy" && r["cgroup"] == self.app.as_str()
         });
         assert!(
@@ -193,10 +193,19 @@ impl Fixture {
 
 /// Waits (up to 10 s) until some record matches, then returns all that match.
 fn wait_records(audit: &Path, want: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    wait_n_records(audit, 1, want)
+}
+
+/// Waits (up to 10 s) until `n` records match, then returns all that match.
+fn wait_n_records(
+    audit: &Path,
+    n: usize,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let found: Vec<_> = read_jsonl(audit).into_iter().filter(|r| want(r)).collect();
-        if !found.is_empty() || Instant::now() > deadline {
+        if found.len() >= n || Instant::now() > deadline {
             return found;
         }
         thread::sleep(Duration::from_millis(20));
