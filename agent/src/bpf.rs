@@ -261,6 +261,13 @@ impl Kernel {
         Ok(())
     }
 
+    /// The managed-cgroup map as it is in the kernel now (the pinned source of truth for
+    /// held cgroups).
+    pub fn managed_entries(&self) -> StdHashMap<u64, ManagedCgroup> {
+        let map = self.managed.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().filter_map(Result::ok).collect()
+    }
+
     /// Sets how deep the hooks look for a managed ancestor.
     pub fn set_max_depth(&self, depth: u32) -> Result<(), BpfError> {
         self.update_config(|c| c.max_depth = depth.min(MAX_CGROUP_DEPTH))
@@ -602,6 +609,37 @@ fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// An exclusive lock on the versioned pin directory (`flock`, released on drop): the agent
+/// holds it from reading the managed map to writing it back, `scopegate release` while it
+/// edits an entry, so neither undoes the other.
+pub fn lock_pins(base: &Path) -> Result<nix::fcntl::Flock<fs::File>, BpfError> {
+    let dir = versioned_pin_dir(base);
+    let file = fs::File::open(&dir).map_err(|source| BpfError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        BpfError::Io {
+            path: dir,
+            source: io::Error::from(e),
+        }
+    })
+}
+
+/// The pinned managed-cgroup map under `base`, opened without loading any program (for
+/// `scopegate release`).
+pub fn open_pinned_managed(base: &Path) -> Result<HashMap<MapData, u64, ManagedCgroup>, BpfError> {
+    let pin = versioned_pin_dir(base).join(maps::MANAGED);
+    let data = MapData::from_pin(&pin).map_err(|source| BpfError::Map {
+        map: maps::MANAGED,
+        source,
+    })?;
+    HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| BpfError::Map {
+        map: maps::MANAGED,
+        source,
+    })
 }
 
 /// Removes scopegate's pins under `base` (all layout versions): the links detach and the

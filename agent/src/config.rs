@@ -41,6 +41,8 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/scopegate";
     /// Seconds between cgroup rescans.
     pub const RESCAN_SECS: f64 = 1.0;
+    /// Seconds a client may take to send a request head.
+    pub const HEADER_TIMEOUT_SECS: f64 = 10.0;
 }
 
 /// Errors of loading the configuration file.
@@ -105,6 +107,7 @@ struct Raw {
     rescan_secs: Option<f64>,
     managed_subtrees: Option<Vec<String>>,
     allow_empty: Option<bool>,
+    header_timeout_secs: Option<f64>,
 }
 
 /// The flags of `scopegate run`. Each one overrides the configuration file's key.
@@ -173,6 +176,11 @@ pub struct RunArgs {
     /// Start deny-all when the policy directory is invalid, instead of refusing.
     #[arg(long)]
     pub allow_empty: bool,
+    /// Seconds a client may take to send a request head (a new connection, or the next
+    /// request on a keep-alive one); then the connection is closed, recorded
+    /// [default: 10; clamped to 0.1..=3600].
+    #[arg(long, value_name = "SECS")]
+    pub header_timeout_secs: Option<f64>,
 }
 
 impl RunArgs {
@@ -198,6 +206,11 @@ impl RunArgs {
             .rescan_secs
             .or(file.rescan_secs)
             .unwrap_or(defaults::RESCAN_SECS);
+        let header_timeout = self
+            .header_timeout_secs
+            .or(file.header_timeout_secs)
+            .filter(|s| s.is_finite())
+            .unwrap_or(defaults::HEADER_TIMEOUT_SECS);
         let fsync_every =
             self.audit_fsync_every_record || file.audit_fsync_every_record == Some(true);
         RunOptions {
@@ -246,6 +259,10 @@ impl RunArgs {
             }),
             managed_subtrees: subtrees,
             allow_empty: self.allow_empty || file.allow_empty == Some(true),
+            timeouts: crate::state::Timeouts {
+                header: Duration::from_secs_f64(header_timeout.clamp(0.1, 3600.0)),
+                ..Default::default()
+            },
         }
     }
 }

@@ -41,6 +41,7 @@ pub mod config;
 pub mod exec;
 pub mod exit;
 pub mod pipeline;
+pub mod release;
 pub mod run;
 pub mod service;
 pub mod watch;

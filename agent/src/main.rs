@@ -52,6 +52,21 @@ enum Command {
         #[command(subcommand)]
         what: Generate,
     },
+    /// Stop enforcing a held cgroup (one a policy selected once and none selects now);
+    /// recorded by the running agent as `cgroup_released`.
+    Release {
+        /// cgroup path relative to the cgroup2 mount, e.g. /system.slice/old.service.
+        cgroup: String,
+        /// bpffs directory given to `run --pin-dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
+        pin_dir: PathBuf,
+        /// The agent's state directory (who asked is left there for the agent's record).
+        #[arg(long, default_value = "/var/lib/scopegate")]
+        state_dir: PathBuf,
+        /// Seconds to wait for the running agent to apply and record the release.
+        #[arg(long, default_value_t = 10.0)]
+        wait_secs: f64,
+    },
     /// Remove the pinned hooks and maps: enforcement stops.
     Uninstall {
         /// bpffs directory given to `run --pin-dir`.
@@ -124,7 +139,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(never) => match never {},
             Err(e) => Err(e.into()),
         },
-        Command::Policy { command } => Ok(exit(scopegate::policy::cli::run(command)?)),
+        Command::Policy { command } => {
+            let checked = match &command {
+                scopegate::policy::cli::PolicyCommand::Check { dir } => Some(dir.clone()),
+                _ => None,
+            };
+            let ok = scopegate::policy::cli::run(command)?;
+            // Warnings only (exit code unchanged): how the valid policy meets this host.
+            if ok
+                && let Some(dir) = checked
+                && let Ok(snapshot) = scopegate::policy::Snapshot::load_dir(&dir)
+            {
+                for warning in scopegate::workloads::host_warnings(&snapshot, &dir) {
+                    eprintln!("scopegate: warning: {warning}");
+                }
+            }
+            Ok(exit(ok))
+        }
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Ca {
             command: CaCommand::Export { state_dir },
@@ -136,6 +167,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate { what } => {
             generate(what)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Release {
+            cgroup,
+            pin_dir,
+            state_dir,
+            wait_secs,
+        } => {
+            let wait = std::time::Duration::from_secs_f64(wait_secs.clamp(0.0, 3600.0));
+            match scopegate::release::release(&cgroup, &pin_dir, &state_dir, wait)? {
+                scopegate::release::Outcome::Released => {
+                    println!("released {cgroup}: recorded by the agent, no longer enforced");
+                    Ok(ExitCode::SUCCESS)
+                }
+                scopegate::release::Outcome::Pending => {
+                    eprintln!(
+                        "scopegate: release of {cgroup} is pending: no running agent applied it within {wait_secs} s; the cgroup stays denied until the agent runs, which then records and applies it"
+                    );
+                    Ok(ExitCode::from(3))
+                }
+            }
         }
         Command::Uninstall { pin_dir } => {
             let removed = bpf::uninstall(&pin_dir)?;

@@ -145,12 +145,15 @@ fn connection_slot(
         return Some(None);
     };
     let limit = workload.max_connections();
-    if let Some(slot) = shared.connections.acquire(&workload.name, limit) {
-        return Some(Some(slot));
-    }
+    let reason = match shared.connections.acquire(&workload.name, limit) {
+        Ok(slot) => return Some(Some(slot)),
+        Err(crate::state::Exhausted::Workload) => "connection_limit",
+        // The descriptors left are the control plane's (scan, reload, audit).
+        Err(crate::state::Exhausted::Descriptors) => "descriptor_limit",
+    };
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-    tracing::warn!(workload = %workload.name, limit, "connection limit reached; refusing");
-    connection_refused(shared, identity, "connection_limit", Fault::Client);
+    tracing::warn!(workload = %workload.name, limit, reason, "connection refused");
+    connection_refused(shared, identity, reason, Fault::Client);
     None
 }
 

@@ -34,7 +34,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use scopegate_common::{
-    L4_MAX_PORTS, L4Allow, L4Key, ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
+    L4_MAX_PORTS, L4Allow, L4Key, MANAGED_HELD, MANAGED_RELEASE_REQUESTED, MAX_CGROUP_DEPTH,
+    ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -80,6 +81,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
     pub upstream_ca: Option<PathBuf>,
+    /// Header and body read timeouts of proxied requests.
+    pub timeouts: crate::state::Timeouts,
 }
 
 /// Errors of `run`.
@@ -131,17 +134,24 @@ pub enum RunError {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // 0. descriptors: two per proxied connection, plus the scan and the audit writer
-    match crate::sys::raise_nofile_limit() {
+    let nofile = match crate::sys::raise_nofile_limit() {
         Ok((old, new)) if old != new => {
             tracing::info!(
                 old,
                 new,
                 "raised RLIMIT_NOFILE soft limit to the hard limit"
             );
+            new
         }
-        Ok((old, _)) => tracing::debug!(limit = old, "RLIMIT_NOFILE already at the hard limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
-    }
+        Ok((old, _)) => {
+            tracing::debug!(limit = old, "RLIMIT_NOFILE already at the hard limit");
+            old
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+            1024
+        }
+    };
     // 1. policy
     let policy_hash = lifecycle::policy_hash_or_log(&opts.policies);
     let mut start_rejected = None;
@@ -189,16 +199,28 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     //    (on a first start it was unmanaged until now; its older connections are cut in 7).
     crate::service::status("filling the kernel maps (managed connects refused)");
     {
+        // Managed until released: what the pins hold stays held; pending release requests
+        // stay pending (they are recorded and applied by the first publish, in 7).
+        let _pins = bpf::lock_pins(&opts.pin_dir)?;
+        let pinned = crate::release::Pinned::split(&kernel.managed_entries());
         let (resolution, scan_errors) = workloads::resolve_from(
             &snapshot,
             &mount,
             &root,
             &opts.managed_subtrees,
             None,
+            &pinned.held,
             &workloads::Fs,
         );
         workloads::report_scan_errors(&scan_errors);
-        sync_kernel(&kernel, &snapshot, &resolution, own_id, false)?;
+        sync_kernel(
+            &kernel,
+            &snapshot,
+            &resolution,
+            &pinned.requests,
+            own_id,
+            false,
+        )?;
     }
     // 5. listeners (nothing is redirected to them before step 8)
     crate::service::status("binding the proxy listeners");
@@ -248,8 +270,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         leaves: Some(leaves),
         secrets: crate::secrets::Secrets::default(),
         framing: crate::framing::Limits::default(),
-        timeouts: crate::state::Timeouts::default(),
-        connections: crate::state::ConnectionCounts::default(),
+        timeouts: opts.timeouts,
+        // Proxied connections stay below the fd limit by the control plane's reserve.
+        connections: crate::state::ConnectionCounts::with_budget(crate::state::descriptor_budget(
+            nofile,
+        )),
     });
     let control = Control {
         shared: shared.clone(),
@@ -260,6 +285,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         own_cgroup: own_id,
         subtrees: opts.managed_subtrees.clone(),
         proxy_port: port,
+        pin_base: opts.pin_dir.clone(),
+        state_dir: opts.state_dir.clone(),
     };
     crate::service::status("publishing the policy snapshot");
     control.publish(snapshot, true)?;
@@ -386,13 +413,21 @@ struct Control {
     subtrees: Vec<String>,
     /// The proxy port (connections to it are not cut).
     proxy_port: u16,
+    /// `--pin-dir` (locked while the managed map is synced).
+    pin_base: PathBuf,
+    /// `--state-dir` (release requests).
+    state_dir: PathBuf,
 }
 
 impl Control {
     /// Resolves `policy` against the cgroup tree and, if anything changed, publishes the new
     /// snapshot (one swap) and then syncs the kernel's managed-cgroup map.
     fn publish(&self, policy: Arc<Snapshot>, announce: bool) -> Result<(), BpfError> {
+        // Managed until released: the pinned map is the source of truth for what stays
+        // managed; the lock keeps `scopegate release` out until the map is written back.
+        let _pins = bpf::lock_pins(&self.pin_base)?;
         let current = self.shared.enforcement.load();
+        let pinned = crate::release::Pinned::split(&self.kernel.managed_entries());
         // A partial view never removes enforcement: what the scan could not see is kept.
         let (resolution, scan_errors) = workloads::resolve_from(
             &policy,
@@ -400,12 +435,25 @@ impl Control {
             &self.root,
             &self.subtrees,
             Some(&current.cgroups),
+            &pinned.held,
             &workloads::Fs,
         );
         workloads::report_scan_errors(&scan_errors);
-        if Arc::ptr_eq(&current.policy, &policy) && *current.cgroups == resolution {
+        if Arc::ptr_eq(&current.policy, &policy)
+            && *current.cgroups == resolution
+            && pinned.requests.is_empty()
+        {
             return Ok(());
         }
+        // Released cgroups are recorded before the sync below removes them.
+        let unrecorded = crate::release::apply_requests(
+            &pinned.requests,
+            &resolution,
+            &current,
+            &self.state_dir,
+            &self.shared.auditor,
+        );
+        crate::release::record_newly_held(&current, &resolution, &self.shared.auditor);
         if announce {
             for id in &resolution.unmatched {
                 if let Some(w) = policy.workload(*id) {
@@ -436,6 +484,7 @@ impl Control {
             &self.kernel,
             &enforcement.policy,
             &enforcement.cgroups,
+            &unrecorded,
             self.own_cgroup,
             announce,
         )?;
@@ -516,15 +565,28 @@ impl Control {
 
 /// Makes the kernel maps hold what `policy` resolved to `resolution` needs: the agent's own
 /// cgroup exempt (unless a policy selects it), then ports, L4 exceptions, depth and the
-/// managed set.
+/// managed set (held cgroups included: `resolution` carries them; `pending_releases` are
+/// release requests not yet recorded, kept held with their flag).
 fn sync_kernel(
     kernel: &Kernel,
     policy: &Snapshot,
     resolution: &workloads::Resolution,
+    pending_releases: &[u64],
     own_cgroup: u64,
     announce: bool,
 ) -> Result<(), BpfError> {
-    let kernel_state = KernelState::from_policy(policy, resolution);
+    let mut kernel_state = KernelState::from_policy(policy, resolution);
+    // A release whose record could not be written stays held (deny-all) with its request
+    // flag, so the next publish records and applies it.
+    for id in pending_releases {
+        kernel_state.managed.insert(
+            *id,
+            ManagedCgroup {
+                workload: NO_WORKLOAD,
+                flags: MANAGED_HELD | MANAGED_RELEASE_REQUESTED,
+            },
+        );
+    }
     // The agent's own cgroup is exempt, unless a policy selects it by name: then
     // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
     let shared_with_workloads = resolution
@@ -690,11 +752,21 @@ impl KernelState {
                 continue;
             }
             let workload = info.workload.map_or(NO_WORKLOAD, |w| w.0);
-            state
-                .managed
-                .insert(*id, ManagedCgroup { workload, flags: 0 });
+            let flags = if info.held { MANAGED_HELD } else { 0 };
+            state.managed.insert(*id, ManagedCgroup { workload, flags });
             let depth = info.path.split('/').filter(|c| !c.is_empty()).count() as u32;
             state.max_depth = state.max_depth.max(depth);
+        }
+        // Held cgroups a blind scan could not place: kept, at any depth.
+        for id in &resolution.unseen_held {
+            state.managed.insert(
+                *id,
+                ManagedCgroup {
+                    workload: NO_WORKLOAD,
+                    flags: MANAGED_HELD,
+                },
+            );
+            state.max_depth = MAX_CGROUP_DEPTH;
         }
         for (index, workload) in policy.workloads().iter().enumerate() {
             let w = index as u32;

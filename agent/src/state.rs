@@ -131,20 +131,68 @@ impl Default for Timeouts {
     }
 }
 
-/// Live proxy connections per workload, for `max_connections`.
-#[derive(Debug, Default)]
-pub struct ConnectionCounts(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+/// Descriptors kept free for the control plane (cgroup scans, policy reloads, inotify,
+/// the audit writer and its rotation, bpf maps): proxied connections never use them.
+pub const FD_RESERVE: u64 = 128;
+
+/// How many proxied connections fit in `nofile` descriptors with [`FD_RESERVE`] kept free
+/// (each one holds the client's socket and, while forwarding, an upstream socket).
+pub fn descriptor_budget(nofile: u64) -> usize {
+    usize::try_from(nofile.saturating_sub(FD_RESERVE) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+/// Why a connection got no slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exhausted {
+    /// The workload holds `max_connections` already (`connection_limit`).
+    Workload,
+    /// The proxy as a whole is at its descriptor budget (`descriptor_limit`).
+    Descriptors,
+}
+
+#[derive(Debug)]
+struct Counts {
+    per: std::collections::HashMap<String, usize>,
+    total: usize,
+    budget: usize,
+}
+
+/// Live proxy connections per workload (for `max_connections`) and in all (for the
+/// descriptor budget, see [`descriptor_budget`]).
+#[derive(Debug)]
+pub struct ConnectionCounts(Arc<std::sync::Mutex<Counts>>);
+
+impl Default for ConnectionCounts {
+    fn default() -> Self {
+        Self::with_budget(usize::MAX)
+    }
+}
 
 impl ConnectionCounts {
-    /// Takes one of `limit` connection slots of `workload`; None when all are taken.
-    pub fn acquire(&self, workload: &str, limit: usize) -> Option<ConnectionSlot> {
+    /// Counts with at most `budget` connections in all.
+    pub fn with_budget(budget: usize) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Counts {
+            per: std::collections::HashMap::new(),
+            total: 0,
+            budget,
+        })))
+    }
+
+    /// Takes one of `limit` connection slots of `workload`, and one of the budget.
+    pub fn acquire(&self, workload: &str, limit: usize) -> Result<ConnectionSlot, Exhausted> {
         let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(workload.to_owned()).or_insert(0);
+        if counts.total >= counts.budget {
+            return Err(Exhausted::Descriptors);
+        }
+        let count = counts.per.entry(workload.to_owned()).or_insert(0);
         if *count >= limit {
-            return None;
+            return Err(Exhausted::Workload);
         }
         *count += 1;
-        Some(ConnectionSlot {
+        counts.total += 1;
+        Ok(ConnectionSlot {
             counts: Arc::clone(&self.0),
             workload: workload.to_owned(),
         })
@@ -153,24 +201,25 @@ impl ConnectionCounts {
     /// The live connections of `workload`.
     pub fn live(&self, workload: &str) -> usize {
         let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        counts.get(workload).copied().unwrap_or(0)
+        counts.per.get(workload).copied().unwrap_or(0)
     }
 }
 
 /// One taken connection slot; released on drop.
 #[derive(Debug)]
 pub struct ConnectionSlot {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    counts: Arc<std::sync::Mutex<Counts>>,
     workload: String,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.workload) {
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(count) = counts.per.get_mut(&self.workload) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                counts.remove(&self.workload);
+                counts.per.remove(&self.workload);
             }
         }
     }
@@ -186,13 +235,25 @@ mod tests {
         let counts = ConnectionCounts::default();
         let a = counts.acquire("w", 2).unwrap();
         let b = counts.acquire("w", 2).unwrap();
-        assert!(counts.acquire("w", 2).is_none());
-        assert!(counts.acquire("other", 2).is_some());
+        assert_eq!(counts.acquire("w", 2).unwrap_err(), Exhausted::Workload);
+        assert!(counts.acquire("other", 2).is_ok());
         assert_eq!(counts.live("w"), 2);
         drop(a);
         assert_eq!(counts.live("w"), 1);
         let _c = counts.acquire("w", 2).unwrap();
         drop(b);
         assert_eq!(counts.live("w"), 1);
+    }
+
+    #[test]
+    fn the_descriptor_budget_caps_all_workloads_together() {
+        assert_eq!(descriptor_budget(1024), 448);
+        assert_eq!(descriptor_budget(10), 1, "never zero");
+        let counts = ConnectionCounts::with_budget(2);
+        let a = counts.acquire("a", 10).unwrap();
+        let _b = counts.acquire("b", 10).unwrap();
+        assert_eq!(counts.acquire("c", 10).unwrap_err(), Exhausted::Descriptors);
+        drop(a);
+        assert!(counts.acquire("c", 10).is_ok());
     }
 }

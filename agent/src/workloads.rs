@@ -10,10 +10,19 @@
 //! (EMFILE, EACCES, a race with rmdir or rename, anything) keeps every previously managed
 //! cgroup it did not see, unless that cgroup positively no longer exists (its own path is
 //! gone, or now names another cgroup). See [`resolve_from`].
+//!
+//! Managed means managed until released: a cgroup that is in the kernel's managed map (the
+//! pinned `SG_MANAGED`, which outlives the agent) stays managed when no policy selects it
+//! any more (its policy file was removed, the policy set is empty, or the agent restarted
+//! with no or an invalid policy under `--allow-empty`). It is then *held*: deny-all, like a
+//! `--managed-subtree` cgroup without a policy, until a policy selects it again, the
+//! operator releases it (`scopegate release`, see [`crate::release`]), or its directory is
+//! removed. The caller passes the held candidates (the pinned map's keys) to
+//! [`resolve_from`]; the pinned map is the only record of them.
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -129,8 +138,11 @@ pub struct CgroupInfo {
     pub path: String,
     /// The workload whose policy applies, if any.
     pub workload: Option<WorkloadId>,
-    /// Whether a selector names this cgroup itself (not only an ancestor).
+    /// Whether a selector names this cgroup itself (not only an ancestor), or it is a
+    /// managed-subtree root, or it is held.
     pub selected: bool,
+    /// Held: managed before, selected by no policy now; deny-all until released.
+    pub held: bool,
 }
 
 /// The result of resolving a policy snapshot against the cgroup tree.
@@ -140,6 +152,9 @@ pub struct Resolution {
     pub managed: HashMap<u64, CgroupInfo>,
     /// Workloads whose selector matched no cgroup (yet).
     pub unmatched: Vec<WorkloadId>,
+    /// Held cgroup ids whose directory a blind scan could not find (no path known): they
+    /// stay deny-all in the kernel until a complete scan shows they are gone.
+    pub unseen_held: BTreeSet<u64>,
 }
 
 impl Resolution {
@@ -243,7 +258,7 @@ pub fn report_scan_errors(errors: &[ScanError]) {
 /// This is a first scan (nothing known before) on the real filesystem; the agent's rescans
 /// use [`resolve_from`].
 pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path, subtrees: &[String]) -> Resolution {
-    resolve_from(snapshot, mount, root, subtrees, None, &Fs).0
+    resolve_from(snapshot, mount, root, subtrees, None, &HashSet::new(), &Fs).0
 }
 
 /// [`resolve`], keeping what `previous` knew where this scan is blind.
@@ -253,12 +268,19 @@ pub fn resolve(snapshot: &Snapshot, mount: &Path, root: &Path, subtrees: &[Strin
 /// exists and is dropped; when it still has the same id, or cannot be looked at (any other
 /// error), it stays in the tree and is resolved against `snapshot` like any other cgroup.
 /// So a scan error can never un-manage a cgroup. Returns the resolution and the errors.
+///
+/// `held` are the ids the kernel manages now (the pinned map's keys): each one that no
+/// policy covers (neither itself nor an ancestor is selected by a workload) stays managed,
+/// deny-all, as a held cgroup ([`CgroupInfo::held`]). A held id the walk did not find is
+/// dropped when the scan was complete (the cgroup is gone) and kept in
+/// [`Resolution::unseen_held`] when it was not.
 pub fn resolve_from(
     snapshot: &Snapshot,
     mount: &Path,
     root: &Path,
     subtrees: &[String],
     previous: Option<&Resolution>,
+    held: &HashSet<u64>,
     reader: &dyn TreeReader,
 ) -> (Resolution, Vec<ScanError>) {
     let mut dirs = Vec::new();
@@ -315,40 +337,72 @@ pub fn resolve_from(
         }
     }
 
+    // Held: in the kernel's map, but no workload covers it (itself or an ancestor), and it
+    // is not a managed-subtree root (those are configuration, not held).
+    let mut held_paths: HashSet<&str> = HashSet::new();
+    for (path, id) in &tree {
+        if held.contains(id)
+            && !direct.contains_key(path.as_str())
+            && !matches!(deepest(&direct, path), Some(Some(_)))
+        {
+            held_paths.insert(path.as_str());
+        }
+    }
+    for path in &held_paths {
+        direct.insert(*path, None);
+    }
     let mut managed = HashMap::new();
     for (path, id) in &tree {
-        // The deepest selected ancestor-or-self decides.
-        let mut candidate: Option<Option<WorkloadId>> = None;
-        let mut prefix = path.as_str();
-        let selected = direct.contains_key(prefix);
-        loop {
-            if let Some(w) = direct.get(prefix) {
-                candidate = Some(*w);
-                break;
-            }
-            match prefix.rfind('/') {
-                Some(0) | None => break,
-                Some(i) => prefix = &prefix[..i],
-            }
-        }
-        if let Some(workload) = candidate {
+        if let Some(workload) = deepest(&direct, path) {
             managed.insert(
                 *id,
                 CgroupInfo {
                     path: path.clone(),
                     workload,
-                    selected,
+                    selected: direct.contains_key(path.as_str()),
+                    held: held_paths.contains(path.as_str()),
                 },
             );
         }
     }
+    let in_tree: HashSet<u64> = tree.iter().map(|(_, id)| *id).collect();
+    let unseen_held = if errors.is_empty() {
+        BTreeSet::new()
+    } else {
+        held.iter()
+            .filter(|id| !in_tree.contains(id))
+            .copied()
+            .collect()
+    };
     let unmatched = matched
         .iter()
         .enumerate()
         .filter(|(_, m)| !**m)
         .map(|(i, _)| WorkloadId(i as u32))
         .collect();
-    (Resolution { managed, unmatched }, errors)
+    (
+        Resolution {
+            managed,
+            unmatched,
+            unseen_held,
+        },
+        errors,
+    )
+}
+
+/// The deepest selected ancestor-or-self of `path` decides: `Some(workload)` if there is
+/// one (`Some(None)`: deny-all), `None` when the cgroup is not managed.
+fn deepest(direct: &HashMap<&str, Option<WorkloadId>>, path: &str) -> Option<Option<WorkloadId>> {
+    let mut prefix = path;
+    loop {
+        if let Some(w) = direct.get(prefix) {
+            return Some(*w);
+        }
+        match prefix.rfind('/') {
+            Some(0) | None => return None,
+            Some(i) => prefix = &prefix[..i],
+        }
+    }
 }
 
 /// `dir` relative to `mount`, as a cgroup path starting with '/'.
@@ -398,6 +452,45 @@ fn walk(
             }
         }
     }
+}
+
+/// Warnings of `scopegate policy check` about how a valid policy directory meets this host:
+/// an empty directory (an agent loading it selects nothing; the cgroups it manages stay
+/// deny-all until released), and each workload whose selector matches no cgroup here. The
+/// second needs a complete scan of the cgroup2 tree: without a cgroup2 mount, or when any
+/// part of the tree cannot be read, no "matches nothing" warning is given.
+pub fn host_warnings(snapshot: &Snapshot, dir: &Path) -> Vec<String> {
+    if snapshot.workloads().is_empty() {
+        return vec![format!(
+            "{}: no policy files: an agent loading this directory selects no workload (cgroups it already manages stay deny-all until `scopegate release`)",
+            dir.display()
+        )];
+    }
+    let Ok(mount) = cgroup2_mount() else {
+        return Vec::new();
+    };
+    host_warnings_in(snapshot, &mount, &Fs)
+}
+
+fn host_warnings_in(snapshot: &Snapshot, mount: &Path, reader: &dyn TreeReader) -> Vec<String> {
+    let (resolution, errors) =
+        resolve_from(snapshot, mount, mount, &[], None, &HashSet::new(), reader);
+    if !errors.is_empty() {
+        return Vec::new();
+    }
+    resolution
+        .unmatched
+        .iter()
+        .filter_map(|id| snapshot.workload(*id))
+        .map(|w| {
+            format!(
+                "{}: workload {}: its selector ({:?}) matches no cgroup on this host (yet); it is enforced once such a cgroup exists",
+                w.source.display(),
+                w.name,
+                w.selector
+            )
+        })
+        .collect()
 }
 
 /// Creates (if needed) the cgroup at `path` (relative to the cgroup2 mount) and returns its
@@ -596,7 +689,15 @@ mod scan_tests {
 
         fn rescan(&self, snap: &Snapshot, reader: &Faulty) -> (Resolution, Vec<ScanError>) {
             let m = self.dir.path();
-            resolve_from(snap, m, m, &subtrees(), Some(&self.first), reader)
+            resolve_from(
+                snap,
+                m,
+                m,
+                &subtrees(),
+                Some(&self.first),
+                &HashSet::new(),
+                reader,
+            )
         }
     }
 
@@ -612,7 +713,8 @@ mod scan_tests {
         reader.list.insert(t.path("managed.slice"), libc::EMFILE);
         // Without the last known state, the partial view would drop them (the old bug).
         let m = t.dir.path();
-        let (blind, errors) = resolve_from(&t.snap, m, m, &subtrees(), None, &reader);
+        let none = HashSet::new();
+        let (blind, errors) = resolve_from(&t.snap, m, m, &subtrees(), None, &none, &reader);
         assert!(blind.lookup(t.id("system.slice/billing.service")).is_none());
         assert_eq!(errors.len(), 2);
         let (res, errors) = t.rescan(&t.snap, &reader);
@@ -704,5 +806,118 @@ mod scan_tests {
             let w = res.lookup(t.id(p)).unwrap().workload.unwrap();
             assert_eq!(snap.workload(w).unwrap().name, "billing", "{p}");
         }
+    }
+
+    /// Held ids: the billing cgroup as the kernel's map holds it.
+    fn held(t: &Tree, paths: &[&str]) -> HashSet<u64> {
+        paths.iter().map(|p| t.id(p)).collect()
+    }
+
+    #[test]
+    fn a_cgroup_no_policy_selects_any_more_is_held_deny_all() {
+        let t = Tree::new();
+        let m = t.dir.path();
+        let empty = Snapshot::empty();
+        let ids = held(&t, &["system.slice/billing.service", "managed.slice"]);
+        let (res, errors) = resolve_from(&empty, m, m, &[], Some(&t.first), &ids, &Fs);
+        assert!(errors.is_empty());
+        let billing = res.lookup(t.id("system.slice/billing.service")).unwrap();
+        assert_eq!(
+            (billing.workload, billing.selected, billing.held),
+            (None, true, true)
+        );
+        // Its child inherits deny-all (not held itself: the kernel finds the ancestor).
+        let child = res
+            .lookup(t.id("system.slice/billing.service/child"))
+            .unwrap();
+        assert_eq!(
+            (child.workload, child.selected, child.held),
+            (None, false, false)
+        );
+        // A managed-subtree root is configuration, not held.
+        let (res2, _) = resolve_from(&empty, m, m, &subtrees(), Some(&t.first), &ids, &Fs);
+        let root = res2.lookup(t.id("managed.slice")).unwrap();
+        assert_eq!((root.selected, root.held), (true, false));
+        // A former --managed-subtree root stays too, and so does what lies below it.
+        assert!(res.lookup(t.id("managed.slice")).unwrap().held);
+        assert!(res.lookup(t.id("managed.slice/stray.service")).is_some());
+        assert!(res.lookup(t.id("system.slice/other.service")).is_none());
+        // Without the pinned ids (the old behaviour) the empty policy un-manages it.
+        let (open, _) = resolve_from(&empty, m, m, &[], None, &HashSet::new(), &Fs);
+        assert!(open.managed.is_empty());
+    }
+
+    #[test]
+    fn a_policy_that_selects_a_held_cgroup_again_takes_over() {
+        let t = Tree::new();
+        let m = t.dir.path();
+        let ids = held(&t, &["system.slice/billing.service"]);
+        let (res, _) = resolve_from(&t.snap, m, m, &subtrees(), Some(&t.first), &ids, &Fs);
+        let billing = res.lookup(t.id("system.slice/billing.service")).unwrap();
+        assert!(!billing.held);
+        assert_eq!(
+            t.snap.workload(billing.workload.unwrap()).unwrap().name,
+            "billing"
+        );
+        // A policy on an ancestor covers it too: not held.
+        let parent = snapshot(&[("p.yaml", policy("slice", "cgroup: /system.slice"))]);
+        let (res, _) = resolve_from(&parent, m, m, &[], Some(&t.first), &ids, &Fs);
+        let billing = res.lookup(t.id("system.slice/billing.service")).unwrap();
+        assert!(!billing.held && billing.workload.is_some());
+    }
+
+    #[test]
+    fn a_held_cgroup_that_is_gone_is_dropped_unless_the_scan_was_blind() {
+        let t = Tree::new();
+        let m = t.dir.path();
+        let empty = Snapshot::empty();
+        // An id no directory has (as after an rmdir while the agent was down).
+        let ids: HashSet<u64> = [u64::MAX - 7].into_iter().collect();
+        let (res, errors) = resolve_from(&empty, m, m, &[], None, &ids, &Fs);
+        assert!(errors.is_empty());
+        assert!(res.managed.is_empty() && res.unseen_held.is_empty());
+        // A blind scan cannot tell: the id is kept, without a path.
+        let mut reader = Faulty::default();
+        reader.list.insert(t.path("system.slice"), libc::EMFILE);
+        let (res, errors) = resolve_from(&empty, m, m, &[], None, &ids, &reader);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            res.unseen_held.iter().copied().collect::<Vec<_>>(),
+            vec![u64::MAX - 7]
+        );
+        // A held cgroup the blind walk did not reach but whose path is known is kept by
+        // the re-check of the previous state.
+        let ids = held(&t, &["system.slice/billing.service"]);
+        let (res, _) = resolve_from(&empty, m, m, &[], Some(&t.first), &ids, &reader);
+        assert!(
+            res.lookup(t.id("system.slice/billing.service"))
+                .unwrap()
+                .held
+        );
+    }
+
+    #[test]
+    fn check_warns_on_selectors_that_match_nothing_only_after_a_complete_scan() {
+        let t = Tree::new();
+        let m = t.dir.path();
+        let snap = snapshot(&[
+            ("a.yaml", policy("billing", "systemd_unit: billing.service")),
+            ("g.yaml", policy("ghost", "cgroup: /nowhere")),
+        ]);
+        let warnings = host_warnings_in(&snap, m, &Fs);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("g.yaml: workload ghost"),
+            "{warnings:?}"
+        );
+        // A scan that could not read everything cannot tell: no warning.
+        let mut reader = Faulty::default();
+        reader.list.insert(t.path("system.slice"), libc::EACCES);
+        assert!(host_warnings_in(&snap, m, &reader).is_empty());
+        // An empty directory is warned about without any scan.
+        let empty = tempfile::tempdir().unwrap();
+        let warnings = host_warnings(&Snapshot::load_dir(empty.path()).unwrap(), empty.path());
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("no policy files"), "{warnings:?}");
     }
 }

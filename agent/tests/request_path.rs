@@ -251,11 +251,13 @@ impl Proxy {
                 path: "/test/app".into(),
                 workload: Some(WorkloadId(0)),
                 selected: true,
+                held: false,
             },
         );
         let cgroups = Arc::new(Resolution {
             managed,
             unmatched: Vec::new(),
+            unseen_held: Default::default(),
         });
         let audit = dir.path().join("audit.jsonl");
         let (auditor, _writer) = Auditor::start(&Sinks {

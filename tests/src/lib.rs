@@ -252,6 +252,9 @@ pub struct AgentConfig<'a> {
     pub rescan_secs: &'static str,
     /// Extra environment variables for the agent (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// A command the agent is started through, e.g. `prlimit --nofile=1024:1024 --`
+    /// (default: none).
+    pub wrapper: Vec<String>,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -268,6 +271,7 @@ impl<'a> AgentConfig<'a> {
             state_dir: None,
             rescan_secs: "0.2",
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -290,7 +294,14 @@ impl Agent {
                 (dir.path().join("state"), Some(dir))
             }
         };
-        let mut cmd = Command::new(bin());
+        let mut cmd = match cfg.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         if let Some(cgroup) = &cfg.inside {
             cmd.arg("exec")
                 .arg("--cgroup")

@@ -8,6 +8,8 @@
 //! | `agent_stopping` | `allow` | `agent` | `trigger` (`SIGTERM`/`SIGINT`) | at a clean stop; followed by a final checkpoint when signing, and the anchor file is updated (see [`super::Auditor::stop`]) |
 //! | `policy_reloaded` | `allow` | `policy` | `policy_hash`, `trigger` | on every reload that took effect, before the new policy decides anything |
 //! | `policy_rejected` | `error` | `policy` | `policy_hash`, `trigger`, `errors` | on every reload that was refused (the last good policy stays), and at a start with `--allow-empty` and an invalid policy (`trigger: start`) |
+//! | `cgroup_held` | `deny` | `policy` | `cgroup`, `cgroup_id`, `workload` (the one that selected it before, if known) | when a managed cgroup is selected by no policy any more (policy removed, empty or invalid policy set, restart): it stays deny-all until released (see `workloads`) |
+//! | `cgroup_released` | `allow` | `policy` | `cgroup`, `cgroup_id`, `uid`/`pid` of `scopegate release` (when known), `trigger` | when the agent applies a `scopegate release`, before the cgroup leaves the kernel's managed map |
 //! | `clock_step` | `error` | `agent` | `clock_step_us` | by the writer, when the wall clock moved more than [`CLOCK_STEP_THRESHOLD`] away from the monotonic clock since the record before |
 //!
 //! `clean` on `agent_started` is `true` when the previous run's last lifecycle record is
@@ -34,6 +36,10 @@ pub const AGENT_STOPPING: &str = "agent_stopping";
 pub const POLICY_RELOADED: &str = "policy_reloaded";
 /// Reason of the record of a refused policy.
 pub const POLICY_REJECTED: &str = "policy_rejected";
+/// Reason of the record of a cgroup held deny-all because no policy selects it any more.
+pub const CGROUP_HELD: &str = "cgroup_held";
+/// Reason of the record of an operator's release of a held cgroup.
+pub const CGROUP_RELEASED: &str = "cgroup_released";
 /// Reason of the record of a wall-clock step.
 pub const CLOCK_STEP: &str = "clock_step";
 
@@ -121,6 +127,33 @@ pub fn policy_rejected<E: fmt::Display>(
     r.policy_hash = policy_hash;
     r.trigger = Some(trigger.into());
     r.errors = Some(clip_errors(errors));
+    r
+}
+
+/// The `cgroup_held` record: `path` (id `id`) stays deny-all; `was` is the workload that
+/// selected it before, if known.
+pub fn cgroup_held(path: &str, id: u64, was: Option<String>) -> Record {
+    let mut r = audit_record(CGROUP_HELD, Decision::Deny, Fault::Policy);
+    r.cgroup = Some(path.into());
+    r.cgroup_id = Some(id);
+    r.workload = was;
+    r
+}
+
+/// The `cgroup_released` record, with who asked (`uid`, `pid` of `scopegate release`)
+/// when known.
+pub fn cgroup_released(
+    path: Option<String>,
+    id: u64,
+    uid: Option<u32>,
+    pid: Option<u32>,
+) -> Record {
+    let mut r = audit_record(CGROUP_RELEASED, Decision::Allow, Fault::Policy);
+    r.cgroup = path;
+    r.cgroup_id = Some(id);
+    r.uid = uid;
+    r.pid = pid;
+    r.trigger = Some("scopegate release".into());
     r
 }
 

@@ -263,6 +263,9 @@ pub struct Record {
     /// "Record before forward" in the module docs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome_of: Option<u64>,
+    /// On `cgroup_held` and `cgroup_released` records only: the cgroup v2 id (inode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -303,6 +306,7 @@ impl Record {
             errors: None,
             clock_step_us: None,
             outcome_of: None,
+            cgroup_id: None,
             prev: chain::GENESIS,
         }
     }

@@ -21,6 +21,14 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// `ManagedCgroup::workload` of a cgroup managed without a policy (deny everything).
 pub const NO_WORKLOAD: u32 = u32::MAX;
 
+/// [`ManagedCgroup::flags`]: held deny-all because no policy selects it any more (it was
+/// selected once; managed until released). Only the agent and `scopegate release` read
+/// the flags; the kernel programs ignore them.
+pub const MANAGED_HELD: u32 = 1;
+/// [`ManagedCgroup::flags`]: `scopegate release` asked for this held cgroup to be released.
+/// It stays denied until the agent has recorded the release and removed the entry.
+pub const MANAGED_RELEASE_REQUESTED: u32 = 2;
+
 /// Names of the pinned maps (bpffs names may not contain '.').
 pub mod maps {
     /// `Array<Config>` with one entry.
