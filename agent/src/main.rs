@@ -29,6 +29,13 @@ enum Command {
         /// Proxy port on 127.0.0.1 and [::1].
         #[arg(long, default_value_t = 15001)]
         proxy_port: u16,
+        /// UDP port of the DNS proxy on 127.0.0.1 and [::1], where managed workloads'
+        /// DNS is redirected (default: the proxy port + 1).
+        #[arg(long)]
+        dns_port: Option<u16>,
+        /// resolv.conf whose nameservers the DNS proxy forwards `dns: system` queries to.
+        #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
         /// bpffs directory for pinned links and maps (a layout version is appended).
         #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
         pin_dir: PathBuf,
@@ -150,6 +157,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             policies,
             proxy_port,
+            dns_port,
+            resolv_conf,
             pin_dir,
             cgroup_root,
             audit_file,
@@ -169,6 +178,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = RunOptions {
                 policies,
                 proxy_port,
+                dns_port: dns_port.unwrap_or_else(|| proxy_port.wrapping_add(1)),
+                resolv_conf,
                 pin_dir,
                 cgroup_root,
                 audit: Sinks {

@@ -520,9 +520,11 @@ fn a_managed_subtree_denies_cgroups_without_a_policy() {
     assert_eq!(upstream.seen().len(), 1);
 }
 
+/// L4 exceptions go straight through; DNS does not: every port-53 datagram of a workload
+/// with `dns:` goes to the agent's DNS proxy, to the listed resolver or any other.
 #[test]
-fn l4_exceptions_and_dns_resolvers_pass_straight_through() {
-    privileged_test("l4_exceptions_and_dns_resolvers_pass_straight_through");
+fn l4_exceptions_pass_straight_through_and_dns_goes_to_the_dns_proxy() {
+    privileged_test("l4_exceptions_pass_straight_through_and_dns_goes_to_the_dns_proxy");
     let tree = CgroupTree::new();
     let managed = tree.child("managed");
     let upstream = Upstream::start("127.0.0.2");
@@ -566,7 +568,7 @@ print('udp_exception_as_tcp', attempt(tcp(socket.AF_INET, ('127.0.0.4', {syslog}
     assert_eq!(results["db"], "ok", "{out}");
     assert_eq!(results["db_other_port"], "EPERM", "{out}");
     assert_eq!(results["dns_allowed"], "ok", "{out}");
-    assert_eq!(results["dns_rogue"], "EPERM", "{out}");
+    assert_eq!(results["dns_rogue"], "ok", "redirected to the DNS proxy: {out}");
     assert_eq!(results["dns_allowed_wrong_port"], "EPERM", "{out}");
     assert_eq!(results["udp_exception"], "ok", "{out}");
     assert_eq!(results["udp_exception_as_tcp"], "EPERM", "{out}");
@@ -579,12 +581,19 @@ print('udp_exception_as_tcp', attempt(tcp(socket.AF_INET, ('127.0.0.4', {syslog}
     assert_eq!(other_on_db_host.count(), 0);
     assert_eq!(
         (resolver.count(), rogue_resolver.count(), syslog.count()),
-        (1, 0, 1)
+        (0, 0, 1),
+        "neither resolver saw the (non-DNS) datagrams: the DNS proxy did"
     );
-    // Straight through means no proxy: no HTTP record, only the kernel's denials.
-    let records = agent.wait_audit(4);
-    assert_eq!(records.len(), 4, "{records:#?}");
+    // Straight through means no proxy: no HTTP record, only the kernel's three denials and
+    // the DNS proxy's two `dns_malformed` records (the probes' payload is not DNS).
+    let records = agent.wait_audit(5);
+    assert_eq!(records.len(), 5, "{records:#?}");
     assert!(records.iter().all(|r| r["decision"] == "deny"));
+    let malformed = records
+        .iter()
+        .filter(|r| r["proto"] == "dns" && r["reason"] == "dns_malformed")
+        .count();
+    assert_eq!(malformed, 2, "{records:#?}");
 }
 
 /// `unshare -Urn` gives an unprivileged task CAP_NET_ADMIN in a namespace of its own, so it

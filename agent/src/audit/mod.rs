@@ -150,6 +150,22 @@ pub struct Dst {
     pub port: Option<u16>,
 }
 
+/// The DNS part of a `proto: "dns"` record: one query through the DNS proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsQuery {
+    /// The query name as asked (lowercase, without the trailing dot), if it parsed.
+    pub qname: Option<String>,
+    /// The query type (`A`, `AAAA`, `TXT`, `TYPE123`, …), if it parsed.
+    pub qtype: Option<String>,
+    /// `udp` or `tcp`.
+    pub transport: String,
+    /// The response code returned to the workload (`NOERROR`, `NXDOMAIN`, `REFUSED`,
+    /// `SERVFAIL`, …); None when nothing was answered (a malformed UDP query is dropped).
+    pub rcode: Option<String>,
+    /// The A/AAAA addresses of the answer returned.
+    pub answers: Vec<String>,
+}
+
 /// One audit record (one JSON line). Field order is the serialised order, which is part
 /// of the hash chain's canonical bytes (see [`chain`]): do not reorder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -236,6 +252,9 @@ pub struct Record {
     /// clock since the record before, µs (negative: stepped backwards).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_step_us: Option<i64>,
+    /// On `proto: "dns"` records only: the question, how it came, and the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsQuery>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -275,6 +294,7 @@ impl Record {
             trigger: None,
             errors: None,
             clock_step_us: None,
+            dns: None,
             prev: chain::GENESIS,
         }
     }
