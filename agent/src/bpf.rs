@@ -30,8 +30,8 @@ use aya::{
     },
 };
 use scopegate_common::{
-    Config, DenyEvent, DnsConfig, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH, ManagedCgroup, Origin,
-    PIN_LAYOUT_VERSION, PortKey, SockKey, counters, maps,
+    Config, DenyEvent, DnsConfig, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH, ManagedCgroup,
+    Origin, PIN_LAYOUT_VERSION, PortKey, SockKey, counters, maps,
 };
 
 use crate::sys;

@@ -141,7 +141,10 @@ impl Resolver {
     fn learned(&self, name: &str) -> Vec<IpAddr> {
         let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
         learned.retain(|_, (until, _)| *until > Instant::now());
-        learned.get(name).map(|(_, ips)| ips.clone()).unwrap_or_default()
+        learned
+            .get(name)
+            .map(|(_, ips)| ips.clone())
+            .unwrap_or_default()
     }
 
     /// The addresses of `name` (cached for a short time), IPv4-mapped IPv6 as IPv4.

@@ -613,9 +613,7 @@ impl KernelState {
                 .and_then(|w| policy.workload(w))
                 .is_some_and(|w| w.dns.is_some());
             let flags = if dns { MANAGED_DNS } else { 0 };
-            state
-                .managed
-                .insert(*id, ManagedCgroup { workload, flags });
+            state.managed.insert(*id, ManagedCgroup { workload, flags });
             let depth = info.path.split('/').filter(|c| !c.is_empty()).count() as u32;
             state.max_depth = state.max_depth.max(depth);
         }

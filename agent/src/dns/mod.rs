@@ -54,7 +54,6 @@ use crate::{
     state::Enforcement,
 };
 
-
 /// Largest DNS message over TCP (the 2-byte length prefix).
 const MAX_TCP_MESSAGE: usize = 65535;
 /// The UDP payload a client without EDNS accepts.
@@ -172,7 +171,10 @@ impl Caller {
         if let Some(info) = enforcement.cgroups.lookup(self.cgroup_id) {
             return (info.workload, Some(info.path.clone()));
         }
-        match self.policy_cgroup.and_then(|id| enforcement.cgroups.lookup(id)) {
+        match self
+            .policy_cgroup
+            .and_then(|id| enforcement.cgroups.lookup(id))
+        {
             Some(info) => (info.workload, Some(format!("{}/…", info.path))),
             None => (None, None),
         }
@@ -356,8 +358,12 @@ pub async fn answer(
             if let Some(dns) = guard.record_mut().dns.as_mut() {
                 dns.rcode = Some("SERVFAIL".into());
             }
-            let written =
-                guard.finish_written(Decision::Error, None, Some("dns_upstream_failed"), Some(Fault::Upstream));
+            let written = guard.finish_written(
+                Decision::Error,
+                None,
+                Some("dns_upstream_failed"),
+                Some(Fault::Upstream),
+            );
             return written.wait().await.ok().and(servfail);
         }
     };
@@ -434,8 +440,7 @@ pub async fn serve_udp(env: Arc<dyn DnsEnv>, socket: UdpSocket, callers: Arc<dyn
         let (env, socket, callers) = (env.clone(), socket.clone(), callers.clone());
         tokio::spawn(async move {
             let caller = callers.caller(listener, crate::identify::normalize(peer));
-            if let Some(out) = answer(env.as_ref(), caller.as_ref(), &wire, Transport::Udp).await
-            {
+            if let Some(out) = answer(env.as_ref(), caller.as_ref(), &wire, Transport::Udp).await {
                 let _ = socket.send_to(&out, peer).await;
             }
         });
@@ -446,7 +451,10 @@ pub async fn serve_udp(env: Arc<dyn DnsEnv>, socket: UdpSocket, callers: Arc<dyn
 /// where the host has IPv6 loopback).
 pub fn bind_udp(port: u16) -> Result<Vec<UdpSocket>, DnsError> {
     let mut out = Vec::new();
-    for ip in [IpAddr::from([127, 0, 0, 1]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)] {
+    for ip in [
+        IpAddr::from([127, 0, 0, 1]),
+        IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ] {
         let addr = SocketAddr::new(ip, port);
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -467,8 +475,8 @@ pub fn bind_udp(port: u16) -> Result<Vec<UdpSocket>, DnsError> {
             Err(e) if ip.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => continue,
             Err(source) => return Err(DnsError::Bind { addr, source }),
         }
-        let socket = UdpSocket::from_std(socket.into())
-            .map_err(|source| DnsError::Bind { addr, source })?;
+        let socket =
+            UdpSocket::from_std(socket.into()).map_err(|source| DnsError::Bind { addr, source })?;
         out.push(socket);
     }
     Ok(out)

@@ -79,7 +79,13 @@ fn respond(query: &Message, tcp: bool) -> Vec<u8> {
     response.add_queries(query.queries.iter().cloned());
     let q = &query.queries[0];
     let name = q.name().to_ascii().to_ascii_lowercase();
-    let a = |ip: [u8; 4]| Rr::from_rdata(q.name().clone(), 300, RData::A(A::from(std::net::Ipv4Addr::from(ip))));
+    let a = |ip: [u8; 4]| {
+        Rr::from_rdata(
+            q.name().clone(),
+            300,
+            RData::A(A::from(std::net::Ipv4Addr::from(ip))),
+        )
+    };
     match name.as_str() {
         "api.test." if q.query_type() == RecordType::A => {
             response.add_answer(a([192, 0, 2, 7]));
@@ -140,11 +146,19 @@ impl FakeResolver {
                 }
             });
         }
-        Self { addr, udp, tcp, seen }
+        Self {
+            addr,
+            udp,
+            tcp,
+            seen,
+        }
     }
 
     fn counts(&self) -> (usize, usize) {
-        (self.udp.load(Ordering::SeqCst), self.tcp.load(Ordering::SeqCst))
+        (
+            self.udp.load(Ordering::SeqCst),
+            self.tcp.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -291,7 +305,9 @@ async fn refusals_keep_the_id_and_question_and_nothing_is_forwarded() {
     }
     // An unidentified sender is refused without a decision on the name.
     let q = query("api.test.", RecordType::A, None);
-    let out = answer(&env, None, &q.to_vec().unwrap(), Transport::Udp).await.unwrap();
+    let out = answer(&env, None, &q.to_vec().unwrap(), Transport::Udp)
+        .await
+        .unwrap();
     let r = Message::from_vec(&out).unwrap();
     assert_eq!(r.metadata.response_code, ResponseCode::Refused);
     assert_eq!(env.records().pop().unwrap()["reason"], "dns_unknown_sender");
@@ -319,18 +335,29 @@ async fn malformed_messages_are_dropped_and_recorded() {
         // A header claiming 65535 questions and nothing after it.
         vec![0x12, 0x34, 1, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0],
         // A compression pointer loop in the question name.
-        vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1],
+        vec![
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1,
+        ],
         response.to_vec().unwrap(),
         two.to_vec().unwrap(),
     ];
     for wire in &hostile {
         for transport in [Transport::Udp, Transport::Tcp] {
-            assert!(answer(&env, Some(&caller()), wire, transport).await.is_none(), "{wire:?}");
+            assert!(
+                answer(&env, Some(&caller()), wire, transport)
+                    .await
+                    .is_none(),
+                "{wire:?}"
+            );
         }
     }
     let records = env.records();
     assert_eq!(records.len(), hostile.len() * 2);
-    assert!(records.iter().all(|r| r["reason"] == "dns_malformed" && r["decision"] == "deny"));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["reason"] == "dns_malformed" && r["decision"] == "deny")
+    );
     assert_eq!(upstream.counts(), (0, 0));
 }
 
@@ -339,15 +366,30 @@ async fn truncated_upstream_answers_are_fetched_over_tcp_and_fitted_to_the_clien
     let upstream = FakeResolver::start().await;
     let env = env(upstream.addr, "dns:\n  names: [big.test]\n");
     // A client with a large EDNS buffer gets the whole answer.
-    let r = ask(&env, &query("big.test.", RecordType::A, Some(4096)), Transport::Udp).await;
+    let r = ask(
+        &env,
+        &query("big.test.", RecordType::A, Some(4096)),
+        Transport::Udp,
+    )
+    .await;
     assert!(!r.metadata.truncation);
     assert_eq!(r.answers.len(), 40);
     assert_eq!(upstream.counts(), (1, 1), "UDP, truncated, then TCP");
     // A client without EDNS (512 bytes) gets TC and retries over TCP.
-    let r = ask(&env, &query("big.test.", RecordType::A, None), Transport::Udp).await;
+    let r = ask(
+        &env,
+        &query("big.test.", RecordType::A, None),
+        Transport::Udp,
+    )
+    .await;
     assert!(r.metadata.truncation);
     assert!(r.answers.is_empty());
-    let r = ask(&env, &query("big.test.", RecordType::A, None), Transport::Tcp).await;
+    let r = ask(
+        &env,
+        &query("big.test.", RecordType::A, None),
+        Transport::Tcp,
+    )
+    .await;
     assert!(!r.metadata.truncation);
     assert_eq!(r.answers.len(), 40);
     assert_eq!(upstream.counts(), (2, 3));
@@ -361,10 +403,18 @@ async fn truncated_upstream_answers_are_fetched_over_tcp_and_fitted_to_the_clien
 #[tokio::test]
 async fn an_unreachable_resolver_is_servfail_and_recorded() {
     // A port nobody listens on (bound, then dropped).
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut env = env(dead, "dns: system\n");
     env.dns.timeout = std::time::Duration::from_millis(300);
-    let r = ask(&env, &query("api.test.", RecordType::A, None), Transport::Udp).await;
+    let r = ask(
+        &env,
+        &query("api.test.", RecordType::A, None),
+        Transport::Udp,
+    )
+    .await;
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
     let last = env.records().pop().unwrap();
     assert_eq!(last["reason"], "dns_upstream_failed");

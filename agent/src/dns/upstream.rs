@@ -123,10 +123,10 @@ async fn over_udp(
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
         // Anything that is not the answer to this question (spoofed, stale) is ignored.
-        if let Ok(response) = Message::from_vec(&buf[..n]) {
-            if answers(query, &response) {
-                return Ok(response);
-            }
+        if let Ok(response) = Message::from_vec(&buf[..n])
+            && answers(query, &response)
+        {
+            return Ok(response);
         }
     }
 }

@@ -226,11 +226,7 @@ pub fn parse_type(text: &str) -> Result<u16, &'static str> {
         )
 }
 
-fn parse_resolvers(
-    list: Vec<String>,
-    path: &str,
-    errors: &mut Vec<PolicyError>,
-) -> Vec<IpAddr> {
+fn parse_resolvers(list: Vec<String>, path: &str, errors: &mut Vec<PolicyError>) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (i, text) in list.into_iter().enumerate() {
         match text.parse::<IpAddr>() {
@@ -388,9 +384,7 @@ mod tests {
         use DnsDeny::*;
         let none = snapshot("");
         let system = snapshot("dns: system\n");
-        let rules = snapshot(
-            "dns:\n  names: ['*.cdn.test', 'exact.test.']\n  types: [TXT, srv]\n",
-        );
+        let rules = snapshot("dns:\n  names: ['*.cdn.test', 'exact.test.']\n  types: [TXT, srv]\n");
         fn w(s: &Snapshot) -> Option<&Workload> {
             s.workloads().first()
         }
@@ -455,7 +449,10 @@ mod tests {
     #[test]
     fn hostile_dns_settings_are_refused_with_positions() {
         for (dns, needle) in [
-            ("dns: sometimes\n", "p.yaml:5:6: dns: \"sometimes\": expected `system`"),
+            (
+                "dns: sometimes\n",
+                "p.yaml:5:6: dns: \"sometimes\": expected `system`",
+            ),
             (
                 "dns:\n  names: ['a.*.test']\n",
                 "p.yaml:6:11: dns.names[0]: \"a.*.test\": `*` may only be",
@@ -472,7 +469,10 @@ mod tests {
             ("dns:\n  name: [x.test]\n", "unknown field `name`"),
             ("dns:\n  resolvers: [not-an-ip]\n", "dns.resolvers[0]"),
             ("dns:\n  resolvers: []\n", "empty resolver list"),
-            ("dns: [192.0.2.1, nope]\n", "dns[1]: \"nope\": not an IP address"),
+            (
+                "dns: [192.0.2.1, nope]\n",
+                "dns[1]: \"nope\": not an IP address",
+            ),
             ("dns: 5\n", "p.yaml:5"),
         ] {
             let err = errors(dns);
@@ -491,8 +491,10 @@ mod tests {
             DnsUpstream::Resolvers(vec!["192.0.2.53".parse().unwrap()])
         );
         assert!(listed.names.is_empty() && listed.types.is_empty());
-        let rules = w(&snapshot("dns:\n  types: [A, TXT, txt]\n  names: [a.test, A.test.]\n"))
-            .unwrap();
+        let rules = w(&snapshot(
+            "dns:\n  types: [A, TXT, txt]\n  names: [a.test, A.test.]\n",
+        ))
+        .unwrap();
         assert_eq!(rules.types, vec![16]);
         assert_eq!(rules.names, vec![NamePattern::Exact("a.test".into())]);
         assert_eq!(rules.upstream, DnsUpstream::System);

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use super::addr::{AllowInternal, Cidr};
 use super::body::DEFAULT_BODY_CAP;
-use super::dns::Dns;
 use super::canonical::{self, CanonicalPath, NormalizeOptions};
+use super::dns::Dns;
 use super::error::{PolicyError, invalid};
 use super::matchers::{self, HeaderRules, JsonRule, Pattern, QueryRules};
 use super::rate::{RateKey, RateLimit};
@@ -76,7 +76,6 @@ pub enum L4Protocol {
     /// UDP.
     Udp,
 }
-
 
 /// How a destination's TLS is handled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
