@@ -30,8 +30,8 @@ use aya::{
     },
 };
 use scopegate_common::{
-    Config, DenyEvent, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH, ManagedCgroup, Origin,
-    PIN_LAYOUT_VERSION, PortKey, SockKey, counters, maps,
+    Config, DenyEvent, DnsConfig, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH, ManagedCgroup,
+    Origin, PIN_LAYOUT_VERSION, PortKey, SockKey, counters, maps,
 };
 
 use crate::sys;
@@ -40,11 +40,15 @@ use crate::sys;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/scopegate"));
 
 /// The programs and the name each link is pinned under.
-const PROGRAMS: [(&str, &str); 6] = [
+const PROGRAMS: [(&str, &str); 10] = [
     ("sg_connect4", "link_connect4"),
     ("sg_connect6", "link_connect6"),
     ("sg_sendmsg4", "link_sendmsg4"),
     ("sg_sendmsg6", "link_sendmsg6"),
+    ("sg_recvmsg4", "link_recvmsg4"),
+    ("sg_recvmsg6", "link_recvmsg6"),
+    ("sg_getpeername4", "link_getpeername4"),
+    ("sg_getpeername6", "link_getpeername6"),
     ("sg_sock_create", "link_sock_create"),
     ("sg_sock_ops", "link_sock_ops"),
 ];
@@ -117,6 +121,8 @@ pub struct KernelOptions {
     pub proxy_port: u16,
     /// SO_MARK set on the agent's own upstream sockets.
     pub agent_mark: u32,
+    /// UDP port of the DNS proxy (the same on 127.0.0.1 and [::1]).
+    pub dns_port: u16,
 }
 
 /// The loaded, attached and pinned programs and the maps the agent writes or reads.
@@ -129,6 +135,7 @@ pub struct Kernel {
     /// The configuration as last written (the map holds exactly this value).
     config: Mutex<(Array<MapData, Config>, Config)>,
     origins: Mutex<HashMap<MapData, SockKey, Origin>>,
+    dns_peers: HashMap<MapData, u64, SockKey>,
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
     pin_dir: PathBuf,
@@ -195,6 +202,27 @@ impl Kernel {
                     source,
                 })?;
         }
+        {
+            let map = ebpf.map_mut(maps::DNS_CONFIG).ok_or(BpfError::Map {
+                map: maps::DNS_CONFIG,
+                source: MapError::InvalidName {
+                    name: maps::DNS_CONFIG.into(),
+                },
+            })?;
+            let mut dns: Array<_, DnsConfig> =
+                Array::try_from(map).map_err(|source| BpfError::Map {
+                    map: maps::DNS_CONFIG,
+                    source,
+                })?;
+            let value = DnsConfig {
+                port_be: u32::from(opts.dns_port.to_be()),
+                _reserved: 0,
+            };
+            dns.set(0, value, 0).map_err(|source| BpfError::Map {
+                map: maps::DNS_CONFIG,
+                source,
+            })?;
+        }
 
         let cgroup = fs::File::open(&opts.cgroup_root).map_err(|source| BpfError::Io {
             path: opts.cgroup_root.clone(),
@@ -212,6 +240,7 @@ impl Kernel {
         let config = take_map(&mut ebpf, maps::CONFIG)?;
         let origins = take_map(&mut ebpf, maps::ORIGINS)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
+        let dns_peers = take_map(&mut ebpf, maps::DNS_PEERS)?;
         let events = take_map(&mut ebpf, maps::EVENTS)?;
         Ok(Self {
             _ebpf: ebpf,
@@ -221,6 +250,7 @@ impl Kernel {
             l4: Mutex::new(l4),
             config: Mutex::new((config, base_config)),
             origins: Mutex::new(origins),
+            dns_peers,
             counters,
             events: Mutex::new(Some(events)),
             pin_dir,
@@ -391,6 +421,12 @@ impl Kernel {
         let origin = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(origin)
+    }
+
+    /// The resolver a redirected UDP DNS socket (by cookie) addressed last.
+    pub fn dns_peer(&self, cookie: u64) -> Option<std::net::SocketAddr> {
+        let peer = self.dns_peers.get(&cookie, 0).ok()?;
+        Some(origin_addr(peer.ip, peer.port, peer.family))
     }
 
     /// Sum over CPUs of one kernel counter (see `scopegate_common::counters`).

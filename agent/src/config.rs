@@ -39,6 +39,8 @@ pub mod defaults {
     pub const PIN_DIR: &str = "/sys/fs/bpf/scopegate";
     /// State directory.
     pub const STATE_DIR: &str = "/var/lib/scopegate";
+    /// The host's resolvers.
+    pub const RESOLV_CONF: &str = "/etc/resolv.conf";
     /// Seconds between cgroup rescans.
     pub const RESCAN_SECS: f64 = 1.0;
     /// Seconds a client may take to send a request head.
@@ -92,6 +94,8 @@ pub enum ConfigError {
 struct Raw {
     policies: Option<PathBuf>,
     proxy_port: Option<u16>,
+    dns_port: Option<u16>,
+    resolv_conf: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     cgroup_root: Option<PathBuf>,
     audit_file: Option<PathBuf>,
@@ -123,6 +127,14 @@ pub struct RunArgs {
     /// Proxy port on 127.0.0.1 and [::1] [default: 15001].
     #[arg(long, value_name = "PORT")]
     pub proxy_port: Option<u16>,
+    /// UDP port of the DNS proxy on 127.0.0.1 and [::1], where managed workloads' DNS is
+    /// redirected [default: the proxy port + 1].
+    #[arg(long, value_name = "PORT")]
+    pub dns_port: Option<u16>,
+    /// resolv.conf naming the resolvers the DNS proxy forwards `dns: system` queries to
+    /// [default: /etc/resolv.conf].
+    #[arg(long, value_name = "FILE")]
+    pub resolv_conf: Option<PathBuf>,
     /// bpffs directory for pinned links and maps (a layout version is appended)
     /// [default: /sys/fs/bpf/scopegate].
     #[arg(long, value_name = "DIR")]
@@ -213,15 +225,24 @@ impl RunArgs {
             .unwrap_or(defaults::HEADER_TIMEOUT_SECS);
         let fsync_every =
             self.audit_fsync_every_record || file.audit_fsync_every_record == Some(true);
+        let proxy_port = self
+            .proxy_port
+            .or(file.proxy_port)
+            .unwrap_or(defaults::PROXY_PORT);
         RunOptions {
             policies: self
                 .policies
                 .or(file.policies)
                 .unwrap_or_else(|| defaults::POLICIES.into()),
-            proxy_port: self
-                .proxy_port
-                .or(file.proxy_port)
-                .unwrap_or(defaults::PROXY_PORT),
+            proxy_port,
+            dns_port: self
+                .dns_port
+                .or(file.dns_port)
+                .unwrap_or_else(|| proxy_port.wrapping_add(1)),
+            resolv_conf: self
+                .resolv_conf
+                .or(file.resolv_conf)
+                .unwrap_or_else(|| defaults::RESOLV_CONF.into()),
             pin_dir: self
                 .pin_dir
                 .or(file.pin_dir)

@@ -64,6 +64,15 @@ pub struct DiagSock {
     id: [u8; SOCKID_LEN],
 }
 
+impl DiagSock {
+    /// The socket's cookie (as `bpf_get_socket_cookie` returns it).
+    pub fn cookie(&self) -> u64 {
+        let lo = u32::from_ne_bytes([self.id[40], self.id[41], self.id[42], self.id[43]]);
+        let hi = u32::from_ne_bytes([self.id[44], self.id[45], self.id[46], self.id[47]]);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+}
+
 fn addr(family: u8, words: &[u8], port: u16) -> SocketAddr {
     let ip = if i32::from(family) == libc::AF_INET {
         IpAddr::V4(Ipv4Addr::new(words[0], words[1], words[2], words[3]))
@@ -252,6 +261,44 @@ pub fn dump(states: u32) -> io::Result<Vec<DiagSock>> {
         }
     }
     Ok(out)
+}
+
+/// The UDP socket that would receive a datagram from `remote` to `local` (connected to
+/// `remote`, or bound to `local`'s port): the kernel's exact lookup (`SOCK_DIAG_BY_FAMILY`
+/// without a dump), with the socket's cgroup id and uid. Ok(None) when there is none.
+pub fn udp_socket(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<DiagSock>> {
+    let v6 = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let family = if local.is_ipv4() && remote.is_ipv4() {
+        libc::AF_INET as u8
+    } else {
+        libc::AF_INET6 as u8
+    };
+    let put = |out: &mut [u8], a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) if family == libc::AF_INET as u8 => out[..4].copy_from_slice(&v4.octets()),
+        _ => out[..16].copy_from_slice(&v6(a).octets()),
+    };
+    // The kernel's UDP lookup reads idiag_src/sport as the datagram's source (the remote
+    // end) and idiag_dst/dport as the receiving socket's address.
+    let mut id = [0u8; SOCKID_LEN];
+    id[0..2].copy_from_slice(&remote.port().to_be_bytes());
+    id[2..4].copy_from_slice(&local.port().to_be_bytes());
+    put(&mut id[4..20], remote);
+    put(&mut id[20..36], local);
+    id[40..48].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    let mut req = request(family, u32::MAX, Some(&id));
+    req[1] = libc::IPPROTO_UDP as u8;
+    let nl = Netlink::open()?;
+    nl.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, &req)?;
+    let mut buf = vec![0u8; 8192];
+    let mut out = Vec::new();
+    match parse_dump(nl.recv(&mut buf)?, &mut out) {
+        Ok(_) => Ok(out.into_iter().next()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Destroys one socket (`SOCK_DESTROY`): its peer sees a reset, its owner ECONNABORTED.

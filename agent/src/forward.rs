@@ -28,7 +28,9 @@ use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioIo},
 };
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::state::connect_marked;
 
 use crate::{
     audit::Recorded,
@@ -275,20 +277,6 @@ pub async fn splice(
     Ok(tokio::io::copy_bidirectional(&mut client, &mut server)
         .await
         .unwrap_or((0, 0)))
-}
-
-/// Connects to `addr` with SO_MARK `mark` (0: none) and TCP_NODELAY.
-async fn connect_marked(addr: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if mark != 0 {
-        socket2::SockRef::from(&socket).set_mark(mark)?;
-    }
-    socket.set_nodelay(true)?;
-    socket.connect(addr).await
 }
 
 /// Connects to the socket address in the URI (never resolving a name), with SO_MARK set.

@@ -26,6 +26,7 @@ pub mod workloads;
 // The request stages (their order is composed in `pipeline`).
 pub mod accept;
 pub mod detect;
+pub mod dns;
 pub mod enforce;
 pub mod forward;
 pub mod framing;

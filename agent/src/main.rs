@@ -21,7 +21,7 @@ enum Command {
     ///
     /// Options come from the configuration file (--config) and the flags; a flag
     /// overrides the file.
-    Run(scopegate::config::RunArgs),
+    Run(Box<scopegate::config::RunArgs>),
     /// Run a command inside a cgroup (created if needed).
     Exec {
         /// cgroup path relative to the cgroup2 mount, e.g. /scopegate-demo/app.

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! accept → identify → detect → [tls] → framing → outbound → enforce → forward → respond
-//!                                                                      (audit throughout)
+//!             └─ original port 53 → dns (DNS over TCP)                 (audit throughout)
 //! ```
 //!
 //! [`serve_connection`] runs identify and detect once per connection; HTTP/1 connections
@@ -67,6 +67,23 @@ pub struct Shared {
     pub timeouts: Timeouts,
     /// Live connections per workload (`max_connections`).
     pub connections: ConnectionCounts,
+    /// The DNS proxy (UDP listener and DNS-over-TCP connections).
+    pub dns: crate::dns::DnsProxy,
+}
+
+impl crate::dns::DnsEnv for Shared {
+    fn enforcement(&self) -> &ArcSwap<Enforcement> {
+        &self.enforcement
+    }
+    fn auditor(&self) -> &Auditor {
+        &self.auditor
+    }
+    fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+    fn dns(&self) -> &crate::dns::DnsProxy {
+        &self.dns
+    }
 }
 
 /// What every request on one connection shares: who is calling, and how they arrived.
@@ -108,6 +125,10 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
     let Some(_slot) = connection_slot(&shared, &identity, &stream) else {
         return;
     };
+    // DNS over TCP (redirected port 53) has its own stage, before protocol detection.
+    if identity.original_dst.port() == crate::dns::upstream::DNS_PORT {
+        return crate::dns::serve_tcp(shared.as_ref(), stream, &identity).await;
+    }
     // detect
     match detect::detect(&stream, shared.detect_timeout).await {
         Ok(Protocol::Http1) => {

@@ -87,6 +87,8 @@ impl Lookup for StaticLookup {
 pub struct Resolver {
     lookup: Arc<dyn Lookup>,
     cache: Mutex<HashMap<(String, u16), Resolved>>,
+    /// Answers the DNS proxy returned to workloads: name → (valid until, addresses).
+    learned: Mutex<HashMap<String, (Instant, Vec<IpAddr>)>>,
 }
 
 impl fmt::Debug for Resolver {
@@ -117,7 +119,32 @@ impl Resolver {
         Self {
             lookup: Arc::new(lookup),
             cache: Mutex::new(HashMap::new()),
+            learned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers that `name` (lowercase, no trailing dot) resolved to `addrs` for a
+    /// workload, valid for `ttl` (at most [`DNS_TTL`], at least one second): until then a
+    /// connection to one of them is bound to `name` like a resolved address.
+    pub fn learn(&self, name: &str, addrs: &[IpAddr], ttl: Duration) {
+        let ttl = ttl.clamp(Duration::from_secs(1), DNS_TTL);
+        let addrs = addrs
+            .iter()
+            .map(|ip| normalize((*ip, 0).into()).ip())
+            .collect();
+        self.learned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_ascii_lowercase(), (Instant::now() + ttl, addrs));
+    }
+
+    fn learned(&self, name: &str) -> Vec<IpAddr> {
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        learned.retain(|_, (until, _)| *until > Instant::now());
+        learned
+            .get(name)
+            .map(|(_, ips)| ips.clone())
+            .unwrap_or_default()
     }
 
     /// The addresses of `name` (cached for a short time), IPv4-mapped IPv6 as IPv4.
@@ -130,8 +157,17 @@ impl Resolver {
             .get(&key)
             .filter(|(at, _)| at.elapsed() < DNS_TTL)
             .map(|(_, ips)| ips.clone());
-        if let Some(ips) = cached {
+        let learned = self.learned(name);
+        if let Some(mut ips) = cached {
+            for ip in learned {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
             return Ok(ips);
+        }
+        if !learned.is_empty() {
+            return Ok(learned);
         }
         let ips: Vec<IpAddr> = self
             .lookup
@@ -172,5 +208,16 @@ mod tests {
         let err = resolver.resolve("other.test", 80).await.unwrap_err();
         assert!(err.starts_with("resolving other.test: "), "{err}");
         assert!(format!("{resolver:?}").starts_with("Resolver { cached: 1"));
+    }
+
+    #[tokio::test]
+    async fn learned_answers_bind_until_their_ttl() {
+        let resolver = Resolver::new(StaticLookup::new());
+        let ip: IpAddr = "127.0.54.9".parse().unwrap();
+        resolver.learn("Api.Test", &[ip], Duration::from_secs(60));
+        assert_eq!(resolver.resolve("api.test", 80).await.unwrap(), vec![ip]);
+        resolver.learn("gone.test", &[ip], Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(resolver.resolve("gone.test", 80).await.is_err());
     }
 }

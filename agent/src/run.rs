@@ -34,8 +34,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use scopegate_common::{
-    L4_MAX_PORTS, L4Allow, L4Key, MANAGED_HELD, MANAGED_RELEASE_REQUESTED, MAX_CGROUP_DEPTH,
-    ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
+    L4_MAX_PORTS, L4Allow, L4Key, MANAGED_DNS, MANAGED_HELD, MANAGED_RELEASE_REQUESTED,
+    MAX_CGROUP_DEPTH, ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -45,7 +45,7 @@ use crate::{
     bpf::{self, BpfError, Kernel, KernelOptions},
     forward::Upstream,
     pipeline::{self, Shared},
-    policy::{Dns, L4Protocol, PolicyErrors, Snapshot},
+    policy::{L4Protocol, PolicyErrors, Snapshot},
     resolve::Resolver,
     state::Enforcement,
     workloads::{self, WorkloadsError},
@@ -61,6 +61,10 @@ pub struct RunOptions {
     pub policies: PathBuf,
     /// Proxy port on 127.0.0.1 and [::1].
     pub proxy_port: u16,
+    /// UDP port of the DNS proxy on 127.0.0.1 and [::1].
+    pub dns_port: u16,
+    /// resolv.conf naming the host's resolvers (for `dns: system`).
+    pub resolv_conf: PathBuf,
     /// Base bpffs pin directory.
     pub pin_dir: PathBuf,
     /// cgroup v2 directory to attach to (default: the cgroup2 mount).
@@ -117,6 +121,9 @@ pub enum RunError {
     /// Kernel program problems.
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    /// The DNS proxy could not start.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
     /// The host CA could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] crate::tls::CaError),
@@ -194,6 +201,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         cgroup_root: root.clone(),
         proxy_port: opts.proxy_port,
         agent_mark: AGENT_MARK,
+        dns_port: opts.dns_port,
     })?);
     // 4. the managed set, as early as possible: from here every selected cgroup is refused
     //    (on a first start it was unmanaged until now; its older connections are cut in 7).
@@ -226,6 +234,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     crate::service::status("binding the proxy listeners");
     let listeners = Listeners::bind(opts.proxy_port)?;
     let port = listeners.port();
+    let dns_sockets = crate::dns::bind_udp(opts.dns_port)?;
+    let dns_proxy = match crate::dns::DnsProxy::from_resolv_conf(&opts.resolv_conf) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            tracing::warn!(error = %e, "`dns: system` queries will get SERVFAIL");
+            crate::dns::DnsProxy::default()
+        }
+    };
     let admin = match opts.metrics_addr {
         Some(addr) => Some(crate::admin::bind(addr).await?),
         None => None,
@@ -275,6 +291,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         connections: crate::state::ConnectionCounts::with_budget(crate::state::descriptor_budget(
             nofile,
         )),
+        dns: dns_proxy,
     });
     let control = Control {
         shared: shared.clone(),
@@ -300,6 +317,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         tokio::spawn(listeners.serve(move |stream, peer| {
             tokio::spawn(pipeline::serve_connection(shared.clone(), stream, peer));
         }));
+    }
+    for socket in dns_sockets {
+        let callers = Arc::new(crate::dns::SockDiagCallers {
+            kernel: Some(kernel.clone()),
+        });
+        tokio::spawn(crate::dns::serve_udp(shared.clone(), socket, callers));
     }
     if let Some(admin) = admin {
         let sources = Arc::new(crate::admin::Sources {
@@ -615,37 +638,13 @@ struct KernelState {
     max_depth: u32,
     /// (workload, TCP port) pairs with proxied destinations.
     ports: HashSet<PortKey>,
-    /// L4 exceptions and DNS resolvers: (prefix length, key) → allowed ports and protocols.
+    /// L4 exceptions: (prefix length, key) → allowed ports and protocols.
     l4: HashMap<(u32, L4Key), L4Allow>,
 }
 
-/// The `nameserver` addresses of a resolv.conf text.
-pub fn parse_resolv_conf(text: &str) -> Vec<std::net::IpAddr> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next() == Some("nameserver"))
-                .then(|| words.next())
-                .flatten()
-                // A zone index (fe80::1%eth0) cannot be expressed in the kernel map.
-                .and_then(|addr| addr.parse().ok())
-        })
-        .collect()
-}
-
-/// The host's resolvers, for `dns: system`.
-fn system_resolvers() -> Vec<std::net::IpAddr> {
-    match std::fs::read_to_string("/etc/resolv.conf") {
-        Ok(text) => parse_resolv_conf(&text),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read /etc/resolv.conf; `dns: system` allows no resolver");
-            Vec::new()
-        }
-    }
-}
-
 /// Whether the hooks let a TCP connect of `workload` to `remote` straight through (an L4
-/// exception or a DNS resolver), the same rule as the kernel's L4 map.
+/// exception), the same rule as the kernel's L4 map. DNS (port 53) of a workload with
+/// `dns:` is never straight through: it goes to the DNS proxy.
 fn l4_passes(workload: &crate::policy::Workload, remote: std::net::SocketAddr) -> bool {
     let in_range = |addr: std::net::IpAddr, prefix: u8| {
         let bits = |ip: std::net::IpAddr| match ip {
@@ -662,13 +661,8 @@ fn l4_passes(workload: &crate::policy::Workload, remote: std::net::SocketAddr) -
             && x.ports.contains(&remote.port())
             && in_range(x.addr, x.prefix)
     });
-    let dns = remote.port() == 53
-        && match &workload.dns {
-            Dns::None => false,
-            Dns::System => system_resolvers().contains(&remote.ip()),
-            Dns::Resolvers(list) => list.contains(&remote.ip()),
-        };
-    l4 || dns
+    let dns = remote.port() == 53 && workload.dns.is_some();
+    l4 && !dns
 }
 
 /// The L4 trie key of an address range for a workload.
@@ -746,13 +740,17 @@ fn merge_l4(entry: &mut L4Allow, ports: &[u16], protocol: L4Protocol) -> bool {
 impl KernelState {
     fn from_policy(policy: &Snapshot, resolution: &workloads::Resolution) -> Self {
         let mut state = Self::default();
-        let mut system: Option<Vec<std::net::IpAddr>> = None;
         for (id, info) in &resolution.managed {
             if !info.selected {
                 continue;
             }
             let workload = info.workload.map_or(NO_WORKLOAD, |w| w.0);
-            let flags = if info.held { MANAGED_HELD } else { 0 };
+            let dns = info
+                .workload
+                .and_then(|w| policy.workload(w))
+                .is_some_and(|w| w.dns.is_some());
+            let flags =
+                if info.held { MANAGED_HELD } else { 0 } | if dns { MANAGED_DNS } else { 0 };
             state.managed.insert(*id, ManagedCgroup { workload, flags });
             let depth = info.path.split('/').filter(|c| !c.is_empty()).count() as u32;
             state.max_depth = state.max_depth.max(depth);
@@ -781,17 +779,6 @@ impl KernelState {
                 if !merge_l4(entry, &x.ports, x.protocol) {
                     tracing::warn!(workload = %workload.name, cidr = %x.addr, "more than {L4_MAX_PORTS} ports for one address range; extra ports ignored");
                 }
-            }
-            let resolvers = match &workload.dns {
-                Dns::None => Vec::new(),
-                Dns::System => system.get_or_insert_with(system_resolvers).clone(),
-                Dns::Resolvers(list) => list.clone(),
-            };
-            for ip in resolvers {
-                let prefix = if ip.is_ipv4() { 32 } else { 128 };
-                let entry = state.l4.entry(l4_key(w, ip, prefix)).or_default();
-                merge_l4(entry, &[53], L4Protocol::Tcp);
-                merge_l4(entry, &[53], L4Protocol::Udp);
             }
         }
         inherit_shorter_prefixes(&mut state.l4);
@@ -914,22 +901,10 @@ mod tests {
         let pass = |a: &str| l4_passes(w, a.parse().unwrap());
         assert!(pass("192.0.2.9:5432"));
         assert!(pass("[2001:db8::7]:5432"));
-        assert!(pass("198.51.100.53:53"));
+        assert!(!pass("198.51.100.53:53"), "DNS goes to the DNS proxy");
         assert!(!pass("192.0.2.9:5433"));
         assert!(!pass("192.0.2.16:5432"));
         assert!(!pass("198.51.100.54:53"));
-    }
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let text = "# comment\nnameserver 192.0.2.53\nsearch example.com\nnameserver 2001:db8::53\nnameserver fe80::1%eth0\nnameserver\n";
-        assert_eq!(
-            parse_resolv_conf(text),
-            vec![
-                "192.0.2.53".parse::<std::net::IpAddr>().unwrap(),
-                "2001:db8::53".parse().unwrap()
-            ]
-        );
     }
 
     #[test]

@@ -225,6 +225,26 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Connects to `addr` with SO_MARK `mark` (0: none) and TCP_NODELAY: the agent's own
+/// sockets, which the hooks let out. Workload requests reach such a socket only through
+/// `forward` (which takes the proof that the decision is recorded); the DNS proxy uses it
+/// for its exchanges with the host's resolvers.
+pub(crate) async fn connect_marked(
+    addr: std::net::SocketAddr,
+    mark: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if mark != 0 {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(addr).await
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {

@@ -290,6 +290,7 @@ impl Proxy {
                 body: Duration::from_secs(2),
             },
             connections: ConnectionCounts::default(),
+            dns: scopegate::dns::DnsProxy::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

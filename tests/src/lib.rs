@@ -215,6 +215,18 @@ pub fn free_port() -> u16 {
     panic!("no free port on both 127.0.0.1 and ::1");
 }
 
+/// A free UDP port on both 127.0.0.1 and [::1] (best effort), for the DNS proxy.
+pub fn free_udp_port() -> u16 {
+    for _ in 0..50 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = s.local_addr().expect("local addr").port();
+        if std::net::UdpSocket::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port on both 127.0.0.1 and ::1");
+}
+
 /// A running agent. Dropping it stops it by PID (SIGTERM, then SIGKILL).
 pub struct Agent {
     child: Child,
@@ -226,6 +238,8 @@ pub struct Agent {
     ready: Arc<AtomicBool>,
     /// Proxy port.
     pub port: u16,
+    /// DNS proxy port (UDP).
+    pub dns_port: u16,
     /// Audit file.
     pub audit: PathBuf,
 }
@@ -244,6 +258,8 @@ pub struct AgentConfig<'a> {
     pub inside: Option<String>,
     /// Proxy port (default: a free one).
     pub port: Option<u16>,
+    /// DNS proxy port (default: a free one).
+    pub dns_port: Option<u16>,
     /// More arguments for `scopegate run`.
     pub extra: Vec<String>,
     /// State directory (default: a fresh temporary one).
@@ -267,6 +283,7 @@ impl<'a> AgentConfig<'a> {
             audit,
             inside: None,
             port: None,
+            dns_port: None,
             extra: Vec::new(),
             state_dir: None,
             rescan_secs: "0.2",
@@ -287,6 +304,7 @@ impl Agent {
     /// Starts the agent without waiting for it to be ready.
     pub fn spawn(cfg: AgentConfig<'_>) -> Self {
         let port = cfg.port.unwrap_or_else(free_port);
+        let dns_port = cfg.dns_port.unwrap_or_else(free_udp_port);
         let (state_dir, state_guard) = match &cfg.state_dir {
             Some(dir) => (dir.clone(), None),
             None => {
@@ -314,6 +332,8 @@ impl Agent {
             .arg(cfg.policies)
             .arg("--proxy-port")
             .arg(port.to_string())
+            .arg("--dns-port")
+            .arg(dns_port.to_string())
             .arg("--pin-dir")
             .arg(&cfg.pins.0)
             .arg("--cgroup-root")
@@ -355,6 +375,7 @@ impl Agent {
             stderr,
             ready,
             port,
+            dns_port,
             audit: cfg.audit,
         }
     }

@@ -8,7 +8,7 @@
 //! ip, port}, proto, method, path, rule, decision, reason, origin, status, bytes_up,
 //! bytes_down, latency_us, request_id`, then the optional `checkpoint`, `count`,
 //! `truncated_bytes`, `error_kind`, `version`, `clean`, `policy_hash`, `trigger`, `errors`,
-//! `clock_step_us`, `outcome_of` and `cgroup_id` only when present, then `prev`). Absent optional values of the core
+//! `clock_step_us`, `outcome_of`, `cgroup_id` and `dns` only when present, then `prev`). Absent optional values of the core
 //! fields are written as `null`; strings use serde_json's escaping (UTF-8, only `"`, `\`
 //! and control characters escaped).
 //!
@@ -220,6 +220,9 @@ pub struct StoredRecord {
     /// cgroup id, on `cgroup_held` and `cgroup_released` records.
     #[serde(default)]
     pub cgroup_id: Option<u64>,
+    /// The DNS question and answer, on `proto: "dns"` records.
+    #[serde(default)]
+    pub dns: Option<super::DnsQuery>,
     /// Hash of the previous record.
     pub prev: ChainHash,
     /// Hash of this record.

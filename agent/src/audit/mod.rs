@@ -171,6 +171,22 @@ pub struct Dst {
     pub port: Option<u16>,
 }
 
+/// The DNS part of a `proto: "dns"` record: one query through the DNS proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsQuery {
+    /// The query name as asked (lowercase, without the trailing dot), if it parsed.
+    pub qname: Option<String>,
+    /// The query type (`A`, `AAAA`, `TXT`, `TYPE123`, …), if it parsed.
+    pub qtype: Option<String>,
+    /// `udp` or `tcp`.
+    pub transport: String,
+    /// The response code returned to the workload (`NOERROR`, `NXDOMAIN`, `REFUSED`,
+    /// `SERVFAIL`, …); None when nothing was answered (a malformed UDP query is dropped).
+    pub rcode: Option<String>,
+    /// The A/AAAA addresses of the answer returned.
+    pub answers: Vec<String>,
+}
+
 /// One audit record (one JSON line). Field order is the serialised order, which is part
 /// of the hash chain's canonical bytes (see [`chain`]): do not reorder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -266,6 +282,9 @@ pub struct Record {
     /// On `cgroup_held` and `cgroup_released` records only: the cgroup v2 id (inode).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// On `proto: "dns"` records only: the question, how it came, and the answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsQuery>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -307,6 +326,7 @@ impl Record {
             clock_step_us: None,
             outcome_of: None,
             cgroup_id: None,
+            dns: None,
             prev: chain::GENESIS,
         }
     }

@@ -167,6 +167,7 @@ mod body;
 pub mod canonical;
 pub mod cli;
 mod decide;
+pub mod dns;
 mod error;
 pub mod explain;
 mod matchers;
@@ -188,13 +189,14 @@ pub use canonical::{CanonicalPath, NormalizeOptions, PathError, normalize, norma
 pub use decide::{
     Check, Decision, DenyReason, OVERRIDE_HEADERS, Request, RuleFailure, RuleRef, decide,
 };
+pub use dns::{Dns, DnsDecision, DnsDeny, DnsUpstream, NamePattern};
 pub use error::{PolicyError, PolicyErrors};
 pub use explain::{AddressReport, BindingReport, Explanation, binding_report, explain};
 pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
 pub use model::{
-    Binding, Credential, Destination, Dns, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode,
+    Binding, Credential, Destination, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode,
     PathPattern, PatternSegment, Rule, SecretSource, Selector, TlsMode, Workload, WorkloadId,
 };
 pub use rate::{RateKey, RateLimit, RateLimited, RateLimiter, RatePeriod, RateScope};
@@ -730,7 +732,7 @@ egress:
             (
                 "egress:\n",
                 "dns: sometimes\negress:\n",
-                "p.yaml:4:6: dns: \"sometimes\": expected `system` or a list of resolver addresses",
+                "p.yaml:4:6: dns: \"sometimes\": expected `system`, a list of resolver addresses, or {names: [...], types: [...], resolvers: [...]}",
             ),
             (
                 "egress:\n",
@@ -1414,7 +1416,7 @@ mod readme_tests {
         assert_eq!(w.name, "billing");
         assert_eq!(w.destinations.len(), 1);
         assert_eq!(w.l4.len(), 1);
-        assert_eq!(w.dns, Dns::System);
+        assert_eq!(w.dns, Some(Dns::system()));
         for field in [
             "workload:",
             "select:",

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::addr::{AllowInternal, Cidr};
 use super::body::DEFAULT_BODY_CAP;
 use super::canonical::{self, CanonicalPath, NormalizeOptions};
+use super::dns::Dns;
 use super::error::{PolicyError, invalid};
 use super::matchers::{self, HeaderRules, JsonRule, Pattern, QueryRules};
 use super::rate::{RateKey, RateLimit};
@@ -43,8 +44,9 @@ pub struct Workload {
     pub destinations: Vec<Destination>,
     /// L4 exceptions: address ranges and ports passed straight through in the kernel.
     pub l4: Vec<L4Exception>,
-    /// Which DNS resolvers the workload may query (UDP and TCP port 53).
-    pub dns: Dns,
+    /// `dns:`: which names and types the workload may resolve through the DNS proxy
+    /// (None: no DNS at all).
+    pub dns: Option<Dns>,
     mode: Mode,
     body_cap: usize,
     max_connections: usize,
@@ -73,19 +75,6 @@ pub enum L4Protocol {
     Tcp,
     /// UDP.
     Udp,
-}
-
-/// `dns:` of a workload.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum Dns {
-    /// No DNS (the default): every UDP datagram and every TCP connect to port 53 is denied.
-    #[default]
-    None,
-    /// The host's configured resolvers (`nameserver` lines of /etc/resolv.conf, read by
-    /// the agent).
-    System,
-    /// These resolvers.
-    Resolvers(Vec<IpAddr>),
 }
 
 /// How a destination's TLS is handled.
@@ -663,7 +652,7 @@ impl TryFrom<raw::Workload> for Workload {
                 }
             }
         }
-        let dns = parse_dns(raw.dns, &mut errors);
+        let dns = super::dns::parse(raw.dns, &mut errors);
 
         // Duplicates are found on the raw values so that they are reported even when the
         // destination or rule has other problems.
@@ -981,36 +970,6 @@ mod l4_tests {
             "1.2.3.4/x",
         ] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
-        }
-    }
-}
-
-/// `dns:`.
-fn parse_dns(raw: Option<raw::Dns>, errors: &mut Vec<PolicyError>) -> Dns {
-    match raw {
-        None => Dns::None,
-        Some(raw::Dns::Keyword(k)) if k == "system" => Dns::System,
-        Some(raw::Dns::Keyword(k)) => {
-            errors.push(invalid!(InvalidEgress {
-                path: "dns".to_owned(),
-                value: k,
-                reason: "expected `system` or a list of resolver addresses",
-            }));
-            Dns::None
-        }
-        Some(raw::Dns::Resolvers(list)) => {
-            let mut out = Vec::new();
-            for (i, text) in list.into_iter().enumerate() {
-                match text.parse::<IpAddr>() {
-                    Ok(ip) => out.push(ip),
-                    Err(_) => errors.push(invalid!(InvalidEgress {
-                        path: format!("dns[{i}]"),
-                        value: text,
-                        reason: "not an IP address",
-                    })),
-                }
-            }
-            Dns::Resolvers(out)
         }
     }
 }
@@ -1678,7 +1637,7 @@ fn systemd_unit_problem(u: &str) -> Option<&'static str> {
 
 /// Parses a policy host: an IP literal (IPv6 with or without brackets) or a DNS name,
 /// which is lowercased.
-fn parse_host(s: &str) -> Result<Host, &'static str> {
+pub(crate) fn parse_host(s: &str) -> Result<Host, &'static str> {
     if s.is_empty() {
         return Err("must not be empty");
     }

@@ -30,20 +30,62 @@ pub(crate) struct Workload {
     pub max_connections: Option<i64>,
     /// Allowed destinations and L4 exceptions; an empty list denies everything.
     pub egress: Vec<Egress>,
-    /// DNS: `system` (the resolvers of /etc/resolv.conf) or a list of resolver addresses.
-    /// Absent: no DNS at all.
+    /// DNS through the agent's DNS proxy: `system`, a list of resolver addresses, or
+    /// `{names, types, resolvers}`. Absent: no DNS at all.
     #[serde(default)]
     pub dns: Option<Dns>,
 }
 
-/// `dns:` as written.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `dns:` as written: a keyword, a list of resolver addresses, or a mapping.
+#[derive(Debug)]
 pub(crate) enum Dns {
     /// `system`.
     Keyword(String),
     /// Resolver IP addresses.
     Resolvers(Vec<String>),
+    /// `{names, types, resolvers}`.
+    Rules(DnsRules),
+}
+
+/// The mapping form of `dns:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DnsRules {
+    /// Name patterns allowed besides the destinations' names.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Query types allowed besides A and AAAA.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Resolvers to forward to (absent: the host's).
+    #[serde(default)]
+    pub resolvers: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for Dns {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Dns;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`system`, a list of resolver addresses, or {names, types, resolvers}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dns, E> {
+                Ok(Dns::Keyword(v.to_owned()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Dns, A::Error> {
+                let mut list = Vec::new();
+                while let Some(r) = seq.next_element::<String>()? {
+                    list.push(r);
+                }
+                Ok(Dns::Resolvers(list))
+            }
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Dns, M::Error> {
+                DnsRules::deserialize(de::value::MapAccessDeserializer::new(map)).map(Dns::Rules)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `allow_internal:` as written.

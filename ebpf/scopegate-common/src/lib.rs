@@ -22,12 +22,18 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 pub const NO_WORKLOAD: u32 = u32::MAX;
 
 /// [`ManagedCgroup::flags`]: held deny-all because no policy selects it any more (it was
-/// selected once; managed until released). Only the agent and `scopegate release` read
-/// the flags; the kernel programs ignore them.
+/// selected once; managed until released). The kernel programs ignore this bit
+/// (`NO_WORKLOAD` already denies everything); the agent and `scopegate release` read it.
 pub const MANAGED_HELD: u32 = 1;
 /// [`ManagedCgroup::flags`]: `scopegate release` asked for this held cgroup to be released.
 /// It stays denied until the agent has recorded the release and removed the entry.
 pub const MANAGED_RELEASE_REQUESTED: u32 = 2;
+/// [`ManagedCgroup::flags`] bit: the workload's policy grants DNS, so its UDP and TCP
+/// port-53 traffic (to any resolver) is redirected to the agent's DNS proxy.
+pub const MANAGED_DNS: u32 = 4;
+
+/// The DNS port, host order.
+pub const DNS_PORT: u32 = 53;
 
 /// Names of the pinned maps (bpffs names may not contain '.').
 pub mod maps {
@@ -50,6 +56,12 @@ pub mod maps {
     pub const EVENTS: &str = "SG_EVENTS";
     /// `Array<u64>`: counters, indexed by [`crate::counters`].
     pub const COUNTERS: &str = "SG_COUNTERS";
+    /// `Array<DnsConfig>` with one entry: where the agent's DNS proxy listens.
+    pub const DNS_CONFIG: &str = "SG_DNS_CONFIG";
+    /// `LruHashMap<u64 socket cookie, SockKey>`: the resolver a redirected UDP DNS socket
+    /// addressed last, so its replies (recvmsg) and its peer (getpeername) show that
+    /// resolver, not the proxy.
+    pub const DNS_PEERS: &str = "SG_DNS_PEERS";
 }
 
 /// Indices into the counters array.
@@ -62,6 +74,10 @@ pub mod counters {
     pub const EVENTS_LOST: u32 = 2;
     /// Redirected connects whose origin could not be stored (map full or error).
     pub const ORIGIN_STORE_FAILED: u32 = 3;
+    /// UDP DNS connects and sends redirected to the DNS proxy.
+    pub const DNS_REDIRECTED: u32 = 4;
+    /// Replies (recvmsg) and peer names (getpeername) rewritten back to the resolver.
+    pub const DNS_REWRITTEN: u32 = 5;
     /// Number of counters.
     pub const LEN: u32 = 8;
 }
@@ -82,6 +98,18 @@ pub struct Config {
     /// Network namespace cookie of the agent; a managed socket in another namespace cannot
     /// reach the proxy and is denied.
     pub netns_cookie: u64,
+}
+
+/// Where the DNS proxy listens (index 0 of [`maps::DNS_CONFIG`]). A separate map, so the
+/// pinned [`Config`] keeps its layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// DNS proxy port (UDP on 127.0.0.1 and [::1]) in network byte order, low 16 bits; 0:
+    /// not configured (DNS of managed cgroups is denied).
+    pub port_be: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
 }
 
 /// Per managed cgroup entry (value of [`maps::MANAGED`]).
@@ -241,4 +269,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::L4Key {}
     unsafe impl aya::Pod for super::L4Allow {}
+    unsafe impl aya::Pod for super::DnsConfig {}
 }

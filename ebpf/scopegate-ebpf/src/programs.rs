@@ -23,8 +23,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use scopegate_common::{
-    Config, DenyEvent, FAMILY_V4, FAMILY_V6, L4_MAX_PORTS, L4Allow, L4Key, MAX_CGROUP_DEPTH,
-    ManagedCgroup, NO_WORKLOAD, Origin, PortKey, SockKey, counters, deny_reasons, hooks,
+    Config, DNS_PORT, DenyEvent, DnsConfig, FAMILY_V4, FAMILY_V6, L4_MAX_PORTS, L4Allow, L4Key,
+    MANAGED_DNS, MAX_CGROUP_DEPTH, ManagedCgroup, NO_WORKLOAD, Origin, PortKey, SockKey, counters,
+    deny_reasons, hooks,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -75,6 +76,12 @@ static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 #[map(name = "SG_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::LEN, 0);
 
+#[map(name = "SG_DNS_CONFIG")]
+static DNS_CONFIG: Array<DnsConfig> = Array::pinned(1, 0);
+
+#[map(name = "SG_DNS_PEERS")]
+static DNS_PEERS: LruHashMap<u64, SockKey> = LruHashMap::pinned(65536, 0);
+
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
@@ -124,6 +131,8 @@ struct Caller {
     cgroup_id: u64,
     policy_cgroup: u64,
     workload: u32,
+    /// The workload's policy grants DNS (redirected to the DNS proxy).
+    dns: bool,
 }
 
 #[inline(always)]
@@ -186,7 +195,8 @@ fn l4_allowed(workload: u32, dest: &Dest, udp: bool) -> bool {
 enum Verdict {
     /// Leave it alone.
     Pass,
-    /// Rewrite the destination to the proxy (TCP connect only).
+    /// Rewrite the destination to the loopback port given (network order): the proxy for
+    /// TCP, the DNS proxy for UDP DNS.
     Redirect(u32),
     /// EPERM.
     Deny,
@@ -246,7 +256,11 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         cgroup_id,
         policy_cgroup,
         workload: managed.workload,
+        dns: managed.workload != NO_WORKLOAD && managed.flags & MANAGED_DNS != 0,
     };
+    // DNS of a workload that may resolve names goes to the DNS proxy, whatever resolver it
+    // names and whatever L4 exception would match: names are decided there.
+    let dns = caller.dns && dest.port() == DNS_PORT;
     if sock_type == SOCK_STREAM && protocol == IPPROTO_TCP {
         if to_proxy_ip && dest.port_be == config.proxy_port_be {
             // Already addressed to the proxy: nothing to record or rewrite. The proxy finds
@@ -256,14 +270,14 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         if caller.workload == NO_WORKLOAD {
             return deny(deny_reasons::NO_POLICY);
         }
-        if l4_allowed(caller.workload, dest, false) {
+        if !dns && l4_allowed(caller.workload, dest, false) {
             return Verdict::Pass;
         }
         let port_key = PortKey {
             workload: caller.workload,
             port: dest.port(),
         };
-        if unsafe { PORTS.get(&port_key) }.is_none() {
+        if !dns && unsafe { PORTS.get(&port_key) }.is_none() {
             return deny(deny_reasons::NO_DESTINATION_PORT);
         }
         let pid_tgid = bpf_get_current_pid_tgid();
@@ -287,6 +301,26 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         return Verdict::Redirect(config.proxy_port_be);
     }
     if sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP {
+        if dns {
+            // Not configured yet: nothing to redirect to, so nothing leaves.
+            let port_be = DNS_CONFIG.get(0).map_or(0, |c| c.port_be);
+            if port_be == 0 {
+                return deny(deny_reasons::NOT_CONFIGURED);
+            }
+            // The resolver this socket addressed, for the reply's source address.
+            let peer = SockKey {
+                ip: dest.ip,
+                port: dest.port(),
+                family: dest.family,
+            };
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if DNS_PEERS.insert(&cookie, &peer, 0).is_err() {
+                bump(counters::ORIGIN_STORE_FAILED);
+                return deny(deny_reasons::ORIGIN_STORE_FAILED);
+            }
+            bump(counters::DNS_REDIRECTED);
+            return Verdict::Redirect(port_be);
+        }
         if caller.workload != NO_WORKLOAD && l4_allowed(caller.workload, dest, true) {
             return Verdict::Pass;
         }
@@ -391,6 +425,103 @@ pub fn sg_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sg_sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr6(ctx, hooks::SENDMSG6, hooks::SENDMSG4)
+}
+
+/// The DNS proxy's port (network order), if configured.
+#[inline(always)]
+fn dns_port_be() -> u32 {
+    DNS_CONFIG.get(0).map_or(0, |c| c.port_be)
+}
+
+/// recvmsg4 / getpeername4: an address that is the DNS proxy, on a socket whose DNS was
+/// redirected, is shown as the resolver that socket addressed.
+#[inline(always)]
+fn restore_resolver4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = unsafe { (*sa).user_ip4 };
+    let port_be = unsafe { (*sa).user_port };
+    if ip != LOOPBACK4 {
+        return ALLOW;
+    }
+    let dns = dns_port_be();
+    if dns == 0 || port_be != dns {
+        return ALLOW;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(peer) = unsafe { DNS_PEERS.get(&cookie) } {
+        if peer.family == FAMILY_V4 {
+            let peer_ip = peer.ip[0];
+            let peer_port_be = u32::from((peer.port as u16).to_be());
+            unsafe {
+                (*sa).user_ip4 = peer_ip;
+                (*sa).user_port = peer_port_be;
+            }
+            bump(counters::DNS_REWRITTEN);
+        }
+    }
+    ALLOW
+}
+
+/// recvmsg6 / getpeername6: like [`restore_resolver4`], for [::1] and ::ffff:127.0.0.1.
+#[inline(always)]
+fn restore_resolver6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let w0 = unsafe { (*sa).user_ip6[0] };
+    let w1 = unsafe { (*sa).user_ip6[1] };
+    let w2 = unsafe { (*sa).user_ip6[2] };
+    let w3 = unsafe { (*sa).user_ip6[3] };
+    let port_be = unsafe { (*sa).user_port };
+    let mapped = w0 == 0 && w1 == 0 && w2 == V4MAPPED_W2 && w3 == LOOPBACK4;
+    let native = w0 == 0 && w1 == 0 && w2 == 0 && w3 == LOOPBACK6_W3;
+    if !mapped && !native {
+        return ALLOW;
+    }
+    let dns = dns_port_be();
+    if dns == 0 || port_be != dns {
+        return ALLOW;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(peer) = unsafe { DNS_PEERS.get(&cookie) } {
+        let words = if peer.family == FAMILY_V4 {
+            [0, 0, V4MAPPED_W2, peer.ip[0]]
+        } else {
+            [peer.ip[0], peer.ip[1], peer.ip[2], peer.ip[3]]
+        };
+        let peer_port_be = u32::from((peer.port as u16).to_be());
+        unsafe {
+            (*sa).user_ip6[0] = words[0];
+            (*sa).user_ip6[1] = words[1];
+            (*sa).user_ip6[2] = words[2];
+            (*sa).user_ip6[3] = words[3];
+            (*sa).user_port = peer_port_be;
+        }
+        bump(counters::DNS_REWRITTEN);
+    }
+    ALLOW
+}
+
+/// cgroup/recvmsg4: the source of a DNS reply from the DNS proxy is the original resolver.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sg_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_resolver4(ctx)
+}
+
+/// cgroup/recvmsg6: the same for IPv6 and v4-mapped sockets.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sg_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_resolver6(ctx)
+}
+
+/// cgroup/getpeername4: a connected DNS socket's peer is the resolver it connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sg_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_resolver4(ctx)
+}
+
+/// cgroup/getpeername6: the same for IPv6 and v4-mapped sockets.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sg_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_resolver6(ctx)
 }
 
 /// cgroup/sock_create: a managed task may open only plain TCP (`SOCK_STREAM`,
