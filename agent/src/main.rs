@@ -79,6 +79,21 @@ enum Command {
         /// Start deny-all when the policy directory is invalid, instead of refusing.
         #[arg(long)]
         allow_empty: bool,
+        /// Resolver configuration for the agent's own DNS (destination binding) and for
+        /// the resolvers that `dns: system` allows.
+        #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
+        /// Floor of the DNS TTLs honoured for destination binding, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 5)]
+        dns_min_ttl: u64,
+        /// Ceiling of the DNS TTLs honoured for destination binding, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        dns_max_ttl: u64,
+        /// Create the host CA with X.509 name constraints: it can only issue for these DNS
+        /// suffixes (comma-separated, e.g. example.com,internal.test). An existing CA
+        /// with other constraints is refused.
+        #[arg(long, value_name = "SUFFIX,...", value_delimiter = ',')]
+        ca_name_constraints: Vec<String>,
     },
     /// Run a command inside a cgroup (created if needed).
     Exec {
@@ -120,6 +135,10 @@ enum CaCommand {
         /// The agent's state directory.
         #[arg(long, default_value = "/var/lib/scopegate")]
         state_dir: PathBuf,
+        /// Name constraints for a CA created now, and checked against an existing one
+        /// (as `run --ca-name-constraints`); without it, an existing CA is exported as is.
+        #[arg(long, value_name = "SUFFIX,...", value_delimiter = ',')]
+        ca_name_constraints: Option<Vec<String>>,
     },
 }
 
@@ -165,6 +184,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             rescan_secs,
             managed_subtrees,
             allow_empty,
+            resolv_conf,
+            dns_min_ttl,
+            dns_max_ttl,
+            ca_name_constraints,
         } => {
             let opts = RunOptions {
                 policies,
@@ -193,6 +216,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 rescan: Duration::from_secs_f64(rescan_secs.max(0.05)),
                 managed_subtrees,
                 allow_empty,
+                resolv_conf,
+                dns_ttl: scopegate::resolve::TtlBounds::new(
+                    Duration::from_secs(dns_min_ttl),
+                    Duration::from_secs(dns_max_ttl),
+                )?,
+                ca_name_constraints,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -208,9 +237,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy { command } => Ok(exit(scopegate::policy::cli::run(command)?)),
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Ca {
-            command: CaCommand::Export { state_dir },
+            command:
+                CaCommand::Export {
+                    state_dir,
+                    ca_name_constraints,
+                },
         } => {
-            let ca = scopegate::tls::HostCa::load_or_create(&state_dir)?;
+            let ca =
+                scopegate::tls::HostCa::load_or_create(&state_dir, ca_name_constraints.as_deref())?;
             print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
         }

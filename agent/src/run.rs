@@ -69,6 +69,13 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
     pub upstream_ca: Option<PathBuf>,
+    /// The resolver configuration: the agent's own DNS (destination binding) and the
+    /// resolvers `dns: system` allows.
+    pub resolv_conf: PathBuf,
+    /// Floor and ceiling of the DNS TTLs the agent honours.
+    pub dns_ttl: crate::resolve::TtlBounds,
+    /// DNS suffixes the host CA is constrained to (X.509 name constraints); empty: none.
+    pub ca_name_constraints: Vec<String>,
 }
 
 /// Errors of `run`.
@@ -103,6 +110,9 @@ pub enum RunError {
     /// Kernel program problems.
     #[error(transparent)]
     Bpf(#[from] BpfError),
+    /// The resolver could not be configured.
+    #[error(transparent)]
+    Resolve(#[from] crate::resolve::ResolveError),
     /// The host CA could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] crate::tls::CaError),
@@ -176,7 +186,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         auditor.record(rejected);
     }
     // TLS: the host CA (interception) and the upstream trust roots.
-    let ca = Arc::new(crate::tls::HostCa::load_or_create(&opts.state_dir)?);
+    let ca = Arc::new(crate::tls::HostCa::load_or_create(
+        &opts.state_dir,
+        Some(&opts.ca_name_constraints),
+    )?);
     let leaves = crate::tls::LeafCache::new(
         ca,
         crate::tls::ca::DEFAULT_LEAF_CAPACITY,
@@ -210,7 +223,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         origins: kernel.clone(),
         auditor: auditor.clone(),
         upstream: Upstream::new(AGENT_MARK, upstream_tls),
-        resolver: Resolver::default(),
+        resolver: Resolver::with_bounds(
+            crate::resolve::DnsLookup::from_resolv_conf(
+                &opts.resolv_conf,
+                opts.dns_ttl,
+                AGENT_MARK,
+            )?,
+            opts.dns_ttl,
+        ),
         limiter: crate::policy::RateLimiter::new(),
         detect_timeout: Duration::from_secs(10),
         leaves: Some(leaves),
@@ -228,6 +248,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         own_cgroup: own_id,
         subtrees: opts.managed_subtrees.clone(),
         proxy_port: port,
+        resolv_conf: opts.resolv_conf.clone(),
     };
     control.publish(snapshot, true)?;
     // 7. serve
@@ -330,6 +351,8 @@ struct Control {
     subtrees: Vec<String>,
     /// The proxy port (connections to it are not cut).
     proxy_port: u16,
+    /// The resolver configuration (`dns: system`).
+    resolv_conf: PathBuf,
 }
 
 impl Control {
@@ -362,7 +385,7 @@ impl Control {
                 }
             }
         }
-        let kernel_state = KernelState::from_policy(&policy, &resolution);
+        let kernel_state = KernelState::from_policy(&policy, &resolution, &self.resolv_conf);
         // The agent's own cgroup is exempt, unless a policy selects it by name: then
         // workloads share it, and only the SO_MARK on the agent's sockets exempts them.
         let shared_with_workloads = resolution
@@ -408,7 +431,7 @@ impl Control {
                 .and_then(|id| enforcement.cgroups.lookup(id))
                 .and_then(|info| info.workload)
                 .and_then(|w| enforcement.policy.workload(w))
-                .is_some_and(|w| l4_passes(w, sock.remote))
+                .is_some_and(|w| l4_passes(w, sock.remote, &self.resolv_conf))
         };
         let cut = match crate::cut::cut(newly, self.proxy_port, AGENT_MARK, &passes) {
             Ok(cut) => cut,
@@ -496,12 +519,12 @@ pub fn parse_resolv_conf(text: &str) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
-/// The host's resolvers, for `dns: system`.
-fn system_resolvers() -> Vec<std::net::IpAddr> {
-    match std::fs::read_to_string("/etc/resolv.conf") {
+/// The host's resolvers (the nameservers of `resolv_conf`), for `dns: system`.
+fn system_resolvers(resolv_conf: &std::path::Path) -> Vec<std::net::IpAddr> {
+    match std::fs::read_to_string(resolv_conf) {
         Ok(text) => parse_resolv_conf(&text),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read /etc/resolv.conf; `dns: system` allows no resolver");
+            tracing::warn!(error = %e, file = %resolv_conf.display(), "cannot read the resolver configuration; `dns: system` allows no resolver");
             Vec::new()
         }
     }
@@ -509,7 +532,11 @@ fn system_resolvers() -> Vec<std::net::IpAddr> {
 
 /// Whether the hooks let a TCP connect of `workload` to `remote` straight through (an L4
 /// exception or a DNS resolver), the same rule as the kernel's L4 map.
-fn l4_passes(workload: &crate::policy::Workload, remote: std::net::SocketAddr) -> bool {
+fn l4_passes(
+    workload: &crate::policy::Workload,
+    remote: std::net::SocketAddr,
+    resolv_conf: &std::path::Path,
+) -> bool {
     let in_range = |addr: std::net::IpAddr, prefix: u8| {
         let bits = |ip: std::net::IpAddr| match ip {
             std::net::IpAddr::V4(a) => (u128::from(a.to_ipv6_mapped()), 96),
@@ -528,7 +555,7 @@ fn l4_passes(workload: &crate::policy::Workload, remote: std::net::SocketAddr) -
     let dns = remote.port() == 53
         && match &workload.dns {
             Dns::None => false,
-            Dns::System => system_resolvers().contains(&remote.ip()),
+            Dns::System => system_resolvers(resolv_conf).contains(&remote.ip()),
             Dns::Resolvers(list) => list.contains(&remote.ip()),
         };
     l4 || dns
@@ -607,7 +634,11 @@ fn merge_l4(entry: &mut L4Allow, ports: &[u16], protocol: L4Protocol) -> bool {
 }
 
 impl KernelState {
-    fn from_policy(policy: &Snapshot, resolution: &workloads::Resolution) -> Self {
+    fn from_policy(
+        policy: &Snapshot,
+        resolution: &workloads::Resolution,
+        resolv_conf: &std::path::Path,
+    ) -> Self {
         let mut state = Self::default();
         let mut system: Option<Vec<std::net::IpAddr>> = None;
         for (id, info) in &resolution.managed {
@@ -637,7 +668,9 @@ impl KernelState {
             }
             let resolvers = match &workload.dns {
                 Dns::None => Vec::new(),
-                Dns::System => system.get_or_insert_with(system_resolvers).clone(),
+                Dns::System => system
+                    .get_or_insert_with(|| system_resolvers(resolv_conf))
+                    .clone(),
                 Dns::Resolvers(list) => list.clone(),
             };
             for ip in resolvers {
@@ -764,7 +797,7 @@ mod tests {
         .unwrap();
         let snap = Snapshot::load_dir(dir.path()).unwrap();
         let w = &snap.workloads()[0];
-        let pass = |a: &str| l4_passes(w, a.parse().unwrap());
+        let pass = |a: &str| l4_passes(w, a.parse().unwrap(), std::path::Path::new("/nonexistent"));
         assert!(pass("192.0.2.9:5432"));
         assert!(pass("[2001:db8::7]:5432"));
         assert!(pass("198.51.100.53:53"));
