@@ -20,7 +20,7 @@ use scopegate::tls::{HostCa, LeafCache, Parse, parse};
 
 fn setup() -> (tempfile::TempDir, Arc<HostCa>) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(HostCa::load_or_create(&dir.path().join("state")).unwrap());
+    let ca = Arc::new(HostCa::load_or_create(&dir.path().join("state"), None).unwrap());
     (dir, ca)
 }
 

@@ -41,6 +41,10 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/scopegate";
     /// The host's resolvers.
     pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+    /// Floor of the honoured DNS TTLs, seconds.
+    pub const DNS_MIN_TTL_SECS: u64 = 5;
+    /// Ceiling of the honoured DNS TTLs, seconds.
+    pub const DNS_MAX_TTL_SECS: u64 = 300;
     /// Seconds between cgroup rescans.
     pub const RESCAN_SECS: f64 = 1.0;
     /// Seconds a client may take to send a request head.
@@ -70,6 +74,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// The DNS TTL bounds do not make sense (floor above ceiling).
+    #[error("{0}")]
+    TtlBounds(#[from] crate::resolve::ResolveError),
     /// A value of the right type that is not allowed.
     #[error("{file}:{line}:{col}: {key}: {value}: {reason}")]
     Invalid {
@@ -112,6 +119,9 @@ struct Raw {
     managed_subtrees: Option<Vec<String>>,
     allow_empty: Option<bool>,
     header_timeout_secs: Option<f64>,
+    dns_min_ttl: Option<u64>,
+    dns_max_ttl: Option<u64>,
+    ca_name_constraints: Option<Vec<String>>,
 }
 
 /// The flags of `scopegate run`. Each one overrides the configuration file's key.
@@ -193,6 +203,17 @@ pub struct RunArgs {
     /// [default: 10; clamped to 0.1..=3600].
     #[arg(long, value_name = "SECS")]
     pub header_timeout_secs: Option<f64>,
+    /// Floor of the DNS TTLs honoured for destination binding, in seconds [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub dns_min_ttl: Option<u64>,
+    /// Ceiling of the DNS TTLs honoured for destination binding, in seconds [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub dns_max_ttl: Option<u64>,
+    /// Create the host CA with X.509 name constraints: it can only issue for these DNS
+    /// suffixes (comma-separated, e.g. example.com,internal.test). An existing CA with
+    /// other constraints is refused.
+    #[arg(long, value_name = "SUFFIX,...", value_delimiter = ',')]
+    pub ca_name_constraints: Vec<String>,
 }
 
 impl RunArgs {
@@ -204,11 +225,23 @@ impl RunArgs {
             None if Path::new(DEFAULT_PATH).exists() => load(Path::new(DEFAULT_PATH))?,
             None => Raw::default(),
         };
-        Ok(self.over(raw))
+        let dns_ttl = crate::resolve::TtlBounds::new(
+            Duration::from_secs(
+                self.dns_min_ttl
+                    .or(raw.dns_min_ttl)
+                    .unwrap_or(defaults::DNS_MIN_TTL_SECS),
+            ),
+            Duration::from_secs(
+                self.dns_max_ttl
+                    .or(raw.dns_max_ttl)
+                    .unwrap_or(defaults::DNS_MAX_TTL_SECS),
+            ),
+        )?;
+        Ok(self.over(raw, dns_ttl))
     }
 
     /// Lays the flags over the file's values, then the defaults under both.
-    fn over(self, file: Raw) -> RunOptions {
+    fn over(self, file: Raw, dns_ttl: crate::resolve::TtlBounds) -> RunOptions {
         let subtrees = if self.managed_subtrees.is_empty() {
             file.managed_subtrees.unwrap_or_default()
         } else {
@@ -283,6 +316,12 @@ impl RunArgs {
             timeouts: crate::state::Timeouts {
                 header: Duration::from_secs_f64(header_timeout.clamp(0.1, 3600.0)),
                 ..Default::default()
+            },
+            dns_ttl,
+            ca_name_constraints: if self.ca_name_constraints.is_empty() {
+                file.ca_name_constraints.unwrap_or_default()
+            } else {
+                self.ca_name_constraints
             },
         }
     }
@@ -420,7 +459,10 @@ mod tests {
     }
 
     fn opts(text: &str, args: RunArgs) -> RunOptions {
-        args.over(parse(Path::new("c.yaml"), text).unwrap())
+        args.over(
+            parse(Path::new("c.yaml"), text).unwrap(),
+            crate::resolve::TtlBounds::default(),
+        )
     }
 
     #[test]

@@ -320,7 +320,8 @@ impl BindTarget for policy::Binding {
 
 /// Confirms that the connection's original address belongs to the destination: an IP
 /// literal must be exactly that address (no class check: the policy named it); a DNS name
-/// must resolve to it right now AND the address must be of a class the destination may
+/// must resolve to it right now (be in the current answer set, or learned from the DNS
+/// proxy and not expired: [`Resolver::has_address`]) AND the address must be of a class the destination may
 /// reach: internal classes (loopback, private, link-local, CGNAT, ULA, embedded IPv4 of
 /// those, …) only with `allow_internal` ([`policy::addr`]). The connection's address
 /// decides: in a mixed answer set only the allowed addresses can be bound.
@@ -333,18 +334,14 @@ pub async fn confirm_address(
     let host = dest.host();
     let ok = match host {
         Host::Ip(ip) => normalize(SocketAddr::new(*ip, 0)).ip() == want,
-        Host::Name(name) => resolver
-            .resolve(name, original.port())
-            .await
-            .map_err(|detail| {
-                Refused::status(
-                    StatusCode::BAD_GATEWAY,
-                    "resolve_failed",
-                    detail,
-                    Fault::Upstream,
-                )
-            })?
-            .contains(&want),
+        Host::Name(name) => resolver.has_address(name, want).await.map_err(|detail| {
+            Refused::status(
+                StatusCode::BAD_GATEWAY,
+                "resolve_failed",
+                detail,
+                Fault::Upstream,
+            )
+        })?,
     };
     if !ok {
         return Err(Refused::policy(

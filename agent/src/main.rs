@@ -97,6 +97,10 @@ enum CaCommand {
         /// The agent's state directory.
         #[arg(long, default_value = "/var/lib/scopegate")]
         state_dir: PathBuf,
+        /// Name constraints for a CA created now, and checked against an existing one
+        /// (as `run --ca-name-constraints`); without it, an existing CA is exported as is.
+        #[arg(long, value_name = "SUFFIX,...", value_delimiter = ',')]
+        ca_name_constraints: Option<Vec<String>>,
     },
 }
 
@@ -158,9 +162,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Ca {
-            command: CaCommand::Export { state_dir },
+            command:
+                CaCommand::Export {
+                    state_dir,
+                    ca_name_constraints,
+                },
         } => {
-            let ca = scopegate::tls::HostCa::load_or_create(&state_dir)?;
+            let ca =
+                scopegate::tls::HostCa::load_or_create(&state_dir, ca_name_constraints.as_deref())?;
             print!("{}", ca.cert_pem());
             Ok(ExitCode::SUCCESS)
         }

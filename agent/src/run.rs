@@ -87,6 +87,10 @@ pub struct RunOptions {
     pub upstream_ca: Option<PathBuf>,
     /// Header and body read timeouts of proxied requests.
     pub timeouts: crate::state::Timeouts,
+    /// Floor and ceiling of the DNS TTLs the agent honours.
+    pub dns_ttl: crate::resolve::TtlBounds,
+    /// DNS suffixes the host CA is constrained to (X.509 name constraints); empty: none.
+    pub ca_name_constraints: Vec<String>,
 }
 
 /// Errors of `run`.
@@ -124,6 +128,9 @@ pub enum RunError {
     /// The DNS proxy could not start.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    /// The resolver could not be configured.
+    #[error(transparent)]
+    Resolve(#[from] crate::resolve::ResolveError),
     /// The host CA could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] crate::tls::CaError),
@@ -254,7 +261,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         auditor.record(rejected);
     }
     // TLS: the host CA (interception) and the upstream trust roots.
-    let ca = Arc::new(crate::tls::HostCa::load_or_create(&opts.state_dir)?);
+    let ca = Arc::new(crate::tls::HostCa::load_or_create(
+        &opts.state_dir,
+        Some(&opts.ca_name_constraints),
+    )?);
     let leaves = crate::tls::LeafCache::new(
         ca,
         crate::tls::ca::DEFAULT_LEAF_CAPACITY,
@@ -280,7 +290,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         origins: kernel.clone(),
         auditor: auditor.clone(),
         upstream: Upstream::new(AGENT_MARK, upstream_tls),
-        resolver: Resolver::default(),
+        resolver: Resolver::with_bounds(
+            crate::resolve::DnsLookup::from_resolv_conf(
+                &opts.resolv_conf,
+                opts.dns_ttl,
+                AGENT_MARK,
+            )?,
+            opts.dns_ttl,
+        ),
         limiter: crate::policy::RateLimiter::new(),
         detect_timeout: Duration::from_secs(10),
         leaves: Some(leaves),

@@ -227,7 +227,7 @@ impl Proxy {
         Self::start_with(
             upstream,
             |secret| policy_text(upstream.port(), secret),
-            Resolver::default(),
+            Resolver::new(StaticLookup::new()),
         )
     }
 
@@ -1216,7 +1216,7 @@ fn connections_over_the_workload_limit_are_refused_and_recorded() {
                 up.port()
             )
         },
-        Resolver::default(),
+        Resolver::new(StaticLookup::new()),
     );
     let mut held: Vec<TcpStream> = (0..2).map(|_| proxy.connect()).collect();
     // Let the proxy take both slots before the third connection arrives.

@@ -105,7 +105,7 @@ async fn fixed_config_server(config: Arc<ServerConfig>) -> std::net::SocketAddr 
 #[tokio::test]
 async fn intercepts_an_allowed_name_with_a_leaf_from_the_host_ca() {
     let state = tempfile::tempdir().unwrap();
-    let ca = Arc::new(HostCa::load_or_create(state.path()).unwrap());
+    let ca = Arc::new(HostCa::load_or_create(state.path(), None).unwrap());
     let cache = Arc::new(LeafCache::new(ca.clone(), 16, &[ALPN_H2, ALPN_HTTP1]));
     let addr = intercepting_server(cache.clone()).await;
 
@@ -148,7 +148,7 @@ async fn intercepts_an_allowed_name_with_a_leaf_from_the_host_ca() {
 
     // A client that trusts another host's CA refuses the leaf.
     let elsewhere = tempfile::tempdir().unwrap();
-    let other_ca = HostCa::load_or_create(elsewhere.path()).unwrap();
+    let other_ca = HostCa::load_or_create(elsewhere.path(), None).unwrap();
     let stranger = TlsConnector::from(client_config(trusting(other_ca.cert_der()), &[ALPN_HTTP1]));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let e = stranger
@@ -173,7 +173,7 @@ async fn intercepts_an_allowed_name_with_a_leaf_from_the_host_ca() {
 #[tokio::test]
 async fn the_resolver_refuses_any_other_sni() {
     let state = tempfile::tempdir().unwrap();
-    let ca = Arc::new(HostCa::load_or_create(state.path()).unwrap());
+    let ca = Arc::new(HostCa::load_or_create(state.path(), None).unwrap());
     let cache = LeafCache::new(ca.clone(), 16, &[ALPN_HTTP1]);
     let addr = fixed_config_server(cache.server_config(ALLOWED).unwrap()).await;
     let connector = TlsConnector::from(client_config(trusting(ca.cert_der()), &[ALPN_HTTP1]));
@@ -267,7 +267,7 @@ async fn upstream_tls_verifies_against_the_bundle() {
 
     // The wrong bundle (the host CA, which did not sign the upstream).
     let state = tempfile::tempdir().unwrap();
-    let host_ca = HostCa::load_or_create(state.path()).unwrap();
+    let host_ca = HostCa::load_or_create(state.path(), None).unwrap();
     let wrong = UpstreamTls::with_bundle(host_ca.cert_path()).unwrap();
     let tcp = TcpStream::connect(upstream.addr).await.unwrap();
     let e = wrong.connect(tcp, "upstream.test").await.unwrap_err();
@@ -289,14 +289,14 @@ fn mode(path: &Path) -> u32 {
 fn the_ca_key_is_private_and_a_readable_key_is_refused() {
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().join("scopegate");
-    HostCa::load_or_create(&dir).unwrap();
+    HostCa::load_or_create(&dir, None).unwrap();
     let key = dir.join("ca.key");
     assert_eq!(mode(&key), 0o600);
     assert_eq!(mode(&dir.join("ca.crt")), 0o644);
     assert_eq!(mode(&dir), 0o700);
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = HostCa::load_or_create(&dir).unwrap_err();
+    let e = HostCa::load_or_create(&dir, None).unwrap_err();
     assert!(
         matches!(&e, CaError::KeyPermissions { path, mode: 0o644 } if *path == key),
         "{e:?}"

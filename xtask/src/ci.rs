@@ -113,7 +113,8 @@ fn e2e(ctx: &Ctx, bin: &Path, filter: Option<&str>) -> Result<usize> {
     let bin = bin
         .canonicalize()
         .with_context(|| format!("resolving {}", bin.display()))?;
-    let mut cmd = ctx.cargo(["test", "--release", "-p", "scopegate-e2e"]);
+    // Every test binary runs even after a failure, so one run shows every failing test.
+    let mut cmd = ctx.cargo(["test", "--release", "--no-fail-fast", "-p", "scopegate-e2e"]);
     if let Some(filter) = filter {
         cmd.arg(filter);
     }

@@ -265,9 +265,11 @@ async fn an_allowed_query_is_forwarded_answered_recorded_and_learned() {
     assert!(sent.additionals.is_empty());
     assert_eq!(sent.edns.as_ref().map(|e| e.max_payload()), Some(1232));
     // The answer binds the name for the request path.
-    assert_eq!(
-        env.resolver.resolve("api.test", 80).await.unwrap(),
-        vec![IpAddr::from([192, 0, 2, 7])]
+    assert!(
+        env.resolver
+            .has_address("api.test", IpAddr::from([192, 0, 2, 7]))
+            .await
+            .unwrap()
     );
     let records = env.records();
     assert_eq!(records.len(), 1);

@@ -17,7 +17,9 @@ use super::{
 /// How `explain` resolves a destination name: the answers, or the error text.
 type Lookup<'a> = &'a dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>;
 
-/// The system resolver (getaddrinfo), as the proxy uses it.
+/// The system resolver (getaddrinfo). The proxy itself resolves with its own resolver
+/// (`resolve::DnsLookup`, nameservers from `run --resolv-conf`, TTL-bounded), which reads
+/// the same `/etc/resolv.conf` and `/etc/hosts` by default.
 fn system_lookup(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
     let mut ips: Vec<IpAddr> = Vec::new();
     for addr in (name, port)

@@ -6,6 +6,19 @@
 //! atomically). The CA is `CA:true, pathlen:0` with key usages keyCertSign and cRLSign only,
 //! so it cannot be used to sign intermediates or anything but leaves.
 //!
+//! # Name constraints (`--ca-name-constraints`)
+//!
+//! Optionally the CA is created with an X.509 name-constraints extension (critical,
+//! permitted DNS subtrees only): clients that honour RFC 5280 (OpenSSL, rustls/webpki,
+//! Go, browsers) then reject any leaf it signs for a name outside those suffixes, so a
+//! leaked CA key cannot impersonate other sites to the workloads that trust it. The cost:
+//! interception works only for destinations under those suffixes (the agent refuses to
+//! mint outside them, [`CaError::OutsideConstraints`]), and changing the list means a new
+//! CA that every workload must trust again. The constraints are fixed when the CA is
+//! created: at load, the CA on disk must carry exactly the configured list, otherwise the
+//! agent refuses to start ([`CaError::ConstraintsDiffer`], naming the file and both lists)
+//! rather than rotate the CA behind the operator's back.
+//!
 //! [`LeafCache`] mints short-lived leaves (7 days, ECDSA P-256, SAN = the one DNS name, EKU
 //! serverAuth) and, per name, a ready [`ServerConfig`] whose certificate resolver serves that
 //! name only.
@@ -31,8 +44,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{
     RootCertStore, ServerConfig,
@@ -195,6 +208,39 @@ pub enum CaError {
         /// Why it is refused.
         reason: String,
     },
+    /// A `--ca-name-constraints` entry is not a DNS suffix.
+    #[error("--ca-name-constraints {value:?}: {reason}")]
+    InvalidConstraint {
+        /// The entry given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The CA on disk was created with other name constraints than configured.
+    #[error(
+        "CA certificate {} has name constraints [{on_disk}] but [{configured}] is configured; \
+         keep the configured list as it was, or remove {} and {} to create a new CA with the \
+         new constraints (which every workload must then trust again)",
+        path.display(), path.display(), key.display()
+    )]
+    ConstraintsDiffer {
+        /// The certificate file.
+        path: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// The permitted DNS subtrees of the CA on disk (comma-separated; empty: none).
+        on_disk: String,
+        /// The configured ones.
+        configured: String,
+    },
+    /// A leaf was requested for a name the CA's name constraints do not permit.
+    #[error("cannot mint a leaf for {name:?}: outside the CA's name constraints [{permitted}]")]
+    OutsideConstraints {
+        /// The requested name.
+        name: String,
+        /// The permitted suffixes, comma-separated.
+        permitted: String,
+    },
     /// rustls refused a key or configuration.
     #[error("{what}: {source}")]
     Rustls {
@@ -215,6 +261,8 @@ pub struct HostCa {
     /// notAfter of the CA, seconds since the epoch; leaves never outlive it.
     not_after: i64,
     cert_path: PathBuf,
+    /// Permitted DNS subtrees (sorted, deduplicated); empty: unconstrained.
+    name_constraints: Vec<String>,
 }
 
 impl fmt::Debug for HostCa {
@@ -234,13 +282,34 @@ impl HostCa {
     /// The key must be a regular file (no symlink), owned by the agent's user, mode 0600 or
     /// stricter. A loaded CA is checked by minting and verifying a leaf, so a key that does
     /// not match the certificate fails here and not at the first intercepted connection.
-    pub fn load_or_create(state_dir: &Path) -> Result<Self, CaError> {
+    ///
+    /// `name_constraints`: the DNS suffixes a new CA is constrained to (empty: none), which
+    /// an existing CA must carry exactly; `None` creates an unconstrained CA and accepts
+    /// an existing one as it is (`scopegate ca export` without the flag).
+    pub fn load_or_create(
+        state_dir: &Path,
+        name_constraints: Option<&[String]>,
+    ) -> Result<Self, CaError> {
+        let wanted = name_constraints.map(validate_constraints).transpose()?;
         ensure_state_dir(state_dir)?;
         let cert_path = state_dir.join(CA_CERT_FILE);
         let key_path = state_dir.join(CA_KEY_FILE);
         match (exists(&cert_path)?, exists(&key_path)?) {
-            (false, false) => Self::create(cert_path, &key_path),
-            (true, true) => Self::load(cert_path, &key_path),
+            (false, false) => Self::create(cert_path, &key_path, wanted.unwrap_or_default()),
+            (true, true) => {
+                let ca = Self::load(cert_path, &key_path)?;
+                match wanted {
+                    Some(wanted) if wanted != ca.name_constraints => {
+                        Err(CaError::ConstraintsDiffer {
+                            path: ca.cert_path,
+                            key: key_path,
+                            on_disk: ca.name_constraints.join(","),
+                            configured: wanted.join(","),
+                        })
+                    }
+                    _ => Ok(ca),
+                }
+            }
             (true, false) => Err(CaError::Incomplete {
                 present: cert_path,
                 missing: key_path,
@@ -267,7 +336,28 @@ impl HostCa {
         &self.cert_path
     }
 
-    fn create(cert_path: PathBuf, key_path: &Path) -> Result<Self, CaError> {
+    /// The permitted DNS subtrees of the CA's name constraints (empty: unconstrained).
+    pub fn name_constraints(&self) -> &[String] {
+        &self.name_constraints
+    }
+
+    /// Whether the name constraints permit `name` (RFC 5280: the suffix itself or any
+    /// name below it).
+    pub fn permits(&self, name: &str) -> bool {
+        self.name_constraints.is_empty()
+            || self.name_constraints.iter().any(|suffix| {
+                name == suffix
+                    || name
+                        .strip_suffix(suffix.as_str())
+                        .is_some_and(|head| head.ends_with('.'))
+            })
+    }
+
+    fn create(
+        cert_path: PathBuf,
+        key_path: &Path,
+        name_constraints: Vec<String>,
+    ) -> Result<Self, CaError> {
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CaError::Generate {
                 what: "CA key",
@@ -275,7 +365,7 @@ impl HostCa {
             })?;
         let now = unix_now();
         let not_after = now.saturating_add(secs(CA_VALIDITY));
-        let issuer = ca_params(&default_common_name(), now, not_after)
+        let issuer = ca_params(&default_common_name(), now, not_after, &name_constraints)
             .self_signed(&key)
             .map_err(|source| CaError::Generate {
                 what: "CA certificate",
@@ -294,6 +384,7 @@ impl HostCa {
             key,
             not_after,
             cert_path,
+            name_constraints,
         })
     }
 
@@ -359,12 +450,19 @@ impl HostCa {
         }
         // rcgen signs with the issuer's subject and key identifier; rebuild those from the
         // stored subject and the key (the throwaway self-signature is never used).
-        let issuer = ca_params(&fields.common_name, now, fields.not_after)
-            .self_signed(&key)
-            .map_err(|source| CaError::Generate {
-                what: "CA issuer",
-                source,
-            })?;
+        let name_constraints =
+            permitted_dns_subtrees(&cert_der).map_err(|reason| corrupt(&cert_path, reason))?;
+        let issuer = ca_params(
+            &fields.common_name,
+            now,
+            fields.not_after,
+            &name_constraints,
+        )
+        .self_signed(&key)
+        .map_err(|source| CaError::Generate {
+            what: "CA issuer",
+            source,
+        })?;
         let cert_pem = format!("{text}\n");
         let ca = Self {
             cert_pem,
@@ -373,6 +471,7 @@ impl HostCa {
             key,
             not_after: fields.not_after,
             cert_path,
+            name_constraints,
         };
         ca.self_check().map_err(|reason| CaError::Mismatch {
             cert: ca.cert_path.clone(),
@@ -385,7 +484,11 @@ impl HostCa {
     /// Mints a leaf for a test name and verifies it against the stored certificate.
     fn self_check(&self) -> Result<(), String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let leaf = self.mint(SELF_CHECK_NAME).map_err(|e| e.to_string())?;
+        let check_name = match self.name_constraints.first() {
+            None => SELF_CHECK_NAME.to_owned(),
+            Some(suffix) => format!("self-check.{suffix}"),
+        };
+        let leaf = self.mint(&check_name).map_err(|e| e.to_string())?;
         let mut roots = RootCertStore::empty();
         roots
             .add(self.cert_der.clone())
@@ -394,7 +497,7 @@ impl HostCa {
             .build()
             .map_err(|e| e.to_string())?;
         let end_entity = leaf.cert.first().ok_or("no leaf certificate")?;
-        let name = ServerName::try_from(SELF_CHECK_NAME).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(check_name).map_err(|e| e.to_string())?;
         verifier
             .verify_server_cert(end_entity, &[], &name, &[], UnixTime::now())
             .map(|_| ())
@@ -402,8 +505,15 @@ impl HostCa {
         leaf.keys_match().map_err(|e| e.to_string())
     }
 
-    /// Mints a leaf for `name` (already validated by the caller).
+    /// Mints a leaf for `name` (already validated by the caller); refused outside the name
+    /// constraints (clients would reject the leaf anyway).
     fn mint(&self, name: &str) -> Result<CertifiedKey, CaError> {
+        if !self.permits(name) {
+            return Err(CaError::OutsideConstraints {
+                name: name.to_owned(),
+                permitted: self.name_constraints.join(","),
+            });
+        }
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| CaError::Generate {
                 what: "leaf key",
@@ -631,15 +741,76 @@ impl ResolvesServerCert for OnlyName {
     }
 }
 
-fn ca_params(common_name: &str, now: i64, not_after: i64) -> CertificateParams {
+fn ca_params(
+    common_name: &str,
+    now: i64,
+    not_after: i64,
+    name_constraints: &[String],
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut subject = DistinguishedName::new();
     subject.push(DnType::CommonName, common_name);
     params.distinguished_name = subject;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    if !name_constraints.is_empty() {
+        params.name_constraints = Some(NameConstraints {
+            permitted_subtrees: name_constraints
+                .iter()
+                .map(|s| GeneralSubtree::DnsName(s.clone()))
+                .collect(),
+            excluded_subtrees: Vec::new(),
+        });
+    }
     set_validity(&mut params, now.saturating_sub(secs(BACKDATE)), not_after);
     params
+}
+
+/// Validates `--ca-name-constraints`: each entry a DNS name (normalised: lowercase, no
+/// trailing dot; no wildcard, no IP literal); sorted and deduplicated.
+fn validate_constraints(list: &[String]) -> Result<Vec<String>, CaError> {
+    let mut out = Vec::with_capacity(list.len());
+    for value in list {
+        let trimmed = value.trim();
+        let name =
+            normalize_dns_name(trimmed.strip_suffix('.').unwrap_or(trimmed)).map_err(|e| {
+                CaError::InvalidConstraint {
+                    value: value.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        out.push(name);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The permitted DNS subtrees of a CA certificate's name constraints (sorted); anything
+/// but permitted DNS names in the extension is refused (scopegate writes nothing else).
+fn permitted_dns_subtrees(der: &[u8]) -> Result<Vec<String>, String> {
+    use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let Some(ext) = cert.name_constraints().map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
+    if ext.value.excluded_subtrees.is_some() {
+        return Err("name constraints with excluded subtrees (not made by scopegate)".into());
+    }
+    let mut out = Vec::new();
+    for subtree in ext.value.permitted_subtrees.iter().flatten() {
+        match subtree.base {
+            GeneralName::DNSName(name) => out.push(name.to_ascii_lowercase()),
+            ref other => {
+                return Err(format!(
+                    "a name constraint that is not a DNS name ({other:?}; not made by scopegate)"
+                ));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// "scopegate host CA <hostname>", within the CommonName bound.
@@ -979,7 +1150,7 @@ mod tests {
     fn creates_then_loads_the_same_ca() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("state/scopegate");
-        let ca = HostCa::load_or_create(&dir).unwrap();
+        let ca = HostCa::load_or_create(&dir, None).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(CA_KEY_FILE)), 0o600);
         assert_eq!(mode(&dir.join(CA_CERT_FILE)), 0o644);
@@ -1014,7 +1185,7 @@ mod tests {
         // KeyUsage keyCertSign (bit 5) and cRLSign (bit 6) only, as rcgen encodes it.
         assert!(contains(ca.cert_der(), &[0x03, 0x03, 0x07, 0x06, 0x00]));
 
-        let again = HostCa::load_or_create(&dir).unwrap();
+        let again = HostCa::load_or_create(&dir, None).unwrap();
         assert_eq!(again.cert_pem(), ca.cert_pem());
         // Leaves from the reloaded CA chain to the stored certificate.
         let leaf = again.mint("api.test.example").unwrap();
@@ -1024,7 +1195,7 @@ mod tests {
     #[test]
     fn leaf_properties() {
         let tmp = tempfile::tempdir().unwrap();
-        let ca = HostCa::load_or_create(tmp.path()).unwrap();
+        let ca = HostCa::load_or_create(tmp.path(), None).unwrap();
         let leaf = ca.mint("api.test.example").unwrap();
         let der = &leaf.cert[0];
         let fields = ca_fields(der).unwrap();
@@ -1062,14 +1233,183 @@ mod tests {
         verify(ca.cert_der(), &leaf, &long);
     }
 
+    /// A leaf for `name` signed with the CA's key directly, bypassing [`HostCa::mint`]'s
+    /// own check: what a thief holding `ca.key` could make.
+    fn forged_leaf_pem(ca: &HostCa, name: &str) -> String {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = unix_now();
+        set_validity(&mut params, now - 3600, now + 3600);
+        params.signed_by(&key, &ca.issuer, &ca.key).unwrap().pem()
+    }
+
+    /// `openssl verify -CAfile CA -verify_hostname NAME LEAF`: (success, output).
+    fn openssl_verify(ca: &HostCa, leaf_pem: &str, name: &str) -> (bool, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_file, leaf_file) = (dir.path().join("ca.pem"), dir.path().join("leaf.pem"));
+        fs::write(&ca_file, ca.cert_pem()).unwrap();
+        fs::write(&leaf_file, leaf_pem).unwrap();
+        let out = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(&ca_file)
+            .args(["-purpose", "sslserver", "-verify_hostname", name])
+            .arg(&leaf_file)
+            .output()
+            .expect("run openssl (installed by `cargo xtask setup`)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// A DER certificate as PEM.
+    fn pem(der: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    }
+
+    #[test]
+    fn name_constraints_bind_the_ca_to_its_suffixes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wanted = vec!["Internal.Test.".to_owned(), "api.example".to_owned()];
+        let ca = HostCa::load_or_create(tmp.path(), Some(&wanted)).unwrap();
+        assert_eq!(ca.name_constraints(), ["api.example", "internal.test"]);
+        // The extension is in the certificate itself (critical, permitted DNS subtrees).
+        let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        let ext = cert.name_constraints().unwrap().expect("name constraints");
+        assert!(ext.critical);
+        assert_eq!(
+            permitted_dns_subtrees(ca.cert_der()).unwrap(),
+            ["api.example", "internal.test"]
+        );
+        // Names inside mint and verify; the suffix itself and names below it are inside.
+        for name in ["api.example", "v1.api.example", "db.internal.test"] {
+            assert!(ca.permits(name), "{name}");
+            let leaf = ca.mint(name).unwrap();
+            verify(ca.cert_der(), &leaf, name);
+            let (ok, text) = openssl_verify(&ca, &pem(&leaf.cert[0]), name);
+            assert!(ok, "openssl refused {name}: {text}");
+        }
+        // Outside: the agent refuses to mint, and a leaf forged with the key is rejected
+        // by a real client.
+        for name in [
+            "evil.example",
+            "xapi.example",
+            "api.example.evil.test",
+            "test",
+        ] {
+            assert!(!ca.permits(name), "{name}");
+            let e = ca.mint(name).unwrap_err();
+            assert!(
+                matches!(&e, CaError::OutsideConstraints { permitted, .. } if permitted == "api.example,internal.test"),
+                "{e:?}"
+            );
+            let (ok, text) = openssl_verify(&ca, &forged_leaf_pem(&ca, name), name);
+            assert!(!ok, "openssl accepted a forged leaf for {name}: {text}");
+            assert!(
+                text.contains("permitted subtree violation"),
+                "{name}: {text}"
+            );
+        }
+        // The same forgery inside the constraints does verify: the test can fail.
+        let (ok, text) =
+            openssl_verify(&ca, &forged_leaf_pem(&ca, "x.api.example"), "x.api.example");
+        assert!(ok, "{text}");
+        // An unconstrained CA accepts the outside name (the trade-off the option closes).
+        let open = tempfile::tempdir().unwrap();
+        let open = HostCa::load_or_create(open.path(), Some(&[])).unwrap();
+        assert!(permitted_dns_subtrees(open.cert_der()).unwrap().is_empty());
+        let (ok, text) = openssl_verify(
+            &open,
+            &forged_leaf_pem(&open, "evil.example"),
+            "evil.example",
+        );
+        assert!(ok, "{text}");
+
+        // Reloading: the same list (any order or case) loads; None accepts what is there.
+        let again = vec!["api.example".to_owned(), "internal.test".to_owned()];
+        let reloaded = HostCa::load_or_create(tmp.path(), Some(&again)).unwrap();
+        assert_eq!(reloaded.cert_pem(), ca.cert_pem());
+        assert_eq!(reloaded.name_constraints(), ca.name_constraints());
+        assert!(reloaded.mint("db.internal.test").is_ok());
+        let exported = HostCa::load_or_create(tmp.path(), None).unwrap();
+        assert_eq!(exported.cert_pem(), ca.cert_pem());
+        // Other constraints (or none) are refused, naming the file and both lists.
+        for (configured, shown) in [
+            (vec!["api.example".to_owned()], "api.example"),
+            (Vec::new(), ""),
+        ] {
+            let e = HostCa::load_or_create(tmp.path(), Some(&configured)).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, CaError::ConstraintsDiffer { .. }), "{e:?}");
+            assert!(
+                text.starts_with(&format!(
+                    "CA certificate {} has name constraints [api.example,internal.test] but [{shown}] is configured",
+                    tmp.path().join(CA_CERT_FILE).display()
+                )),
+                "{text}"
+            );
+        }
+        // An unconstrained CA on disk is refused when constraints are configured.
+        let open_dir = tempfile::tempdir().unwrap();
+        HostCa::load_or_create(open_dir.path(), None).unwrap();
+        let e = HostCa::load_or_create(open_dir.path(), Some(&again)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has name constraints [] but [api.example,internal.test]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hostile_name_constraints_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        for bad in [
+            "",
+            "*.example",
+            "10.0.0.1",
+            "exa mple.test",
+            "-x.test",
+            "a..b",
+            "::1",
+        ] {
+            let e = HostCa::load_or_create(tmp.path(), Some(&[bad.to_owned()])).unwrap_err();
+            assert!(
+                matches!(&e, CaError::InvalidConstraint { value, .. } if value == bad),
+                "{bad:?}: {e:?}"
+            );
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("--ca-name-constraints {bad:?}: "))
+            );
+        }
+        // Nothing was created by a refused configuration.
+        assert!(!tmp.path().join(CA_CERT_FILE).exists());
+    }
+
     #[test]
     fn refuses_a_key_readable_by_others() {
         let tmp = tempfile::tempdir().unwrap();
-        HostCa::load_or_create(tmp.path()).unwrap();
+        HostCa::load_or_create(tmp.path(), None).unwrap();
         let key = tmp.path().join(CA_KEY_FILE);
         for bad in [0o644, 0o640, 0o604, 0o610] {
             fs::set_permissions(&key, fs::Permissions::from_mode(bad)).unwrap();
-            let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+            let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
             assert!(
                 matches!(&e, CaError::KeyPermissions { path, mode } if *path == key && *mode == bad),
                 "{e:?}"
@@ -1079,7 +1419,7 @@ mod tests {
             assert!(text.contains(&format!("{bad:04o}")), "{text}");
         }
         fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
-        HostCa::load_or_create(tmp.path()).unwrap();
+        HostCa::load_or_create(tmp.path(), None).unwrap();
     }
 
     #[test]
@@ -1087,11 +1427,11 @@ mod tests {
         // Key as a symlink.
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("s");
-        HostCa::load_or_create(&dir).unwrap();
+        HostCa::load_or_create(&dir, None).unwrap();
         let key = dir.join(CA_KEY_FILE);
         fs::rename(&key, tmp.path().join("elsewhere.key")).unwrap();
         symlink(tmp.path().join("elsewhere.key"), &key).unwrap();
-        let e = HostCa::load_or_create(&dir).unwrap_err();
+        let e = HostCa::load_or_create(&dir, None).unwrap_err();
         assert!(
             matches!(&e, CaError::Read { path, .. } if *path == key),
             "{e:?}"
@@ -1099,20 +1439,20 @@ mod tests {
 
         // Only one of the two files.
         let tmp = tempfile::tempdir().unwrap();
-        HostCa::load_or_create(tmp.path()).unwrap();
+        HostCa::load_or_create(tmp.path(), None).unwrap();
         fs::remove_file(tmp.path().join(CA_CERT_FILE)).unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(matches!(e, CaError::Incomplete { .. }), "{e:?}");
         assert!(e.to_string().contains(CA_CERT_FILE), "{e}");
         let tmp = tempfile::tempdir().unwrap();
-        HostCa::load_or_create(tmp.path()).unwrap();
+        HostCa::load_or_create(tmp.path(), None).unwrap();
         fs::remove_file(tmp.path().join(CA_KEY_FILE)).unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(matches!(e, CaError::Incomplete { .. }), "{e:?}");
 
         // Corrupt key, corrupt certificate: the error names the file.
         let tmp = tempfile::tempdir().unwrap();
-        HostCa::load_or_create(tmp.path()).unwrap();
+        HostCa::load_or_create(tmp.path(), None).unwrap();
         let key = tmp.path().join(CA_KEY_FILE);
         let good_key = fs::read(&key).unwrap();
         fs::write(
@@ -1120,7 +1460,7 @@ mod tests {
             b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
         )
         .unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(
             matches!(&e, CaError::Corrupt { path, .. } if *path == key),
             "{e:?}"
@@ -1129,7 +1469,7 @@ mod tests {
         let cert = tmp.path().join(CA_CERT_FILE);
         let good_cert = fs::read_to_string(&cert).unwrap();
         fs::write(&cert, b"not a certificate").unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(
             matches!(&e, CaError::Corrupt { path, .. } if *path == cert),
             "{e:?}"
@@ -1137,32 +1477,32 @@ mod tests {
         // Anything next to the certificate (it is exported verbatim) is refused.
         let with_key = format!("{good_cert}{}", String::from_utf8_lossy(&good_key));
         fs::write(&cert, with_key).unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(
             matches!(&e, CaError::Corrupt { path, .. } if *path == cert),
             "{e:?}"
         );
         fs::write(&cert, format!("\n{good_cert}\n\n")).unwrap();
-        let reloaded = HostCa::load_or_create(tmp.path()).unwrap();
+        let reloaded = HostCa::load_or_create(tmp.path(), None).unwrap();
         assert_eq!(reloaded.cert_pem(), good_cert);
 
         // A key from another CA.
         let other = tempfile::tempdir().unwrap();
-        HostCa::load_or_create(other.path()).unwrap();
+        HostCa::load_or_create(other.path(), None).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        HostCa::load_or_create(tmp.path()).unwrap();
+        HostCa::load_or_create(tmp.path(), None).unwrap();
         fs::write(
             tmp.path().join(CA_KEY_FILE),
             fs::read(other.path().join(CA_KEY_FILE)).unwrap(),
         )
         .unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(matches!(e, CaError::Mismatch { .. }), "{e:?}");
 
         // A state directory others can write to.
         let tmp = tempfile::tempdir().unwrap();
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
-        let e = HostCa::load_or_create(tmp.path()).unwrap_err();
+        let e = HostCa::load_or_create(tmp.path(), None).unwrap_err();
         assert!(
             matches!(e, CaError::StateDirPermissions { mode: 0o777, .. }),
             "{e:?}"
@@ -1170,14 +1510,14 @@ mod tests {
         // A file where the directory should be.
         let file = tmp.path().join("file");
         fs::write(&file, b"").unwrap();
-        let e = HostCa::load_or_create(&file).unwrap_err();
+        let e = HostCa::load_or_create(&file, None).unwrap_err();
         assert!(matches!(e, CaError::StateDir { .. }), "{e:?}");
     }
 
     #[test]
     fn leaf_cache_is_bounded_and_validates_names() {
         let tmp = tempfile::tempdir().unwrap();
-        let ca = Arc::new(HostCa::load_or_create(tmp.path()).unwrap());
+        let ca = Arc::new(HostCa::load_or_create(tmp.path(), None).unwrap());
         let cache = LeafCache::new(ca.clone(), 2, &[b"h2", b"http/1.1"]);
         let a = cache.leaf_for("a.example").unwrap();
         assert!(Arc::ptr_eq(&a, &cache.leaf_for("A.Example").unwrap()));

@@ -1,0 +1,320 @@
+//! Destination binding through DNS, end to end: the real agent resolves policy host names
+//! with its own resolver (hickory, `--resolv-conf` naming only a test DNS server on a
+//! 127.0.53.x address of each test's own), and the real kernel redirects a real curl in a
+//! throwaway cgroup. curl never resolves anything itself (`--connect-to`), so the workload
+//! picks the address and the agent decides whether that address may be bound to the name.
+//!
+//! Network rule: every address curl connects to that is not loopback is only ever the
+//! ORIGINAL destination of a connect that the kernel rewrites to the proxy (the policy has
+//! no L4 exception, so every TCP connect of the cgroup is redirected or refused); each test
+//! first proves the redirect is in force with a loopback request, and the agent denies an
+//! internal address before it dials anything. The upstreams that answer are on loopback.
+#![allow(clippy::unwrap_used, missing_docs, reason = "tests")]
+
+use std::{process::Command, time::Duration};
+
+use scopegate_e2e::{
+    dns_server::{Answer, DnsServer},
+    *,
+};
+
+/// An agent whose resolver asks only `dns`, on a fresh cgroup tree with one managed child.
+struct Fixture {
+    managed: String,
+    agent: Agent,
+    _policies: tempfile::TempDir,
+    _pins: PinDir,
+    _tree: CgroupTree,
+    _audit_dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// `egress` is the policy's egress list (YAML, indented by two spaces).
+    fn new(dns: &DnsServer, egress: &str, ttl: (u32, u32), agent_inside: bool) -> Self {
+        let tree = CgroupTree::new();
+        let managed = tree.child("managed");
+        let policy = format!("workload: web\nselect:\n  cgroup: {managed}\negress:\n{egress}");
+        let policies = policy_dir(&[("web.yaml", policy)]);
+        let pins = PinDir::new();
+        let audit_dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::new(
+            policies.path(),
+            &tree,
+            &pins,
+            audit_dir.path().join("audit.jsonl"),
+        );
+        config.extra = vec![
+            "--resolv-conf".into(),
+            dns.resolv_conf().display().to_string(),
+            "--dns-min-ttl".into(),
+            ttl.0.to_string(),
+            "--dns-max-ttl".into(),
+            ttl.1.to_string(),
+        ];
+        config.inside = agent_inside.then(|| managed.clone());
+        let agent = Agent::start(config);
+        Self {
+            managed,
+            agent,
+            _policies: policies,
+            _pins: pins,
+            _tree: tree,
+            _audit_dir: audit_dir,
+        }
+    }
+
+    /// GET http://NAME:PORT/allowed/x from the managed cgroup, connecting to `addr`.
+    fn get(&self, name: &str, port: u16, addr: &str) -> (u16, String) {
+        let connect_to = format!("{name}:{port}:{addr}:{port}");
+        let url = format!("http://{name}:{port}/allowed/x");
+        let out = curl_in(
+            &self.managed,
+            &["--connect-to", &connect_to, "-w", STATUS, &url],
+        );
+        status_and_body(&out)
+    }
+
+    /// The decision records so far, after waiting for `n`.
+    fn records(&self, n: usize) -> Vec<serde_json::Value> {
+        let records = self.agent.wait_audit(n);
+        assert_eq!(records.len(), n, "{records:#?}");
+        records
+    }
+}
+
+/// A destination entry for `name:port` with an optional `allow_internal` value.
+fn dest(name: &str, port: u16, allow_internal: Option<&str>) -> String {
+    let allow = allow_internal.map_or(String::new(), |a| format!("    allow_internal: {a}\n"));
+    format!(
+        "  - host: {name}\n    port: {port}\n{allow}    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n"
+    )
+}
+
+#[test]
+fn dns_internal_answers_are_denied_for_a_name_destination() {
+    privileged_test("dns_internal_answers_are_denied_for_a_name_destination");
+    let dns = DnsServer::start("127.0.53.10");
+    let upstream = Upstream::start("127.0.0.51");
+    let port = upstream.addr.port();
+    // (name, answer, the address curl connects to, the class the agent names)
+    let cases = [
+        ("lo.dns.test", "127.0.0.51", "127.0.0.51", "loopback"),
+        (
+            "mapped.dns.test",
+            "::ffff:127.0.0.51",
+            "::ffff:127.0.0.51",
+            "loopback",
+        ),
+        ("private.dns.test", "10.0.0.7", "10.0.0.7", "private"),
+        (
+            "metadata.dns.test",
+            "169.254.169.254",
+            "169.254.169.254",
+            "link-local",
+        ),
+        ("cgnat.dns.test", "100.64.0.7", "100.64.0.7", "cgnat"),
+        ("ula.dns.test", "fd00::7", "fd00::7", "ula"),
+    ];
+    let mut egress = String::new();
+    for (name, answer, _, _) in &cases {
+        dns.set(name, &[Answer::addr(answer, 60)]);
+        egress.push_str(&dest(name, port, None));
+    }
+    let f = Fixture::new(&dns, &egress, (5, 300), false);
+    for (i, (name, answer, connect, class)) in cases.iter().enumerate() {
+        let addr = if connect.contains(':') {
+            format!("[{connect}]")
+        } else {
+            (*connect).to_owned()
+        };
+        let (status, body) = f.get(name, port, &addr);
+        assert_eq!(status, 403, "{name} -> {answer}: {body}");
+        assert!(body.contains("destination_internal_address"), "{body}");
+        let records = f.records(i + 1);
+        let r = &records[i];
+        assert_eq!(r["decision"], "deny", "{r}");
+        assert_eq!(r["reason"], "destination_internal_address", "{r}");
+        assert_eq!(r["dst"]["host"], *name, "{r}");
+        // The kernel's original destination (v4-mapped as IPv4).
+        let want_ip = connect.strip_prefix("::ffff:").unwrap_or(connect);
+        assert_eq!(r["dst"]["ip"], want_ip, "{r}");
+        // The refusal names the address and its class.
+        assert!(
+            body.contains(&format!("{want_ip} ({class}")),
+            "{class}: {body}"
+        );
+    }
+    // Nothing reached the loopback upstream; the agent asked the test server only.
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    let asked: Vec<String> = dns.queries().into_iter().map(|q| q.qname).collect();
+    for (name, ..) in &cases {
+        assert!(
+            asked.contains(&format!("{name}.")),
+            "{name} not asked: {asked:?}"
+        );
+    }
+}
+
+#[test]
+fn dns_loopback_answer_is_allowed_with_allow_internal() {
+    privileged_test("dns_loopback_answer_is_allowed_with_allow_internal");
+    let dns = DnsServer::start("127.0.53.11");
+    let upstream = Upstream::start("127.0.0.52");
+    let port = upstream.addr.port();
+    dns.set("cidr.dns.test", &[Answer::addr("127.0.0.52", 60)]);
+    dns.set("all.dns.test", &[Answer::addr("127.0.0.52", 60)]);
+    let egress = format!(
+        "{}{}",
+        dest("cidr.dns.test", port, Some("[127.0.0.52/32]")),
+        dest("all.dns.test", port, Some("true"))
+    );
+    let f = Fixture::new(&dns, &egress, (5, 300), false);
+    for name in ["cidr.dns.test", "all.dns.test"] {
+        let (status, body) = f.get(name, port, "127.0.0.52");
+        assert_eq!(status, 200, "{name}: {body}");
+        assert!(body.contains("says hi: GET /allowed/x"), "{body}");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let records = f.records(2);
+    assert!(
+        records.iter().all(|r| r["decision"] == "allow"),
+        "{records:#?}"
+    );
+    assert_eq!(records[0]["dst"]["ip"], "127.0.0.52");
+}
+
+#[test]
+fn dns_rebinding_after_ttl_expiry_is_denied() {
+    privileged_test("dns_rebinding_after_ttl_expiry_is_denied");
+    let dns = DnsServer::start("127.0.53.12");
+    let a = Upstream::start("127.0.0.53");
+    let b = Upstream::start("127.0.0.54");
+    let port = a.addr.port();
+    let name = "rebind.dns.test";
+    dns.set(name, &[Answer::addr("127.0.0.53", 1)]);
+    let egress = dest(name, port, Some("[127.0.0.53/32]"));
+    // TTL floor 1 s, ceiling 2 s: any answer is looked up again after at most 2 s.
+    let f = Fixture::new(&dns, &egress, (1, 2), false);
+    let (status, body) = f.get(name, port, "127.0.0.53");
+    assert_eq!(status, 200, "{body}");
+    let asked_before = dns.queries().len();
+
+    // The zone moves the name to an address the destination does not allow.
+    dns.set(name, &[Answer::addr("127.0.0.54", 1)]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (status, body) = f.get(name, port, "127.0.0.54");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("destination_internal_address"), "{body}");
+    // The old address is no longer in the answer set.
+    let (status, body) = f.get(name, port, "127.0.0.53");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("destination_address_mismatch"), "{body}");
+
+    let records = f.records(3);
+    let reasons: Vec<&serde_json::Value> = records.iter().map(|r| &r["reason"]).collect();
+    assert_eq!(
+        reasons,
+        [
+            &serde_json::Value::Null,
+            &serde_json::json!("destination_internal_address"),
+            &serde_json::json!("destination_address_mismatch"),
+        ],
+        "{records:#?}"
+    );
+    assert_eq!(a.seen().len(), 1, "only the first request reached A");
+    assert!(b.seen().is_empty(), "{:?}", b.seen());
+    assert!(
+        dns.queries().len() > asked_before,
+        "the agent resolved the name again after the TTL: {:?}",
+        dns.queries()
+    );
+}
+
+#[test]
+fn dns_mixed_answer_set_binds_only_the_allowed_address() {
+    privileged_test("dns_mixed_answer_set_binds_only_the_allowed_address");
+    let dns = DnsServer::start("127.0.53.13");
+    let allowed = Upstream::start("127.0.0.55");
+    let other = Upstream::start("127.0.0.56");
+    let port = allowed.addr.port();
+    let name = "mixed.dns.test";
+    dns.set(
+        name,
+        &[
+            Answer::addr("127.0.0.55", 60),
+            Answer::addr("127.0.0.56", 60),
+            Answer::addr("10.0.0.9", 60),
+        ],
+    );
+    let egress = dest(name, port, Some("[127.0.0.55/32]"));
+    let f = Fixture::new(&dns, &egress, (5, 300), false);
+    // Loopback first: proves the redirect is in force before any non-loopback connect.
+    let (status, body) = f.get(name, port, "127.0.0.55");
+    assert_eq!(status, 200, "{body}");
+    for addr in ["127.0.0.56", "10.0.0.9"] {
+        let (status, body) = f.get(name, port, addr);
+        assert_eq!(status, 403, "{addr}: {body}");
+        assert!(body.contains("destination_internal_address"), "{body}");
+    }
+    let records = f.records(3);
+    assert_eq!(records[0]["decision"], "allow");
+    assert_eq!(records[1]["reason"], "destination_internal_address");
+    assert_eq!(records[2]["reason"], "destination_internal_address");
+    assert_eq!(records[2]["dst"]["ip"], "10.0.0.9");
+    assert_eq!(allowed.seen().len(), 1);
+    assert!(other.seen().is_empty(), "{:?}", other.seen());
+}
+
+#[test]
+fn dns_of_the_agent_inside_a_managed_cgroup_passes_its_hooks() {
+    privileged_test("dns_of_the_agent_inside_a_managed_cgroup_passes_its_hooks");
+    // The agent runs in the cgroup its policy selects: only its SO_MARK exempts its
+    // sockets, and the policy allows no DNS, so an unmarked query would be refused.
+    let dns = DnsServer::start("127.0.53.14");
+    let upstream = Upstream::start("127.0.0.57");
+    let port = upstream.addr.port();
+    dns.set("inside.dns.test", &[Answer::addr("127.0.0.57", 60)]);
+    let egress = dest("inside.dns.test", port, Some("true"));
+    let f = Fixture::new(&dns, &egress, (5, 300), true);
+    let (status, body) = f.get("inside.dns.test", port, "127.0.0.57");
+    assert_eq!(status, 200, "{body}");
+    let records = f.records(1);
+    assert_eq!(records[0]["decision"], "allow", "{records:#?}");
+    assert_eq!(upstream.seen().len(), 1);
+    let asked: Vec<String> = dns.queries().into_iter().map(|q| q.qname).collect();
+    assert!(asked.contains(&"inside.dns.test.".to_owned()), "{asked:?}");
+}
+
+#[test]
+fn dns_numeric_looking_names_are_refused_by_policy_check() {
+    privileged_test("dns_numeric_looking_names_are_refused_by_policy_check");
+    for (host, line) in [
+        ("0x7f.0x21", 5),
+        ("0x7f000001", 5),
+        ("0xa9fea9fe", 5),
+        ("2130706433", 5),
+        ("127.1", 5),
+        ("0177.0.0.1", 5),
+    ] {
+        let text = format!(
+            "workload: web\nselect:\n  cgroup: /x\negress:\n  - host: \"{host}\"\n    port: 80\n"
+        );
+        let dir = policy_dir(&[("web.yaml", text)]);
+        let out = Command::new(bin())
+            .args(["policy", "check"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{host}: {stdout}");
+        let want = format!("web.yaml:{line}:");
+        assert!(stdout.contains(&want), "{host}: {stdout}");
+        let col = stdout
+            .split(&want)
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|c| c.parse::<u32>().ok());
+        assert!(col.is_some_and(|c| c > 0), "{host}: no column in {stdout}");
+    }
+}
