@@ -85,8 +85,9 @@ impl Fixture {
 /// A destination entry for `name:port` with an optional `allow_internal` value.
 fn dest(name: &str, port: u16, allow_internal: Option<&str>) -> String {
     let allow = allow_internal.map_or(String::new(), |a| format!("    allow_internal: {a}\n"));
+    let id = name.replace('.', "-");
     format!(
-        "  - host: {name}\n    port: {port}\n{allow}    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n"
+        "  - host: {name}\n    port: {port}\n{allow}    rules:\n      - id: read-{id}\n        methods: [GET]\n        path: /allowed/**\n"
     )
 }
 
