@@ -305,8 +305,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         framing: crate::framing::Limits::default(),
         timeouts: opts.timeouts,
         // Proxied connections stay below the fd limit by the control plane's reserve.
+        // What is open by now (maps, programs, links, listeners, the audit file) is not
+        // available to proxied connections either.
         connections: crate::state::ConnectionCounts::with_budget(crate::state::descriptor_budget(
-            nofile,
+            nofile.saturating_sub(open_descriptors()),
         )),
         dns: dns_proxy,
     });
@@ -438,6 +440,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         "scopegate stopping; the pinned hooks stay attached (managed connects are refused until restart; `scopegate uninstall` removes them)"
     );
     Ok(())
+}
+
+/// How many descriptors this process has open (0 if /proc cannot be read).
+fn open_descriptors() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
 }
 
 /// The control-plane handle: publishes snapshots and keeps the kernel in step.
