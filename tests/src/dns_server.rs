@@ -206,27 +206,21 @@ impl DnsServer {
     /// Replaces the records of `name` (without or with its trailing dot); an empty list
     /// makes the name exist with no records (NOERROR, no answer).
     pub fn set(&self, name: &str, answers: &[Answer]) {
-        let zone_path = self.dir.path().join("zone.json");
-        let mut zone: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&fs::read_to_string(&zone_path).expect("read zone"))
-                .expect("zone json");
-        let mut key = name.to_ascii_lowercase();
-        if !key.ends_with('.') {
-            key.push('.');
-        }
         let records = answers
             .iter()
             .map(|a| serde_json::json!({"type": a.rtype, "value": a.value, "ttl": a.ttl}))
             .collect();
-        zone.insert(key, serde_json::Value::Array(records));
-        // Written to a temporary file and renamed, so a query never reads half a zone.
-        let tmp = self.dir.path().join("zone.json.tmp");
-        fs::write(&tmp, serde_json::Value::Object(zone).to_string()).expect("write zone");
-        fs::rename(&tmp, &zone_path).expect("swap zone");
+        self.edit_zone(name, Some(serde_json::Value::Array(records)));
     }
 
     /// Removes `name`: it then gets NXDOMAIN.
     pub fn remove(&self, name: &str) {
+        self.edit_zone(name, None);
+    }
+
+    /// Sets (or, with `None`, removes) the zone entry of `name`. Written to a temporary file
+    /// and renamed, so a query never reads half a zone.
+    fn edit_zone(&self, name: &str, records: Option<serde_json::Value>) {
         let zone_path = self.dir.path().join("zone.json");
         let mut zone: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&fs::read_to_string(&zone_path).expect("read zone"))
@@ -235,7 +229,10 @@ impl DnsServer {
         if !key.ends_with('.') {
             key.push('.');
         }
-        zone.remove(&key);
+        match records {
+            Some(records) => zone.insert(key, records),
+            None => zone.remove(&key),
+        };
         let tmp = self.dir.path().join("zone.json.tmp");
         fs::write(&tmp, serde_json::Value::Object(zone).to_string()).expect("write zone");
         fs::rename(&tmp, &zone_path).expect("swap zone");
