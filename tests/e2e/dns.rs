@@ -4,11 +4,11 @@
 //! throwaway cgroup. curl never resolves anything itself (`--connect-to`), so the workload
 //! picks the address and the agent decides whether that address may be bound to the name.
 //!
-//! Network rule: every address curl connects to that is not loopback is only ever the
-//! ORIGINAL destination of a connect that the kernel rewrites to the proxy (the policy has
-//! no L4 exception, so every TCP connect of the cgroup is redirected or refused); each test
-//! first proves the redirect is in force with a loopback request, and the agent denies an
-//! internal address before it dials anything. The upstreams that answer are on loopback.
+//! Network rule: curl connects only to loopback addresses (127.0.0.0/8, also as
+//! `::ffff:127.x`); answers in the other internal classes (private, link-local, CGNAT, ULA,
+//! NAT64 forms) are never connected to, even though the hook would rewrite the connect:
+//! `policy explain`, which resolves with the agent's resolver code against the same test
+//! server, shows how the agent classifies and binds them. The upstreams are on loopback.
 #![allow(clippy::unwrap_used, missing_docs, reason = "tests")]
 
 use std::{process::Command, time::Duration};
@@ -74,12 +74,43 @@ impl Fixture {
         status_and_body(&out)
     }
 
+    /// `policy explain` of GET http://NAME:PORT/allowed/x by `web`, resolving with the
+    /// test server (as the agent does): the exit code and the report.
+    fn explain(&self, dns: &DnsServer, name: &str, port: u16) -> (Option<i32>, String) {
+        explain_in(self._policies.path(), dns, name, port)
+    }
+
     /// The decision records so far, after waiting for `n`.
     fn records(&self, n: usize) -> Vec<serde_json::Value> {
         let records = self.agent.wait_audit(n);
         assert_eq!(records.len(), n, "{records:#?}");
         records
     }
+}
+
+/// `policy explain` of GET http://NAME:PORT/allowed/x by `web` with the policies of `dir`,
+/// resolving with the test server `dns` (as the agent does): the exit code and the report.
+fn explain_in(
+    dir: &std::path::Path,
+    dns: &DnsServer,
+    name: &str,
+    port: u16,
+) -> (Option<i32>, String) {
+    let out = Command::new(bin())
+        .args(["policy", "explain"])
+        .arg(dir)
+        .args(["--workload", "web", "--request"])
+        .arg(format!("GET http://{name}:{port}/allowed/x"))
+        .arg("--resolv-conf")
+        .arg(dns.resolv_conf())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
 }
 
 /// A destination entry for `name:port` with an optional `allow_internal` value.
@@ -97,32 +128,35 @@ fn dns_internal_answers_are_denied_for_a_name_destination() {
     let dns = DnsServer::start("127.0.53.10");
     let upstream = Upstream::start("127.0.0.51");
     let port = upstream.addr.port();
-    // (name, answer, the address curl connects to, the class the agent names)
-    let cases = [
-        ("lo.dns.test", "127.0.0.51", "127.0.0.51", "loopback"),
-        (
-            "mapped.dns.test",
-            "::ffff:127.0.0.51",
-            "::ffff:127.0.0.51",
-            "loopback",
-        ),
-        ("private.dns.test", "10.0.0.7", "10.0.0.7", "private"),
+    // Connected to (loopback only): (name, answer, the address curl connects to).
+    let connected = [
+        ("lo.dns.test", "127.0.0.51", "127.0.0.51"),
+        ("mapped.dns.test", "::ffff:127.0.0.51", "::ffff:127.0.0.51"),
+    ];
+    // Never connected to (network rule): the agent's resolver and `policy explain` classify
+    // the answer. (name, answer, the class and detail `policy explain` names)
+    let explained = [
+        ("private.dns.test", "10.0.0.7", "private"),
         (
             "metadata.dns.test",
             "169.254.169.254",
-            "169.254.169.254",
-            "link-local",
+            "link-local, cloud metadata service",
         ),
-        ("cgnat.dns.test", "100.64.0.7", "100.64.0.7", "cgnat"),
-        ("ula.dns.test", "fd00::7", "fd00::7", "ula"),
+        ("cgnat.dns.test", "100.64.0.7", "cgnat"),
+        ("ula.dns.test", "fd00::7", "ula"),
+        (
+            "nat64.dns.test",
+            "64:ff9b::a00:7",
+            "private, IPv4 10.0.0.7 in NAT64 64:ff9b::/96",
+        ),
     ];
     let mut egress = String::new();
-    for (name, answer, _, _) in &cases {
+    for (name, answer, _) in connected.iter().chain(&explained) {
         dns.set(name, &[Answer::addr(answer, 60)]);
         egress.push_str(&dest(name, port, None));
     }
     let f = Fixture::new(&dns, &egress, (5, 300), false);
-    for (i, (name, answer, connect, class)) in cases.iter().enumerate() {
+    for (i, (name, answer, connect)) in connected.iter().enumerate() {
         let addr = if connect.contains(':') {
             format!("[{connect}]")
         } else {
@@ -136,19 +170,62 @@ fn dns_internal_answers_are_denied_for_a_name_destination() {
         assert_eq!(r["decision"], "deny", "{r}");
         assert_eq!(r["reason"], "destination_internal_address", "{r}");
         assert_eq!(r["dst"]["host"], *name, "{r}");
-        // The kernel's original destination (v4-mapped as IPv4).
+        // The kernel's original destination (v4-mapped as IPv4) and its class.
         let want_ip = connect.strip_prefix("::ffff:").unwrap_or(connect);
         assert_eq!(r["dst"]["ip"], want_ip, "{r}");
+        assert_eq!(r["dst"]["class"], "loopback", "{r}");
         // The refusal names the address and its class.
+        assert!(body.contains(&format!("{want_ip} (loopback")), "{body}");
+    }
+    // Nothing reached the loopback upstream.
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    // The other classes, through the agent's own resolver code in `policy explain`, asking
+    // the same test server: each answer classified and denied; the rules alone would allow.
+    for (name, answer, detail) in &explained {
+        let (code, text) = f.explain(&dns, name, port);
+        assert_eq!(code, Some(1), "{name}: {text}");
+        assert!(text.contains("decision:  ALLOW by rule"), "{name}: {text}");
+        // Trusted for what is left of the 60 s TTL (the agent's cache counts down).
         assert!(
-            body.contains(&format!("{want_ip} ({class}")),
-            "{class}: {body}"
+            text.contains(&format!(
+                "binding:   {name} resolves to 1 address(es) via the nameservers of {}, \
+                 trusted for ",
+                dns.resolv_conf().display()
+            )) && text.contains(" s (allow_internal: none)"),
+            "{name}: {text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "  {answer} ({detail}): internal, denied (destination_internal_address)"
+            )),
+            "{name}: {text}"
         );
     }
-    // Nothing reached the loopback upstream; the agent asked the test server only.
-    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    // With `allow_internal: true` the same answers may be bound (exit 0).
+    let mut open = String::new();
+    for (name, ..) in &explained {
+        open.push_str(&dest(name, port, Some("true")));
+    }
+    let open_dir = policy_dir(&[(
+        "web.yaml",
+        format!("workload: web\nselect:\n  cgroup: /sg-unused\negress:\n{open}"),
+    )]);
+    for (name, answer, detail) in &explained {
+        let (code, text) = explain_in(open_dir.path(), &dns, name, port);
+        assert_eq!(code, Some(0), "{name}: {text}");
+        assert!(
+            text.contains(&format!("  {answer} ({detail}): allowed (allow_internal)")),
+            "{name}: {text}"
+        );
+    }
     let asked: Vec<String> = dns.queries().into_iter().map(|q| q.qname).collect();
-    for (name, ..) in &cases {
+    for (name, ..) in connected.iter() {
+        assert!(
+            asked.contains(&format!("{name}.")),
+            "{name} not asked: {asked:?}"
+        );
+    }
+    for (name, ..) in explained.iter() {
         assert!(
             asked.contains(&format!("{name}.")),
             "{name} not asked: {asked:?}"
@@ -250,21 +327,32 @@ fn dns_mixed_answer_set_binds_only_the_allowed_address() {
     );
     let egress = dest(name, port, Some("[127.0.0.55/32]"));
     let f = Fixture::new(&dns, &egress, (5, 300), false);
-    // Loopback first: proves the redirect is in force before any non-loopback connect.
+    // Only loopback is connected to (network rule): the allowed answer and one outside the
+    // allowed range; `policy explain` shows the binding of all three.
     let (status, body) = f.get(name, port, "127.0.0.55");
     assert_eq!(status, 200, "{body}");
-    for addr in ["127.0.0.56", "10.0.0.9"] {
-        let (status, body) = f.get(name, port, addr);
-        assert_eq!(status, 403, "{addr}: {body}");
-        assert!(body.contains("destination_internal_address"), "{body}");
-    }
-    let records = f.records(3);
+    let (status, body) = f.get(name, port, "127.0.0.56");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("destination_internal_address"), "{body}");
+    let records = f.records(2);
     assert_eq!(records[0]["decision"], "allow");
+    assert_eq!(records[0]["dst"]["ip"], "127.0.0.55");
+    assert_eq!(records[0]["dst"]["class"], "loopback");
     assert_eq!(records[1]["reason"], "destination_internal_address");
-    assert_eq!(records[2]["reason"], "destination_internal_address");
-    assert_eq!(records[2]["dst"]["ip"], "10.0.0.9");
+    assert_eq!(records[1]["dst"]["ip"], "127.0.0.56");
     assert_eq!(allowed.seen().len(), 1);
     assert!(other.seen().is_empty(), "{:?}", other.seen());
+    let (code, text) = f.explain(&dns, name, port);
+    assert_eq!(code, Some(0), "{text}");
+    for line in [
+        "resolves to 3 address(es)",
+        "(allow_internal: 127.0.0.55/32)",
+        "  127.0.0.55 (loopback): allowed (allow_internal)",
+        "  127.0.0.56 (loopback): internal, denied (destination_internal_address)",
+        "  10.0.0.9 (private): internal, denied (destination_internal_address)",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
 }
 
 #[test]

@@ -169,6 +169,12 @@ pub struct Dst {
     pub ip: Option<String>,
     /// The original destination port.
     pub port: Option<u16>,
+    /// The class of `ip` (`global`, `documentation`, `loopback`, `private`, `link-local`,
+    /// `cgnat`, `ula`, …; an IPv6 form embedding an IPv4 address has the IPv4 address's
+    /// class): what destination binding checked, so that an auditor sees when a name
+    /// destination reached an internal address (only with `allow_internal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
 }
 
 /// The DNS part of a `proto: "dns"` record: one query through the DNS proxy.
@@ -335,6 +341,12 @@ impl Record {
     pub fn with_dst_addr(mut self, addr: SocketAddr) -> Self {
         self.dst.ip = Some(addr.ip().to_string());
         self.dst.port = Some(addr.port());
+        self.dst.class = Some(
+            crate::policy::addr::classify(addr.ip().to_canonical())
+                .class
+                .as_str()
+                .to_owned(),
+        );
         self
     }
 }

@@ -1231,6 +1231,9 @@ fn real_records_match_the_schema() {
     full.bytes_down = Some(1048);
     full.latency_us = Some(840);
     full.origin = Some(Fault::Policy);
+    // An IPv4-mapped private address: classified by the embedded IPv4.
+    let full = full.with_dst_addr("[::ffff:10.0.0.1]:443".parse().unwrap());
+    assert_eq!(full.dst.class.as_deref(), Some("private"));
     auditor.record(full);
     auditor.record(Record::new("tcp"));
     auditor.guard(Record::new("http")).finish_unavailable();
@@ -1249,8 +1252,11 @@ fn real_records_match_the_schema() {
         if v["exe"].is_string() {
             seen.insert("exe");
         }
+        if v["dst"].get("class").is_some() {
+            seen.insert("class");
+        }
     }
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
     // A summary record validates too.
     let mut summary = Record::new("audit");
     summary.decision = Decision::Deny;

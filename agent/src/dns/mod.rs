@@ -439,7 +439,12 @@ pub async fn serve_udp(env: Arc<dyn DnsEnv>, socket: UdpSocket, callers: Arc<dyn
         let wire = buf[..n].to_vec();
         let (env, socket, callers) = (env.clone(), socket.clone(), callers.clone());
         tokio::spawn(async move {
-            let caller = callers.caller(listener, crate::identify::normalize(peer));
+            // sock_diag is a blocking netlink round trip: off the runtime's workers.
+            let peer_addr = crate::identify::normalize(peer);
+            let caller = tokio::task::spawn_blocking(move || callers.caller(listener, peer_addr))
+                .await
+                .ok()
+                .flatten();
             if let Some(out) = answer(env.as_ref(), caller.as_ref(), &wire, Transport::Udp).await {
                 let _ = socket.send_to(&out, peer).await;
             }

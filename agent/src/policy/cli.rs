@@ -2,36 +2,74 @@
 #![forbid(unsafe_code)]
 
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use jiff::Timestamp;
 
-use std::net::{IpAddr, ToSocketAddrs};
-
 use super::{
-    BodyError, PathError, PolicyErrors, Request, Snapshot, binding_report, explain, normalize_with,
-    parse_json_body,
+    BodyError, DnsReport, Mode, PathError, PolicyErrors, Request, Resolution, Snapshot,
+    binding_report, dns, dns_report, explain, host_dns_report, normalize_with, parse_json_body,
 };
+use crate::resolve::{DnsLookup, Lookup as _, ResolveError, TtlBounds};
 
-/// How `explain` resolves a destination name: the answers, or the error text.
-type Lookup<'a> = &'a dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>;
+/// How `explain` resolves a destination name.
+trait NameLookup {
+    /// The answers for `name` (canonical, no trailing dot); `Err(Ok(text))` when the name
+    /// does not resolve (the proxy would answer 502 `resolve_failed`), `Err(Err(e))` when
+    /// the resolver itself cannot be set up.
+    fn resolve(&self, name: &str) -> Result<Resolution, Result<String, ResolveError>>;
+    /// Which resolvers answer, for the report.
+    fn describe(&self) -> String;
+}
 
-/// The system resolver (getaddrinfo). The proxy itself resolves with its own resolver
-/// (`resolve::DnsLookup`, nameservers from `run --resolv-conf`, TTL-bounded), which reads
-/// the same `/etc/resolv.conf` and `/etc/hosts` by default.
-fn system_lookup(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for addr in (name, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("resolving {name}: {e}"))?
-    {
-        let ip = addr.ip().to_canonical();
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
+/// The agent's own resolver, as `run` sets it up: hickory with the nameservers and options
+/// of a `resolv.conf`, names fully qualified (no search suffix), `/etc/hosts` honoured,
+/// answers trusted for their TTL clamped to the bounds. So `explain` sees the addresses
+/// the proxy would bind (except those the DNS proxy taught the running agent).
+struct AgentLookup {
+    resolv_conf: PathBuf,
+    bounds: TtlBounds,
+}
+
+impl NameLookup for AgentLookup {
+    fn resolve(&self, name: &str) -> Result<Resolution, Result<String, ResolveError>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| {
+                Err(ResolveError::Read {
+                    path: self.resolv_conf.clone(),
+                    source,
+                })
+            })?;
+        runtime.block_on(async {
+            let lookup =
+                DnsLookup::from_resolv_conf(&self.resolv_conf, self.bounds, 0).map_err(Err)?;
+            match lookup.lookup(name).await {
+                Ok(answers) => {
+                    let mut addrs: Vec<IpAddr> = Vec::new();
+                    for ip in answers.addrs {
+                        let ip = ip.to_canonical();
+                        if !addrs.contains(&ip) {
+                            addrs.push(ip);
+                        }
+                    }
+                    Ok(Resolution {
+                        addrs,
+                        trusted_for: Some(self.bounds.clamp(answers.ttl)),
+                    })
+                }
+                Err(e) => Err(Ok(format!("resolving {name}: {e}"))),
+            }
+        })
     }
-    Ok(ips)
+
+    fn describe(&self) -> String {
+        format!("the nameservers of {}", self.resolv_conf.display())
+    }
 }
 
 /// The `policy` subcommands.
@@ -43,7 +81,11 @@ pub enum PolicyCommand {
         dir: PathBuf,
     },
     /// Explain the decision for one request: the decision, the rule, and for a denial why
-    /// each rule did not allow it. Exits 0 when allowed, 1 when denied.
+    /// each rule did not allow it; for a name destination, whether the workload may look
+    /// the name up through the DNS proxy, and what the name resolves to now (with the
+    /// agent's resolver), each address's class and whether a connection to it may be
+    /// bound. Or, with --dns-query, the DNS proxy's decision on one question. Exits 0 when
+    /// allowed, 1 when denied.
     Explain {
         /// The policy directory.
         dir: PathBuf,
@@ -53,10 +95,26 @@ pub enum PolicyCommand {
         /// The request to explain, as METHOD and URL.
         #[arg(
             long,
+            required_unless_present = "dns_query",
+            conflicts_with = "dns_query",
             help = "The request: 'METHOD URL', e.g. 'POST https://api.example.com/v1/charges'; \
                     the port defaults to 80 for http and 443 for https"
         )]
-        request: String,
+        request: Option<String>,
+        /// A DNS question instead of a request: 'NAME [TYPE]' (TYPE defaults to A), as the
+        /// workload would ask it through the agent's DNS proxy.
+        #[arg(long, value_name = "NAME [TYPE]")]
+        dns_query: Option<String>,
+        /// The resolv.conf whose nameservers resolve destination names, as `run
+        /// --resolv-conf` (the agent's resolver, not getaddrinfo).
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
+        /// The TTL floor in seconds, as `run --dns-min-ttl`.
+        #[arg(long, default_value_t = 5)]
+        dns_min_ttl: u64,
+        /// The TTL ceiling in seconds, as `run --dns-max-ttl`.
+        #[arg(long, default_value_t = 300)]
+        dns_max_ttl: u64,
         /// A request header 'Name: value' (repeatable).
         #[arg(long, short = 'H')]
         header: Vec<String>,
@@ -145,6 +203,17 @@ pub enum PolicyCliError {
     /// The explanation could not be written as JSON.
     #[error("cannot write the explanation as JSON: {0}")]
     Output(#[from] serde_json::Error),
+    /// The resolver cannot be set up (`--resolv-conf`, TTL bounds).
+    #[error("{0}")]
+    Resolver(#[from] ResolveError),
+    /// `--dns-query` cannot be parsed.
+    #[error("--dns-query {value:?}: {reason}")]
+    InvalidDnsQuery {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Runs a policy subcommand; `Ok(true)` means success (exit 0), `Ok(false)` a finding (exit 1).
@@ -166,30 +235,44 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
                 Ok(false)
             }
         },
-        explain @ PolicyCommand::Explain { .. } => {
-            let (allowed, text) = run_explain(explain, &system_lookup)?;
+        PolicyCommand::Explain {
+            ref resolv_conf,
+            dns_min_ttl,
+            dns_max_ttl,
+            ..
+        } => {
+            let lookup = AgentLookup {
+                resolv_conf: resolv_conf.clone(),
+                bounds: TtlBounds::new(
+                    Duration::from_secs(dns_min_ttl),
+                    Duration::from_secs(dns_max_ttl),
+                )?,
+            };
+            let (allowed, text) = run_explain(command, &lookup)?;
             println!("{text}");
             Ok(allowed)
         }
     }
 }
 
-/// `explain`: whether the request is allowed, and the text to print. A matched name
-/// destination is resolved with `lookup` to show destination binding; the request counts
-/// as allowed only if some answer may be bound.
+/// `explain`: whether the request (or DNS question) is allowed, and the text to print. A
+/// matched name destination is resolved with `lookup` to show destination binding; the
+/// request counts as allowed only if some answer may be bound.
 fn run_explain(
     command: PolicyCommand,
-    lookup: Lookup<'_>,
+    lookup: &dyn NameLookup,
 ) -> Result<(bool, String), PolicyCliError> {
     let PolicyCommand::Explain {
         dir,
         workload,
         request,
+        dns_query,
         header,
         body,
         at,
         uid,
         json,
+        ..
     } = command
     else {
         return Ok((false, String::new()));
@@ -217,6 +300,10 @@ fn run_explain(
             known: String::new(),
         })?;
 
+    let Some(request) = request else {
+        let query = dns_query.unwrap_or_default();
+        return explain_dns_query(w, &query, json);
+    };
     let target = parse_request(&request)?;
     let options = w
         .destination_for(&target.host, target.port)
@@ -279,10 +366,23 @@ fn run_explain(
         at,
     };
     let mut explanation = explain(&snapshot, &req);
-    explanation.binding = w
+    if target.host.parse::<IpAddr>().is_err() {
+        explanation.dns = Some(host_dns_report(Some(w), &target.host));
+    }
+    let destination = w
         .destination_for(&target.host, target.port)
-        .filter(|(_, d)| matches!(d.host, super::Host::Name(_)))
-        .and_then(|(_, d)| binding_report(d, lookup(&d.host.to_string(), target.port)));
+        .filter(|(_, d)| matches!(d.host, super::Host::Name(_)));
+    if let Some((_, d)) = destination {
+        let answers = match lookup.resolve(&d.host.to_string()) {
+            Ok(resolution) => Ok(resolution),
+            Err(Ok(no_answer)) => Err(no_answer),
+            Err(Err(setup)) => return Err(setup.into()),
+        };
+        explanation.binding = binding_report(d, answers).map(|mut b| {
+            b.resolver = Some(lookup.describe());
+            b
+        });
+    }
     let bindable = explanation
         .binding
         .as_ref()
@@ -292,6 +392,56 @@ fn run_explain(
         serde_json::to_string_pretty(&explanation)?
     } else {
         explanation.to_string().trim_end().to_owned()
+    };
+    Ok((allowed, text))
+}
+
+/// The DNS question of `--dns-query 'NAME [TYPE]'`, explained: exit 0 when the proxy
+/// would answer it, 1 when it would answer REFUSED (in audit mode too: the report says that
+/// the query passes as `would_deny`).
+fn explain_dns_query(
+    w: &super::Workload,
+    value: &str,
+    json: bool,
+) -> Result<(bool, String), PolicyCliError> {
+    let fail = |reason: &str| PolicyCliError::InvalidDnsQuery {
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut parts = value.split_whitespace();
+    let name = parts
+        .next()
+        .ok_or_else(|| fail("expected 'NAME [TYPE]', e.g. 'api.example.com AAAA'"))?;
+    let qtype = match parts.next() {
+        None => dns::TYPE_A,
+        Some(t) => dns::parse_type(&t.to_ascii_uppercase()).map_err(|e| fail(e))?,
+    };
+    if parts.next().is_some() {
+        return Err(fail("expected 'NAME [TYPE]', e.g. 'api.example.com AAAA'"));
+    }
+    let report = dns_report(Some(w), name, &[qtype]);
+    let allowed = report.decision == "answer";
+    let text = if json {
+        #[derive(serde::Serialize)]
+        struct DnsExplanation<'a> {
+            workload: &'a str,
+            mode: Mode,
+            dns: &'a DnsReport,
+        }
+        serde_json::to_string_pretty(&DnsExplanation {
+            workload: &w.name,
+            mode: w.mode(),
+            dns: &report,
+        })?
+    } else {
+        format!(
+            "query:     {} {name} (through the agent's DNS proxy)\n\
+             workload:  {} (mode {})\n\
+             dns:       {report}",
+            dns::type_name(qtype),
+            w.name,
+            w.mode(),
+        )
     };
     Ok((allowed, text))
 }
@@ -413,11 +563,45 @@ egress:
         path: /health
 ";
 
+    /// A test resolver: a table of names and their answers, each trusted for 60 s.
+    struct Table(Vec<(&'static str, Vec<&'static str>)>);
+
+    impl NameLookup for Table {
+        fn resolve(&self, name: &str) -> Result<Resolution, Result<String, ResolveError>> {
+            match self.0.iter().find(|(n, _)| *n == name) {
+                Some((_, ips)) => Ok(Resolution {
+                    addrs: ips.iter().map(|s| s.parse().unwrap()).collect(),
+                    trusted_for: Some(Duration::from_secs(60)),
+                }),
+                None => Err(Ok(format!("resolving {name}: no such name"))),
+            }
+        }
+
+        fn describe(&self) -> String {
+            "the test table".to_owned()
+        }
+    }
+
     /// The test resolver: api.example.com is a documentation address (a public stand-in).
-    fn fixed_lookup(name: &str, _port: u16) -> Result<Vec<IpAddr>, String> {
-        match name {
-            "api.example.com" => Ok(vec!["198.51.100.7".parse().unwrap()]),
-            other => Err(format!("resolving {other}: no such name")),
+    fn fixed_lookup() -> Table {
+        Table(vec![("api.example.com", vec!["198.51.100.7"])])
+    }
+
+    /// `explain` of `request` by `workload` with the defaults.
+    fn command(dir: PathBuf, workload: &str, request: &str) -> PolicyCommand {
+        PolicyCommand::Explain {
+            dir,
+            workload: workload.to_owned(),
+            request: Some(request.to_owned()),
+            dns_query: None,
+            resolv_conf: PathBuf::from("/nonexistent/resolv.conf"),
+            dns_min_ttl: 5,
+            dns_max_ttl: 300,
+            header: Vec::new(),
+            body: None,
+            at: Some("2024-06-03T10:00:00Z".to_owned()),
+            uid: None,
+            json: false,
         }
     }
 
@@ -445,19 +629,19 @@ egress:
                 std::fs::write(&path, b).unwrap();
                 path
             });
-            run_explain(
-                PolicyCommand::Explain {
-                    dir: self.dir.path().join("policies"),
-                    workload: "billing".to_owned(),
-                    request: request.to_owned(),
-                    header: header.iter().map(|h| (*h).to_owned()).collect(),
-                    body,
-                    at: Some("2024-06-03T10:00:00Z".to_owned()),
-                    uid: None,
-                    json,
-                },
-                &fixed_lookup,
-            )
+            let mut cmd = command(self.dir.path().join("policies"), "billing", request);
+            if let PolicyCommand::Explain {
+                header: h,
+                body: b,
+                json: j,
+                ..
+            } = &mut cmd
+            {
+                *h = header.iter().map(|h| (*h).to_owned()).collect();
+                *b = body;
+                *j = json;
+            }
+            run_explain(cmd, &fixed_lookup())
         }
     }
 
@@ -531,7 +715,11 @@ egress:
              workload:  billing (mode enforce)\n\
              decision:  ALLOW by rule create-charge of api.example.com:443\n\
              rate:      100/minute (destination api.example.com:443)\n\
-             binding:   api.example.com resolves to 1 address(es) (allow_internal: none)\n  \
+             dns:       A/AAAA api.example.com: REFUSED dns_not_allowed: the policy has no \
+             `dns:`: the kernel refuses the workload's UDP (EPERM) and the proxy refuses its \
+             DNS over TCP\n\
+             binding:   api.example.com resolves to 1 address(es) via the test table, trusted \
+             for 60 s (allow_internal: none)\n  \
              198.51.100.7 (documentation): allowed"
         );
         let (_, json) = env
@@ -562,41 +750,31 @@ egress:
              - {host: gone.test, port: 80, rules: [{id: g, methods: [GET], path: /**}]}\n",
         )
         .unwrap();
-        let lookup = |name: &str, _port: u16| -> Result<Vec<IpAddr>, String> {
-            let ips = |list: &[&str]| list.iter().map(|s| s.parse().unwrap()).collect();
-            match name {
-                "mixed.test" => Ok(ips(&[
-                    "198.51.100.7",
-                    "127.0.0.1",
-                    "::ffff:169.254.169.254",
-                ])),
-                "inside.test" => Ok(ips(&["127.0.0.1", "10.0.0.1"])),
-                "lo.test" => Ok(ips(&["64:ff9b::7f00:1"])),
-                other => Err(format!("resolving {other}: no such name")),
-            }
-        };
+        let lookup = Table(vec![
+            (
+                "mixed.test",
+                vec!["198.51.100.7", "127.0.0.1", "::ffff:169.254.169.254"],
+            ),
+            ("inside.test", vec!["127.0.0.1", "10.0.0.1"]),
+            ("lo.test", vec!["64:ff9b::7f00:1"]),
+        ]);
         let run = |url: &str, json: bool| {
-            run_explain(
-                PolicyCommand::Explain {
-                    dir: policies.clone(),
-                    workload: "fetcher".to_owned(),
-                    request: format!("GET {url}"),
-                    header: Vec::new(),
-                    body: None,
-                    at: Some("2024-06-03T10:00:00Z".to_owned()),
-                    uid: None,
-                    json,
-                },
-                &lookup,
-            )
-            .unwrap()
+            let mut cmd = command(policies.clone(), "fetcher", &format!("GET {url}"));
+            if let PolicyCommand::Explain { json: j, .. } = &mut cmd {
+                *j = json;
+            }
+            run_explain(cmd, &lookup).unwrap()
         };
         let (allowed, text) = run("http://mixed.test/x", false);
         assert!(allowed, "{text}");
         assert!(
             text.ends_with(
                 "decision:  ALLOW by rule m of mixed.test:80\n\
-                 binding:   mixed.test resolves to 3 address(es) (allow_internal: none)\n  \
+                 dns:       A/AAAA mixed.test: REFUSED dns_not_allowed: the policy has no \
+                 `dns:`: the kernel refuses the workload's UDP (EPERM) and the proxy refuses \
+                 its DNS over TCP\n\
+                 binding:   mixed.test resolves to 3 address(es) via the test table, trusted \
+                 for 60 s (allow_internal: none)\n  \
                  198.51.100.7 (documentation): allowed\n  \
                  127.0.0.1 (loopback): internal, denied (destination_internal_address)\n  \
                  169.254.169.254 (link-local, cloud metadata service): internal, denied \
@@ -608,7 +786,8 @@ egress:
         assert!(allowed, "{text}");
         assert!(
             text.ends_with(
-                "binding:   inside.test resolves to 2 address(es) (allow_internal: 127.0.0.0/8)\n  \
+                "binding:   inside.test resolves to 2 address(es) via the test table, trusted \
+                 for 60 s (allow_internal: 127.0.0.0/8)\n  \
                  127.0.0.1 (loopback): allowed (allow_internal)\n  \
                  10.0.0.1 (private): internal, denied (destination_internal_address)"
             ),
@@ -644,6 +823,162 @@ egress:
     }
 
     #[test]
+    fn explains_dns_decisions() {
+        let env = env();
+        let policies = env.dir.path().join("policies");
+        std::fs::write(
+            policies.join("resolver.yaml"),
+            "workload: resolver\nselect: {cgroup: /resolver}\n\
+             dns: {names: ['*.cdn.example.com'], types: [TXT]}\negress:\n  \
+             - {host: api.example.com, port: 443, rules: [{id: r, methods: [GET], path: /**}]}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            policies.join("audited.yaml"),
+            "workload: audited\nselect: {cgroup: /audited}\nmode: audit\ndns: system\n\
+             egress:\n  - {host: api.example.com, port: 443, rules: [{id: a, methods: [GET], path: /**}]}\n",
+        )
+        .unwrap();
+        let query = |workload: &str, q: &str, json: bool| {
+            let mut cmd = command(policies.clone(), workload, "GET https://unused/");
+            if let PolicyCommand::Explain {
+                request,
+                dns_query,
+                json: j,
+                ..
+            } = &mut cmd
+            {
+                *request = None;
+                *dns_query = Some(q.to_owned());
+                *j = json;
+            }
+            run_explain(cmd, &fixed_lookup())
+        };
+        // The request's host: answered through the proxy, as a destination's name.
+        let (allowed, text) = run_explain(
+            command(
+                policies.clone(),
+                "resolver",
+                "GET https://api.example.com/x",
+            ),
+            &fixed_lookup(),
+        )
+        .unwrap();
+        assert!(allowed, "{text}");
+        assert!(
+            text.contains(
+                "dns:       A/AAAA api.example.com: answered through the DNS proxy (the name \
+                 of a destination; forwarded to the host's resolvers (run --resolv-conf))\n"
+            ),
+            "{text}"
+        );
+        let cases: &[(&str, &str, bool, &str)] = &[
+            (
+                "resolver",
+                "a.cdn.example.com",
+                true,
+                "dns:       A a.cdn.example.com: answered through the DNS proxy (dns.names \
+                 pattern *.cdn.example.com; forwarded to the host's resolvers (run \
+                 --resolv-conf))",
+            ),
+            (
+                "resolver",
+                "API.Example.COM. txt",
+                true,
+                "answered through the DNS proxy (the name of a destination;",
+            ),
+            (
+                "resolver",
+                "a.b.cdn.example.com",
+                false,
+                "REFUSED dns_name_not_allowed: a.b.cdn.example.com is neither a destination's \
+                 host name nor matched by dns.names (*.cdn.example.com)",
+            ),
+            (
+                "resolver",
+                "api.example.com MX",
+                false,
+                "REFUSED dns_type_not_allowed: the name is allowed, the type MX is not (A and \
+                 AAAA, plus dns.types: TXT)",
+            ),
+            (
+                "billing",
+                "api.example.com",
+                false,
+                "REFUSED dns_not_allowed: the policy has no `dns:`",
+            ),
+            (
+                "audited",
+                "exfil.attacker.example",
+                false,
+                "REFUSED dns_name_not_allowed: exfil.attacker.example is neither a \
+                 destination's host name nor matched by dns.names (none) (audit mode: answered \
+                 and recorded as would_deny)",
+            ),
+        ];
+        for (workload, q, want_allowed, want) in cases {
+            let (allowed, text) = query(workload, q, false).unwrap();
+            assert_eq!(allowed, *want_allowed, "{q}: {text}");
+            assert!(text.contains(want), "{q}: {text}");
+        }
+        let (_, json) = query("resolver", "x.cdn.example.com TXT", true).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["workload"], "resolver");
+        assert_eq!(v["dns"]["decision"], "answer");
+        assert_eq!(v["dns"]["types"][0], "TXT");
+        // Hostile or broken questions: a clear error naming the value.
+        for (bad, want) in [
+            ("", "--dns-query \"\": expected 'NAME [TYPE]'"),
+            (
+                "a.example.com A extra",
+                "--dns-query \"a.example.com A extra\": expected",
+            ),
+            (
+                "a.example.com BOGUS",
+                "--dns-query \"a.example.com BOGUS\": unknown DNS type",
+            ),
+        ] {
+            let e = query("resolver", bad, false).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{bad:?}: {e}");
+        }
+        // A name that is not a DNS name is refused, never forwarded.
+        let (allowed, text) = query("resolver", "exa_mple..com", false).unwrap();
+        assert!(!allowed, "{text}");
+        assert!(text.contains("REFUSED dns_name_not_allowed"), "{text}");
+    }
+
+    #[test]
+    fn explain_with_an_unusable_resolv_conf_is_an_error() {
+        let env = env();
+        let lookup = AgentLookup {
+            resolv_conf: env.dir.path().join("missing-resolv.conf"),
+            bounds: TtlBounds::default(),
+        };
+        let e = run_explain(
+            command(
+                env.dir.path().join("policies"),
+                "billing",
+                "GET https://api.example.com/v1/customers/cus_1",
+            ),
+            &lookup,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("missing-resolv.conf"), "{e}");
+        // An IP-literal destination needs no resolver.
+        let (allowed, _) = run_explain(
+            command(
+                env.dir.path().join("policies"),
+                "billing",
+                "GET http://[::1]:8080/health",
+            ),
+            &lookup,
+        )
+        .unwrap();
+        assert!(allowed);
+    }
+
+    #[test]
     fn explains_a_deny() {
         let env = env();
         let (allowed, text) = env
@@ -665,7 +1000,11 @@ egress:
              rules of api.example.com:443:\n  \
                create-charge: path_not_allowed: the path does not match /v1/charges\n  \
                read-customer: query_param_not_allowed: query parameter \"expand\" is not allowed\n\
-             binding:   api.example.com resolves to 1 address(es) (allow_internal: none)\n  \
+             dns:       A/AAAA api.example.com: REFUSED dns_not_allowed: the policy has no \
+             `dns:`: the kernel refuses the workload's UDP (EPERM) and the proxy refuses its \
+             DNS over TCP\n\
+             binding:   api.example.com resolves to 1 address(es) via the test table, trusted \
+             for 60 s (allow_internal: none)\n  \
              198.51.100.7 (documentation): allowed"
         );
         let (allowed, json) = env
@@ -752,35 +1091,18 @@ egress:
         );
         assert!(err(wrong_type).contains("(the proxy answers 415 unsupported_media_type)"));
         let unknown = run_explain(
-            PolicyCommand::Explain {
-                dir: env.dir.path().join("policies"),
-                workload: "nope".to_owned(),
-                request: "GET https://a/".to_owned(),
-                header: Vec::new(),
-                body: None,
-                at: None,
-                uid: None,
-                json: false,
-            },
-            &fixed_lookup,
+            command(env.dir.path().join("policies"), "nope", "GET https://a/"),
+            &fixed_lookup(),
         );
         assert_eq!(
             err(unknown),
             "--workload \"nope\": no such workload in the policy directory (known: billing)"
         );
-        let bad_time = run_explain(
-            PolicyCommand::Explain {
-                dir: env.dir.path().join("policies"),
-                workload: "billing".to_owned(),
-                request: "GET https://a/".to_owned(),
-                header: Vec::new(),
-                body: None,
-                at: Some("2024-06-03 10:00".to_owned()),
-                uid: None,
-                json: false,
-            },
-            &fixed_lookup,
-        );
+        let mut cmd = command(env.dir.path().join("policies"), "billing", "GET https://a/");
+        if let PolicyCommand::Explain { at, .. } = &mut cmd {
+            *at = Some("2024-06-03 10:00".to_owned());
+        }
+        let bad_time = run_explain(cmd, &fixed_lookup());
         assert!(err(bad_time).starts_with(
             "--at \"2024-06-03 10:00\": not an RFC 3339 time with an offset or Z, e.g. \
                  2024-06-03T10:00:00Z ("

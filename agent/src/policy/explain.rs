@@ -7,12 +7,14 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::addr::{AddrClass, AllowInternal, Verdict};
 use super::decide::{Check, Decision, Evaluator, Request, RuleFailure, decide};
-use super::model::{Destination, Host, Mode};
+use super::dns::{self as dns_policy, DnsDecision, DnsDeny, DnsUpstream, TYPE_A, TYPE_AAAA};
+use super::model::{Destination, Host, Mode, Workload};
 use super::{Snapshot, matchers};
 
 /// The explanation of one decision. Displays as a short report; serialises to JSON.
@@ -42,6 +44,10 @@ pub struct Explanation {
     /// ([`binding_report`]; `policy explain` does).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binding: Option<BindingReport>,
+    /// Whether the workload may look the request's host name up through the agent's DNS
+    /// proxy (A and AAAA), for a name host ([`dns_report`]; `policy explain` sets it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsReport>,
 }
 
 /// Destination binding for a name destination: what the name resolves to, each address's
@@ -56,6 +62,23 @@ pub struct BindingReport {
     pub error: Option<String>,
     /// The answers, in resolver order.
     pub addresses: Vec<AddressReport>,
+    /// How long the agent trusts this answer set before it resolves again: the answer's
+    /// TTL clamped to the agent's bounds (`--dns-min-ttl`, `--dns-max-ttl`), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_for_secs: Option<u64>,
+    /// Which resolvers answered (the caller says: `policy explain` names its
+    /// `--resolv-conf`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<String>,
+}
+
+/// What a destination name resolved to, for [`binding_report`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// The addresses, in resolver order.
+    pub addrs: Vec<IpAddr>,
+    /// How long the agent would trust them (TTL clamped to its bounds), when known.
+    pub trusted_for: Option<Duration>,
 }
 
 impl BindingReport {
@@ -82,7 +105,7 @@ pub struct AddressReport {
 /// destination, which is bound to exactly its address).
 pub fn binding_report(
     dest: &Destination,
-    answers: Result<Vec<IpAddr>, String>,
+    answers: Result<Resolution, String>,
 ) -> Option<BindingReport> {
     let Host::Name(name) = &dest.host else {
         return None;
@@ -97,11 +120,12 @@ pub fn binding_report(
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let (error, addresses) = match answers {
-        Err(e) => (Some(e), Vec::new()),
-        Ok(ips) => (
+    let (error, addresses, trusted_for) = match answers {
+        Err(e) => (Some(e), Vec::new(), None),
+        Ok(Resolution { addrs, trusted_for }) => (
             None,
-            ips.into_iter()
+            addrs
+                .into_iter()
                 .map(|ip| {
                     let ip = ip.to_canonical();
                     let (verdict, class) = allow.check(ip);
@@ -113,6 +137,7 @@ pub fn binding_report(
                     }
                 })
                 .collect(),
+            trusted_for,
         ),
     };
     Some(BindingReport {
@@ -120,7 +145,166 @@ pub fn binding_report(
         allow_internal,
         error,
         addresses,
+        trusted_for_secs: trusted_for.map(|t| t.as_secs()),
+        resolver: None,
     })
+}
+
+/// Whether a workload may look a name up through the agent's DNS proxy, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DnsReport {
+    /// The query name, as asked.
+    pub name: String,
+    /// The query types decided (`A`, `AAAA`, `TXT`, …).
+    pub types: Vec<String>,
+    /// `answer` (forwarded to the resolvers, the answer returned) or `refused` (REFUSED).
+    pub decision: &'static str,
+    /// The refusal's reason code (the DNS record's `reason`).
+    pub code: Option<&'static str>,
+    /// Why: which part of the policy allows the name, or what is missing.
+    pub why: String,
+    /// Where an allowed query goes.
+    pub resolvers: Option<String>,
+    /// In audit mode a refusal is recorded as `would_deny` and the query answered.
+    pub audit_mode: bool,
+}
+
+/// Explains the DNS proxy's decision on the questions `qname`/`qtypes` of `workload` (the
+/// decision is [`dns::allowed`](dns_policy::allowed)'s, for each type; the first refusal
+/// decides the report). Pure.
+pub fn dns_report(workload: Option<&Workload>, qname: &str, qtypes: &[u16]) -> DnsReport {
+    let types = qtypes.iter().map(|t| dns_policy::type_name(*t)).collect();
+    let refusal = qtypes
+        .iter()
+        .find_map(|t| match dns_policy::allowed(workload, qname, *t) {
+            DnsDecision::Allow => None,
+            DnsDecision::Deny(deny) => Some((*t, deny)),
+        });
+    let audit_mode = workload.is_some_and(|w| w.mode() == Mode::Audit);
+    let name = qname.to_owned();
+    let Some(w) = workload else {
+        return DnsReport {
+            name,
+            types,
+            decision: "refused",
+            code: Some(DnsDeny::NoWorkload.reason()),
+            why: "the caller is not a workload of the policy".to_owned(),
+            resolvers: None,
+            audit_mode,
+        };
+    };
+    let dns = w.dns.as_ref();
+    let extra_types = || {
+        let extra: Vec<String> = dns
+            .map(|d| d.types.iter().map(|t| dns_policy::type_name(*t)).collect())
+            .unwrap_or_default();
+        if extra.is_empty() {
+            "none".to_owned()
+        } else {
+            extra.join(", ")
+        }
+    };
+    let (decision, code, why) = match refusal {
+        Some((_, DnsDeny::NoDns)) => (
+            "refused",
+            Some(DnsDeny::NoDns.reason()),
+            "the policy has no `dns:`: the kernel refuses the workload's UDP (EPERM) and the \
+             proxy refuses its DNS over TCP"
+                .to_owned(),
+        ),
+        Some((_, DnsDeny::NameNotAllowed)) => (
+            "refused",
+            Some(DnsDeny::NameNotAllowed.reason()),
+            format!(
+                "{qname} is neither a destination's host name nor matched by dns.names ({})",
+                dns.map(|d| {
+                    if d.names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        d.names
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                })
+                .unwrap_or_default()
+            ),
+        ),
+        Some((t, deny)) => (
+            "refused",
+            Some(deny.reason()),
+            format!(
+                "the name is allowed, the type {} is not (A and AAAA, plus dns.types: {})",
+                dns_policy::type_name(t),
+                extra_types()
+            ),
+        ),
+        None => {
+            let canonical = dns_policy::canonical_qname(qname).unwrap_or_default();
+            let by_destination = w
+                .destinations
+                .iter()
+                .any(|d| matches!(&d.host, Host::Name(h) if *h == canonical));
+            let pattern = dns.and_then(|d| d.names.iter().find(|p| p.matches(&canonical)));
+            let why = match (by_destination, pattern) {
+                (true, _) => "the name of a destination".to_owned(),
+                (false, Some(p)) => format!("dns.names pattern {p}"),
+                (false, None) => "allowed".to_owned(),
+            };
+            ("answer", None, why)
+        }
+    };
+    let resolvers = (decision == "answer").then(|| match dns.map(|d| &d.upstream) {
+        Some(DnsUpstream::Resolvers(ips)) => ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "the host's resolvers (run --resolv-conf)".to_owned(),
+    });
+    DnsReport {
+        name,
+        types,
+        decision,
+        code,
+        why,
+        resolvers,
+        audit_mode,
+    }
+}
+
+/// [`dns_report`] for the A and AAAA lookups of a request's host name.
+pub fn host_dns_report(workload: Option<&Workload>, host: &str) -> DnsReport {
+    dns_report(workload, host, &[TYPE_A, TYPE_AAAA])
+}
+
+impl fmt::Display for DnsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let types = self.types.join("/");
+        match (self.decision, self.code) {
+            ("answer", _) => write!(
+                f,
+                "{types} {}: answered through the DNS proxy ({}; forwarded to {})",
+                self.name,
+                self.why,
+                self.resolvers.as_deref().unwrap_or("?")
+            ),
+            (_, code) => {
+                write!(
+                    f,
+                    "{types} {}: REFUSED {}: {}",
+                    self.name,
+                    code.unwrap_or("?"),
+                    self.why
+                )?;
+                if self.audit_mode && code != Some(DnsDeny::NoDns.reason()) {
+                    f.write_str(" (audit mode: answered and recorded as would_deny)")?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The request as the policy saw it.
@@ -188,6 +372,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         rate_limits: Vec::new(),
         rules: Vec::new(),
         binding: None,
+        dns: None,
     };
     let Some(workload) = workload else {
         if let Decision::Deny(reason) = &decision {
@@ -348,16 +533,27 @@ impl fmt::Display for Explanation {
                 _ => writeln!(f, "  {}: allow", report.rule)?,
             }
         }
+        if let Some(d) = &self.dns {
+            writeln!(f, "dns:       {d}")?;
+        }
         if let Some(b) = &self.binding {
             match &b.error {
                 Some(e) => writeln!(f, "binding:   {e} (the proxy answers 502 resolve_failed)")?,
-                None => writeln!(
-                    f,
-                    "binding:   {} resolves to {} address(es) (allow_internal: {})",
-                    b.host,
-                    b.addresses.len(),
-                    b.allow_internal
-                )?,
+                None => {
+                    write!(
+                        f,
+                        "binding:   {} resolves to {} address(es)",
+                        b.host,
+                        b.addresses.len()
+                    )?;
+                    if let Some(r) = &b.resolver {
+                        write!(f, " via {r}")?;
+                    }
+                    if let Some(t) = b.trusted_for_secs {
+                        write!(f, ", trusted for {t} s")?;
+                    }
+                    writeln!(f, " (allow_internal: {})", b.allow_internal)?;
+                }
             }
             for a in &b.addresses {
                 match a.verdict {

@@ -191,7 +191,10 @@ pub use decide::{
 };
 pub use dns::{Dns, DnsDecision, DnsDeny, DnsUpstream, NamePattern};
 pub use error::{PolicyError, PolicyErrors};
-pub use explain::{AddressReport, BindingReport, Explanation, binding_report, explain};
+pub use explain::{
+    AddressReport, BindingReport, DnsReport, Explanation, Resolution, binding_report, dns_report,
+    explain, host_dns_report,
+};
 pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
 };
