@@ -29,6 +29,7 @@ const EXPECTED: &[&str] = &[
     "etc/scopegate/scopegate.yaml",
     "usr/lib/tmpfiles.d/scopegate.conf",
     "usr/share/doc/scopegate/examples/policies/billing.yaml",
+    "usr/share/doc/scopegate/examples/policies/tests/billing.yaml",
     "usr/share/man/man1/scopegate.1.gz",
     "usr/share/man/man1/scopegate-run.1.gz",
     "usr/share/bash-completion/completions/scopegate",
@@ -134,6 +135,13 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
     );
     let version = ctx::output(Command::new(&bin).arg("--version"))?;
     ensure!(version.starts_with("scopegate "), "{version}");
+    // The shipped example policies pass their shipped test cases, with the shipped binary.
+    let examples = root.join("usr/share/doc/scopegate/examples/policies");
+    let tested = ctx::output(Command::new(&bin).args(["policy", "test"]).arg(&examples))?;
+    ensure!(
+        tested.contains(", 0 failed"),
+        "policy test of the shipped examples: {tested}"
+    );
 
     // systemd-analyze resolves the unit's dependencies and commands inside the root.
     let units = root.join("lib/systemd/system");

@@ -6,12 +6,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
-use jiff::Timestamp;
-
+use super::cases::{self, CasesError};
+use super::offline::{self, RequestError, Spec};
 use super::{
-    BodyError, DnsReport, Mode, PathError, PolicyErrors, Request, Resolution, Snapshot,
-    binding_report, dns, dns_report, explain, host_dns_report, normalize_with, parse_json_body,
+    DnsReport, Mode, PolicyErrors, Resolution, Snapshot, binding_report, dns, dns_report, explain,
+    host_dns_report,
 };
 use crate::resolve::{DnsLookup, Lookup as _, ResolveError, TtlBounds};
 
@@ -132,6 +131,17 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run test cases against a policy directory, offline: each case names a workload, a
+    /// request (optionally headers, a JSON body, a time, a uid) and the expected decision
+    /// (allow, optionally by which rule; deny, optionally with which reason). One line per
+    /// failing case as file:line:col; exits 0 when every case passes, 1 otherwise.
+    Test {
+        /// The policy directory.
+        dir: PathBuf,
+        /// Case files or directories of them (default: DIR/tests/*.yaml, which the policy
+        /// loader never reads).
+        cases: Vec<PathBuf>,
+    },
 }
 
 /// Errors of the policy command line.
@@ -141,38 +151,9 @@ pub enum PolicyCliError {
     /// The policy directory is invalid.
     #[error("{0}")]
     Policy(#[from] PolicyErrors),
-    /// `--workload` names no workload of the directory.
-    #[error("--workload {name:?}: no such workload in the policy directory (known: {known})")]
-    UnknownWorkload {
-        /// The name given.
-        name: String,
-        /// The known names, comma-separated.
-        known: String,
-    },
-    /// `--request` cannot be parsed.
-    #[error("--request {value:?}: {reason}")]
-    InvalidRequest {
-        /// The value given.
-        value: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The request's path is refused by normalisation (the proxy answers 400).
-    #[error("--request {value:?}: {source} (the proxy answers 400 {})", source.code())]
-    InvalidPath {
-        /// The value given.
-        value: String,
-        /// The normalisation error.
-        source: PathError,
-    },
-    /// `--header` cannot be parsed.
-    #[error("--header {value:?}: {reason}")]
-    InvalidHeader {
-        /// The value given.
-        value: String,
-        /// What is wrong.
-        reason: String,
-    },
+    /// The request cannot be decided as written (workload, request, header, body, time).
+    #[error(transparent)]
+    Request(#[from] RequestError),
     /// `--body` cannot be read.
     #[error("--body {}: {source}", path.display())]
     ReadBody {
@@ -181,28 +162,12 @@ pub enum PolicyCliError {
         /// The I/O error.
         source: io::Error,
     },
-    /// `--body` is refused by the body parser.
-    #[error("--body {}: {source} (the proxy answers {} {})", path.display(), source.status(), source.code())]
-    Body {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: BodyError,
-    },
-    /// `--at` is not an RFC 3339 time.
-    #[error(
-        "--at {value:?}: not an RFC 3339 time with an offset or Z, e.g. 2024-06-03T10:00:00Z \
-         ({reason})"
-    )]
-    InvalidTime {
-        /// The value given.
-        value: String,
-        /// The parser's message.
-        reason: String,
-    },
     /// The explanation could not be written as JSON.
     #[error("cannot write the explanation as JSON: {0}")]
     Output(#[from] serde_json::Error),
+    /// The test cases cannot be run.
+    #[error(transparent)]
+    Cases(#[from] CasesError),
     /// The resolver cannot be set up (`--resolv-conf`, TTL bounds).
     #[error("{0}")]
     Resolver(#[from] ResolveError),
@@ -235,6 +200,22 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
                 Ok(false)
             }
         },
+        PolicyCommand::Test { dir, cases: paths } => {
+            let snapshot = Snapshot::load_dir(&dir)?;
+            let files = cases::case_files(&dir, &paths)?;
+            let outcome = cases::run(&snapshot, &files)?;
+            for failure in &outcome.failures {
+                println!("{failure}");
+            }
+            println!(
+                "{} case(s) in {} file(s): {} passed, {} failed",
+                outcome.cases,
+                files.len(),
+                outcome.cases - outcome.failures.len(),
+                outcome.failures.len()
+            );
+            Ok(outcome.failures.is_empty())
+        }
         PolicyCommand::Explain {
             ref resolv_conf,
             dns_min_ttl,
@@ -278,93 +259,33 @@ fn run_explain(
         return Ok((false, String::new()));
     };
     let snapshot = Snapshot::load_dir(&dir)?;
-    let id = snapshot.workload_by_name(&workload).ok_or_else(|| {
-        let known: Vec<&str> = snapshot
-            .workloads()
-            .iter()
-            .map(|w| w.name.as_str())
-            .collect();
-        PolicyCliError::UnknownWorkload {
-            name: workload.clone(),
-            known: if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            },
-        }
-    })?;
-    let w = snapshot
-        .workload(id)
-        .ok_or_else(|| PolicyCliError::UnknownWorkload {
-            name: workload.clone(),
-            known: String::new(),
-        })?;
-
+    let (id, w) = offline::workload(&snapshot, &workload)?;
     let Some(request) = request else {
         let query = dns_query.unwrap_or_default();
         return explain_dns_query(w, &query, json);
     };
-    let target = parse_request(&request)?;
-    let options = w
-        .destination_for(&target.host, target.port)
-        .map(|(_, d)| d.normalize_options())
-        .unwrap_or_default();
-    let path = normalize_with(&target.path_and_query, options).map_err(|source| {
-        PolicyCliError::InvalidPath {
-            value: request.clone(),
-            source,
-        }
-    })?;
-
-    let mut headers = HeaderMap::new();
-    for h in &header {
-        let (name, value) = parse_header(h)?;
-        headers.append(name, value);
-    }
-    let parsed_body = match &body {
+    let bytes = match &body {
         None => None,
-        Some(file) => {
-            let bytes = std::fs::read(file).map_err(|source| PolicyCliError::ReadBody {
+        Some(file) => Some(
+            std::fs::read(file).map_err(|source| PolicyCliError::ReadBody {
                 path: file.clone(),
                 source,
-            })?;
-            if !headers.contains_key(header::CONTENT_TYPE) {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-            }
-            let content_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok());
-            Some(
-                parse_json_body(&bytes, content_type).map_err(|source| PolicyCliError::Body {
-                    path: file.clone(),
-                    source,
-                })?,
-            )
-        }
-    };
-    let at = match &at {
-        None => Timestamp::now(),
-        Some(text) => text
-            .parse::<Timestamp>()
-            .map_err(|e| PolicyCliError::InvalidTime {
-                value: text.clone(),
-                reason: e.to_string(),
             })?,
+        ),
     };
-    let req = Request {
-        workload: id,
-        uid: uid.or(w.uid).unwrap_or(0),
-        method: &target.method,
-        host: &target.host,
-        port: target.port,
-        path: &path,
-        headers: &headers,
-        body: parsed_body.as_ref(),
-        at,
+    let spec = Spec {
+        request: &request,
+        headers: &header,
+        body: bytes
+            .as_deref()
+            .zip(body.as_ref())
+            .map(|(b, file)| (b, format!("--body {}", file.display()))),
+        at: at.as_deref(),
+        uid,
     };
+    let prepared = offline::prepare(id, w, &spec)?;
+    let target = &prepared.target;
+    let req = prepared.request();
     let mut explanation = explain(&snapshot, &req);
     if target.host.parse::<IpAddr>().is_err() {
         explanation.dns = Some(host_dns_report(Some(w), &target.host));
@@ -414,7 +335,7 @@ fn explain_dns_query(
         .ok_or_else(|| fail("expected 'NAME [TYPE]', e.g. 'api.example.com AAAA'"))?;
     let qtype = match parts.next() {
         None => dns::TYPE_A,
-        Some(t) => dns::parse_type(&t.to_ascii_uppercase()).map_err(|e| fail(e))?,
+        Some(t) => dns::parse_type(&t.to_ascii_uppercase()).map_err(&fail)?,
     };
     if parts.next().is_some() {
         return Err(fail("expected 'NAME [TYPE]', e.g. 'api.example.com AAAA'"));
@@ -444,89 +365,6 @@ fn explain_dns_query(
         )
     };
     Ok((allowed, text))
-}
-
-/// The parts of `--request` the policy needs.
-#[derive(Debug, PartialEq, Eq)]
-struct Target {
-    method: String,
-    host: String,
-    port: u16,
-    path_and_query: String,
-}
-
-/// Parses 'METHOD URL'.
-fn parse_request(value: &str) -> Result<Target, PolicyCliError> {
-    let fail = |reason: &str| PolicyCliError::InvalidRequest {
-        value: value.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let (method, url) = value
-        .trim()
-        .split_once(char::is_whitespace)
-        .ok_or_else(|| fail("expected 'METHOD URL', e.g. 'GET https://api.example.com/v1/x'"))?;
-    let url = url.trim();
-    Method::from_bytes(method.as_bytes())
-        .map_err(|_| fail(&format!("{method:?} is not an HTTP method")))?;
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| fail(&format!("{url:?} is not a URL: {e}")))?;
-    let default_port = match uri.scheme_str() {
-        Some("https") => 443,
-        Some("http") => 80,
-        Some(other) => return Err(fail(&format!("scheme {other:?} is not http or https"))),
-        None => {
-            return Err(fail(
-                "the URL needs a scheme and a host, e.g. https://api.example.com/",
-            ));
-        }
-    };
-    let authority = uri.authority().ok_or_else(|| fail("the URL has no host"))?;
-    if authority.as_str().contains('@') {
-        return Err(fail("the URL must not contain user information ('@')"));
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
-    if host.is_empty() {
-        return Err(fail("the URL has no host"));
-    }
-    let port = match authority.port_u16() {
-        Some(0) => return Err(fail("port 0 is not a port")),
-        Some(p) => p,
-        None if authority.as_str().ends_with(':') => {
-            return Err(fail("the URL has an empty port"));
-        }
-        None => default_port,
-    };
-    let path_and_query = uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    Ok(Target {
-        method: method.to_owned(),
-        host,
-        port,
-        path_and_query,
-    })
-}
-
-/// Parses 'Name: value'.
-fn parse_header(value: &str) -> Result<(HeaderName, HeaderValue), PolicyCliError> {
-    let fail = |reason: String| PolicyCliError::InvalidHeader {
-        value: value.to_owned(),
-        reason,
-    };
-    let (name, v) = value
-        .split_once(':')
-        .ok_or_else(|| fail("expected 'Name: value'".to_owned()))?;
-    let name = HeaderName::from_bytes(name.trim().as_bytes())
-        .map_err(|_| fail(format!("{:?} is not a valid header name", name.trim())))?;
-    let v = HeaderValue::from_str(v.trim())
-        .map_err(|_| fail("the value has characters not allowed in a header".to_owned()))?;
-    Ok((name, v))
 }
 
 #[cfg(test)]
@@ -647,10 +485,10 @@ egress:
 
     #[test]
     fn parses_requests() {
-        let t = |v: &str| parse_request(v).map_err(|e| e.to_string());
+        let t = |v: &str| offline::parse_request(v).map_err(|e| e.to_string());
         assert_eq!(
             t("POST https://API.example.com/v1/charges?x=1"),
-            Ok(Target {
+            Ok(offline::Target {
                 method: "POST".into(),
                 host: "api.example.com".into(),
                 port: 443,

@@ -165,6 +165,7 @@
 pub mod addr;
 mod body;
 pub mod canonical;
+mod cases;
 pub mod cli;
 mod decide;
 pub mod dns;
@@ -172,6 +173,7 @@ mod error;
 pub mod explain;
 mod matchers;
 mod model;
+mod offline;
 pub(crate) mod position;
 mod rate;
 mod raw;
