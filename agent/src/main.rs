@@ -87,6 +87,8 @@ enum Generate {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// The JSON Schema of policy files on stdout (for editors: yaml-language-server).
+    PolicySchema,
 }
 
 #[derive(Debug, Subcommand)]
@@ -230,6 +232,7 @@ fn generate(what: Generate) -> anyhow::Result<()> {
             let path = dir.join(man.get_filename());
             std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
         }
+        Generate::PolicySchema => print!("{}", scopegate::policy::schema::json()),
         Generate::Completions { shell } => {
             clap_complete::generate(
                 shell,

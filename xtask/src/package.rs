@@ -19,6 +19,21 @@ use crate::ctx::{self, Ctx};
 /// The cargo-deb release `setup` installs into `<root>/.tools`.
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
 
+/// Validates policy files (argv[2:]) against the policy schema (argv[1]) with the Python
+/// `jsonschema` package, and checks that a document with a misspelt key is refused.
+const SCHEMA_CHECK_PY: &str = r#"
+import json, sys, yaml, jsonschema
+validator = jsonschema.Draft7Validator(json.load(open(sys.argv[1])))
+for path in sys.argv[2:]:
+    errors = list(validator.iter_errors(yaml.safe_load(open(path))))
+    if errors:
+        sys.exit(f"{path}: {errors[0].message}")
+typo = yaml.safe_load("workload: x\nselect: {cgroup: /x}\negress:\n  - {host: a.example, port: 80, rulez: []}\n")
+if not list(validator.iter_errors(typo)):
+    sys.exit("a policy with the misspelt key `rulez` passed the schema")
+print(f"schema ok: {len(sys.argv) - 2} policies")
+"#;
+
 /// Highest `systemd-analyze security` exposure the unit may have.
 pub const MAX_EXPOSURE: f64 = 3.0;
 
@@ -30,6 +45,7 @@ const EXPECTED: &[&str] = &[
     "usr/lib/tmpfiles.d/scopegate.conf",
     "usr/share/doc/scopegate/examples/policies/billing.yaml",
     "usr/share/doc/scopegate/examples/policies/tests/billing.yaml",
+    "usr/share/scopegate/policy.schema.json",
     "usr/share/man/man1/scopegate.1.gz",
     "usr/share/man/man1/scopegate-run.1.gz",
     "usr/share/bash-completion/completions/scopegate",
@@ -142,6 +158,20 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
         tested.contains(", 0 failed"),
         "policy test of the shipped examples: {tested}"
     );
+    // The shipped schema accepts the shipped policies and refuses a misspelt key.
+    let mut validate = Command::new("python3");
+    validate
+        .arg("-c")
+        .arg(SCHEMA_CHECK_PY)
+        .arg(root.join("usr/share/scopegate/policy.schema.json"));
+    for entry in fs::read_dir(&examples)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            validate.arg(path);
+        }
+    }
+    let checked = ctx::output(&mut validate)?;
+    ensure!(checked.starts_with("schema ok"), "{checked}");
 
     // systemd-analyze resolves the unit's dependencies and commands inside the root.
     let units = root.join("lib/systemd/system");

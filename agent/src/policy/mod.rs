@@ -178,6 +178,7 @@ pub(crate) mod position;
 mod rate;
 mod raw;
 mod routes;
+pub mod schema;
 mod when;
 
 use std::collections::HashMap;

@@ -5,14 +5,27 @@
 //! maps whose keys are user data (`query`, `headers`) keep the file order and reject a
 //! key given twice.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
+/// A scopegate policy file: one workload document, or a list of them.
+#[derive(JsonSchema)]
+#[schemars(untagged)]
+#[allow(dead_code, reason = "only its schema is used")]
+pub(crate) enum PolicyFile {
+    /// One workload document.
+    One(Box<Workload>),
+    /// A list of workloads.
+    Many(Vec<Workload>),
+}
+
 /// One workload document.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Workload {
     /// The workload's name, unique across the directory.
@@ -48,7 +61,7 @@ pub(crate) enum Dns {
 }
 
 /// The mapping form of `dns:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DnsRules {
     /// Name patterns allowed besides the destinations' names.
@@ -126,7 +139,7 @@ impl<'de> Deserialize<'de> for AllowInternal {
 /// One `egress` entry as written: an HTTP destination (`host`, `port`, `rules`, …) or an
 /// L4 exception (`cidr`, `ports`, `protocol`). Which one is decided in validation, so that
 /// a mix-up gets a precise error with its position.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Egress {
     /// A DNS name or an IP literal (HTTP destination).
@@ -169,7 +182,7 @@ pub(crate) struct Egress {
 }
 
 /// `credential:` as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Credential {
     /// The header to set (replacing whatever the workload sent).
@@ -183,7 +196,7 @@ pub(crate) struct Credential {
 }
 
 /// `mode:` as written.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Mode {
     /// Deny what no rule allows.
@@ -194,7 +207,7 @@ pub(crate) enum Mode {
 
 /// The workload's identity: exactly one of `cgroup` and `systemd_unit`, plus an optional
 /// `uid` condition.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Select {
     /// A cgroup v2 path (or glob) relative to the cgroup2 mount.
@@ -241,7 +254,7 @@ pub(crate) struct Destination {
 }
 
 /// One L7 rule.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Rule {
     /// Rule id, unique within the workload; appears in audit records.
@@ -274,7 +287,7 @@ pub(crate) struct Rule {
 }
 
 /// A time window.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct When {
     /// `mon` .. `sun`.
@@ -312,7 +325,7 @@ pub(crate) enum HeaderRule {
 }
 
 /// A constraint on a textual value: exactly one of the fields (checked by validation).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValueRule {
     /// Allowed values, compared exactly.
@@ -322,13 +335,14 @@ pub(crate) struct ValueRule {
 }
 
 /// One `json:` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JsonRule {
     /// Dot path into the body, e.g. `customer.address.country` or `items.0.sku`.
     pub field: String,
     /// Allowed values (strings, numbers, booleans, null).
     #[serde(default)]
+    #[schemars(with = "Option<Vec<serde_json::Value>>")]
     pub one_of: Option<Vec<serde_yaml::Value>>,
     /// Smallest allowed number.
     #[serde(default)]
@@ -470,5 +484,103 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrderedMap<T> {
             }
         }
         d.deserialize_map(V(PhantomData))
+    }
+}
+
+// ---------------------------------------------------------------- JSON Schema of the
+// types with hand-written `Deserialize` (keyword-or-mapping forms).
+
+impl JsonSchema for Dns {
+    fn schema_name() -> Cow<'static, str> {
+        "Dns".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let rules = generator.subschema_for::<DnsRules>();
+        json_schema!({
+            "description": "DNS through the agent's DNS proxy: `system` (the host's resolvers), a list of resolver addresses, or {names, types, resolvers}. Absent: no DNS at all.",
+            "anyOf": [
+                {"type": "string", "enum": ["system"]},
+                {"type": "array", "items": {"type": "string"}},
+                rules
+            ]
+        })
+    }
+}
+
+impl JsonSchema for AllowInternal {
+    fn schema_name() -> Cow<'static, str> {
+        "AllowInternal".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "Internal addresses (loopback, private, link-local, CGNAT, ULA, ...) a name destination may be bound to: true, or a list of CIDRs.",
+            "anyOf": [
+                {"type": "boolean"},
+                {"type": "array", "items": {"type": "string"}}
+            ]
+        })
+    }
+}
+
+impl JsonSchema for Scalar {
+    fn schema_name() -> Cow<'static, str> {
+        "Scalar".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A string, number or boolean, compared as its text.",
+            "type": ["string", "number", "boolean"]
+        })
+    }
+}
+
+impl JsonSchema for QueryRule {
+    fn schema_name() -> Cow<'static, str> {
+        "QueryRule".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let value = generator.subschema_for::<ValueRule>();
+        json_schema!({
+            "description": "any, absent, present, {one_of: [...]} or {pattern: REGEX}.",
+            "anyOf": [
+                {"type": "string", "enum": ["any", "absent", "present"]},
+                value
+            ]
+        })
+    }
+}
+
+impl JsonSchema for HeaderRule {
+    fn schema_name() -> Cow<'static, str> {
+        "HeaderRule".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let value = generator.subschema_for::<ValueRule>();
+        json_schema!({
+            "description": "required, forbidden, {one_of: [...]} or {pattern: REGEX}.",
+            "anyOf": [
+                {"type": "string", "enum": ["required", "forbidden"]},
+                value
+            ]
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for OrderedMap<T> {
+    fn schema_name() -> Cow<'static, str> {
+        format!("Map_of_{}", T::schema_name()).into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let value = generator.subschema_for::<T>();
+        json_schema!({
+            "type": "object",
+            "additionalProperties": value
+        })
     }
 }
