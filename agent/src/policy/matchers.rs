@@ -95,6 +95,11 @@ pub enum ValueMatch {
     OneOf(Box<[Box<str>]>),
     /// The whole value matches.
     Pattern(Pattern),
+    /// The value equals none of these, compared ASCII case-insensitively (a deny-list errs
+    /// on the side of refusing: `Admin` is refused by `not_one_of: [admin]`).
+    NotOneOf(Box<[Box<str>]>),
+    /// The whole value does not match.
+    NotPattern(Pattern),
 }
 
 impl ValueMatch {
@@ -103,58 +108,113 @@ impl ValueMatch {
         match self {
             ValueMatch::OneOf(values) => values.iter().any(|x| **x == *v),
             ValueMatch::Pattern(p) => p.is_match(v),
+            ValueMatch::NotOneOf(values) => !values.iter().any(|x| x.eq_ignore_ascii_case(v)),
+            ValueMatch::NotPattern(p) => !p.is_match(v),
         }
     }
 }
 
 impl fmt::Display for ValueMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |f: &mut fmt::Formatter<'_>, values: &[Box<str>]| {
+            f.write_str("[")?;
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{v:?}")?;
+            }
+            f.write_str("]")
+        };
         match self {
             ValueMatch::OneOf(values) => {
-                f.write_str("one of [")?;
-                for (i, v) in values.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    write!(f, "{v:?}")?;
-                }
-                f.write_str("]")
+                f.write_str("one of ")?;
+                list(f, values)
             }
             ValueMatch::Pattern(p) => write!(f, "pattern {p}"),
+            ValueMatch::NotOneOf(values) => {
+                f.write_str("none of ")?;
+                list(f, values)
+            }
+            ValueMatch::NotPattern(p) => write!(f, "not pattern {p}"),
         }
     }
 }
 
-/// Validates `{one_of: [...]}` / `{pattern: ...}`; error paths are relative to the map.
+/// A value constraint and whether the parameter or header may be absent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValueRule {
+    /// What a present value must satisfy.
+    pub matcher: ValueMatch,
+    /// `optional: true`: absent is fine.
+    pub optional: bool,
+}
+
+/// Validates `{one_of | pattern | not_one_of | not_pattern, optional}`; error paths are
+/// relative to the map.
 #[allow(
     clippy::result_large_err,
     reason = "built once per policy load, like the TryFrom impls"
 )]
-fn value_match(raw: raw::ValueRule) -> Result<ValueMatch, PolicyError> {
-    match (raw.one_of, raw.pattern) {
-        (Some(_), Some(_)) => Err(invalid!(InvalidMatcher {
-            path: "pattern".to_owned(),
-            reason: "give either `one_of` or `pattern`, not both".to_owned(),
-        })),
-        (None, None) => Err(invalid!(InvalidMatcher {
-            path: String::new(),
-            reason: "needs `one_of` or `pattern`".to_owned(),
-        })),
-        (Some(values), None) if values.is_empty() => Err(invalid!(InvalidMatcher {
-            path: "one_of".to_owned(),
-            reason: "`one_of` needs at least one value".to_owned(),
-        })),
-        (Some(values), None) => Ok(ValueMatch::OneOf(
-            values.into_iter().map(|v| v.0.into_boxed_str()).collect(),
-        )),
-        (None, Some(p)) => Pattern::new(&p).map(ValueMatch::Pattern).map_err(|reason| {
+fn value_rule(raw: raw::ValueRule) -> Result<ValueRule, PolicyError> {
+    let optional = raw.optional.unwrap_or(false);
+    let given: Vec<&str> = [
+        raw.one_of.as_ref().map(|_| "one_of"),
+        raw.pattern.as_ref().map(|_| "pattern"),
+        raw.not_one_of.as_ref().map(|_| "not_one_of"),
+        raw.not_pattern.as_ref().map(|_| "not_pattern"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match given.as_slice() {
+        [] => {
+            return Err(invalid!(InvalidMatcher {
+                path: String::new(),
+                reason: "needs `one_of`, `pattern`, `not_one_of` or `not_pattern`".to_owned(),
+            }));
+        }
+        [_] => {}
+        [first, second, ..] => {
+            return Err(invalid!(InvalidMatcher {
+                path: (*second).to_owned(),
+                reason: format!("give either `{first}` or `{second}`, not both"),
+            }));
+        }
+    }
+    let list = |values: Vec<raw::Scalar>, key: &str| {
+        if values.is_empty() {
+            return Err(invalid!(InvalidMatcher {
+                path: key.to_owned(),
+                reason: format!("`{key}` needs at least one value"),
+            }));
+        }
+        Ok(values
+            .into_iter()
+            .map(|v| v.0.into_boxed_str())
+            .collect::<Box<[Box<str>]>>())
+    };
+    let regex = |p: String, key: &str| {
+        Pattern::new(&p).map_err(|reason| {
             invalid!(InvalidRegex {
-                path: "pattern".to_owned(),
+                path: key.to_owned(),
                 value: p,
                 reason,
             })
-        }),
-    }
+        })
+    };
+    let matcher = if let Some(values) = raw.one_of {
+        ValueMatch::OneOf(list(values, "one_of")?)
+    } else if let Some(p) = raw.pattern {
+        ValueMatch::Pattern(regex(p, "pattern")?)
+    } else if let Some(values) = raw.not_one_of {
+        ValueMatch::NotOneOf(list(values, "not_one_of")?)
+    } else if let Some(p) = raw.not_pattern {
+        ValueMatch::NotPattern(regex(p, "not_pattern")?)
+    } else {
+        unreachable!("one matcher key was given")
+    };
+    Ok(ValueRule { matcher, optional })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -170,8 +230,9 @@ pub enum QueryConstraint {
     Absent,
     /// `present`: must be present, any value.
     Present,
-    /// `{one_of}` / `{pattern}`: must be present, and every occurrence must match.
-    Value(ValueMatch),
+    /// `{one_of}` / `{pattern}` / `{not_one_of}` / `{not_pattern}`: every occurrence must
+    /// match; must be present unless `optional: true`.
+    Value(ValueRule),
 }
 
 /// A rule's `query` and `query_repeat`: the complete list of allowed parameters.
@@ -205,22 +266,22 @@ impl QueryRules {
             if counts[at] > 1 && !self.repeat.iter().any(|r| **r == **name) {
                 return Err(RuleFailure::QueryParamRepeated { name: clip(name) });
             }
-            if let QueryConstraint::Value(m) = constraint
-                && !m.matches(value)
+            if let QueryConstraint::Value(rule) = constraint
+                && !rule.matcher.matches(value)
             {
                 return Err(RuleFailure::QueryValueNotAllowed {
                     name: clip(name),
-                    expected: m.to_string(),
+                    expected: rule.matcher.to_string(),
                 });
             }
         }
         for ((name, constraint), count) in self.params.iter().zip(&counts) {
-            if *count == 0
-                && matches!(
-                    constraint,
-                    QueryConstraint::Present | QueryConstraint::Value(_)
-                )
-            {
+            let required = match constraint {
+                QueryConstraint::Present => true,
+                QueryConstraint::Value(rule) => !rule.optional,
+                QueryConstraint::Any | QueryConstraint::Absent => false,
+            };
+            if *count == 0 && required {
                 return Err(RuleFailure::QueryParamRequired {
                     name: name.to_string(),
                 });
@@ -258,8 +319,8 @@ pub(crate) fn query_rules(
             raw::QueryRule::Any => QueryConstraint::Any,
             raw::QueryRule::Absent => QueryConstraint::Absent,
             raw::QueryRule::Present => QueryConstraint::Present,
-            raw::QueryRule::Value(v) => match value_match(v) {
-                Ok(m) => QueryConstraint::Value(m),
+            raw::QueryRule::Value(v) => match value_rule(v) {
+                Ok(rule) => QueryConstraint::Value(rule),
                 Err(e) => {
                     errors.push(e.nested(&path));
                     continue;
@@ -356,8 +417,8 @@ pub enum HeaderConstraint {
     Required,
     /// Absent.
     Forbidden,
-    /// Present once, and the value matches.
-    Value(ValueMatch),
+    /// Present once (or absent, with `optional: true`), and the value matches.
+    Value(ValueRule),
 }
 
 /// A rule's `headers`: constraints on the listed headers; other headers are free.
@@ -384,12 +445,15 @@ impl HeaderRules {
                 }
                 (None, _, HeaderConstraint::Forbidden)
                 | (Some(_), None, HeaderConstraint::Required) => {}
+                (None, _, HeaderConstraint::Value(rule)) if rule.optional => {}
                 (None, _, _) => return fail(|name| RuleFailure::HeaderRequired { name }),
-                (Some(v), None, HeaderConstraint::Value(m)) => {
-                    if !v.to_str().is_ok_and(|v| m.matches(v)) {
+                (Some(v), None, HeaderConstraint::Value(rule)) => {
+                    // A value that is not visible ASCII matches no constraint, a deny-list
+                    // included.
+                    if !v.to_str().is_ok_and(|v| rule.matcher.matches(v)) {
                         return Err(RuleFailure::HeaderNotAllowed {
                             name: name.as_str().to_owned(),
-                            expected: m.to_string(),
+                            expected: rule.matcher.to_string(),
                         });
                     }
                 }
@@ -427,8 +491,8 @@ pub(crate) fn header_rules(
         let constraint = match rule {
             raw::HeaderRule::Required => HeaderConstraint::Required,
             raw::HeaderRule::Forbidden => HeaderConstraint::Forbidden,
-            raw::HeaderRule::Value(v) => match value_match(v) {
-                Ok(m) => HeaderConstraint::Value(m),
+            raw::HeaderRule::Value(v) => match value_rule(v) {
+                Ok(rule) => HeaderConstraint::Value(rule),
                 Err(e) => {
                     errors.push(e.nested(&path));
                     continue;
@@ -884,12 +948,108 @@ mod tests {
             [
                 "query.b.one_of: `one_of` needs at least one value",
                 "query.c.pattern: \"(\" is not a valid regular expression: unclosed group",
-                "query.d: needs `one_of` or `pattern`",
+                "query.d: needs `one_of`, `pattern`, `not_one_of` or `not_pattern`",
                 "query.e.pattern: give either `one_of` or `pattern`, not both",
                 "query_repeat[0]: \"a\" is `absent` in `query`, so it cannot repeat",
                 "query_repeat[1]: \"z\" is not listed in `query`",
                 "query_repeat[2]: \"e\" is not listed in `query`",
                 "query_repeat[3]: \"e\" is not listed in `query`",
+            ]
+        );
+    }
+
+    #[test]
+    fn optional_and_negated_value_constraints() {
+        let (q, h, _, errors) = rule_of(
+            "query:\n  max-keys: {pattern: '[0-9]{1,4}', optional: true}\n  \
+             prefix: {not_pattern: '.*\\.\\..*', optional: true}\n  \
+             list-type: {one_of: ['2']}\n\
+             headers:\n  X-Role: {not_one_of: [admin, root], optional: true}\n  \
+             X-Tenant: {not_pattern: 'internal-.*'}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let (q, h) = (q.unwrap(), h.unwrap());
+        let query = |text: &str| q.check(&parse_query(text).unwrap()).err().map(|f| f.code());
+        for (text, want) in [
+            // optional: absent is fine, present must match.
+            ("list-type=2", None),
+            ("list-type=2&max-keys=100", None),
+            ("list-type=2&max-keys=lots", Some("query_value_not_allowed")),
+            ("list-type=2&prefix=photos/", None),
+            ("list-type=2&prefix=a/../b", Some("query_value_not_allowed")),
+            // percent-decoded before the deny pattern sees it
+            (
+                "list-type=2&prefix=a/%2E%2E/b",
+                Some("query_value_not_allowed"),
+            ),
+            // not optional: still required.
+            ("max-keys=1", Some("query_param_required")),
+            ("list-type=2&other=1", Some("query_param_not_allowed")),
+        ] {
+            assert_eq!(query(text), want, "{text}");
+        }
+        let headers = |pairs: &[(&str, &[u8])]| {
+            let mut map = HeaderMap::new();
+            for (n, v) in pairs {
+                map.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            h.check(&map).err().map(|f| f.code())
+        };
+        let tenant: (&str, &[u8]) = ("x-tenant", b"acme");
+        for (pairs, want) in [
+            (vec![tenant], None),
+            (vec![tenant, ("x-role", b"reader".as_slice())], None),
+            // a deny-list compares ASCII case-insensitively
+            (
+                vec![tenant, ("x-role", b"admin".as_slice())],
+                Some("header_not_allowed"),
+            ),
+            (
+                vec![tenant, ("x-role", b"ADMIN".as_slice())],
+                Some("header_not_allowed"),
+            ),
+            (
+                vec![tenant, ("x-role", b"Root".as_slice())],
+                Some("header_not_allowed"),
+            ),
+            // a value that is not visible ASCII passes no constraint, a deny-list neither
+            (
+                vec![tenant, ("x-role", b"r\xe9ader".as_slice())],
+                Some("header_not_allowed"),
+            ),
+            // optional, yet twice is still refused
+            (
+                vec![
+                    tenant,
+                    ("x-role", b"reader".as_slice()),
+                    ("x-role", b"admin".as_slice()),
+                ],
+                Some("duplicate_header"),
+            ),
+            (
+                vec![("x-tenant", b"internal-ops".as_slice())],
+                Some("header_not_allowed"),
+            ),
+            // not optional: a negated constraint still needs the header
+            (vec![], Some("header_required")),
+        ] {
+            assert_eq!(headers(&pairs), want, "{pairs:?}");
+        }
+        let (_, _, _, errors) = rule_of(
+            "query: {a: {optional: true}, b: {not_one_of: []}, c: {not_pattern: '('}, \
+             d: {pattern: x, not_pattern: y}, e: {one_of: [x], not_one_of: [y]}}\n",
+        );
+        assert_eq!(
+            errors,
+            [
+                "query.a: needs `one_of`, `pattern`, `not_one_of` or `not_pattern`",
+                "query.b.not_one_of: `not_one_of` needs at least one value",
+                "query.c.not_pattern: \"(\" is not a valid regular expression: unclosed group",
+                "query.d.not_pattern: give either `pattern` or `not_pattern`, not both",
+                "query.e.not_one_of: give either `one_of` or `not_one_of`, not both",
             ]
         );
     }

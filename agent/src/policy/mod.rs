@@ -1300,9 +1300,9 @@ egress:
             "p.yaml:11:15: egress[0].rules[0].when: a `when` needs `days` or `hours` (or both)",
             "p.yaml:11:15: egress[0].rules[0].when: missing field `timezone`",
             "p.yaml:11:20: egress[0].rules[0].query.a: invalid value: string \"nope\", \
-             expected any, absent, present, {one_of: [...]} or {pattern: REGEX}",
+             expected any, absent, present, {one_of|pattern|not_one_of|not_pattern, optional}",
             "p.yaml:11:20: egress[0].rules[0].query.a: invalid type: sequence, expected any, \
-             absent, present, {one_of: [...]} or {pattern: REGEX}",
+             absent, present, {one_of|pattern|not_one_of|not_pattern, optional}",
             "p.yaml:11:30: egress[0].rules[0].query.a.pattern: \"(\" is not a valid regular \
              expression: unclosed group",
             "p.yaml:11:43: egress[0].rules[0].query.a.pattern: give either `one_of` or \
@@ -1314,7 +1314,7 @@ egress:
             "p.yaml:11:39: egress[0].rules[0].headers.x-a: header x-a is listed twice (header \
              names are case-insensitive)",
             "p.yaml:11:24: egress[0].rules[0].headers.x-a: invalid value: string \"maybe\", \
-             expected required, forbidden, {one_of: [...]} or {pattern: REGEX}",
+             expected required, forbidden, {one_of|pattern|not_one_of|not_pattern, optional}",
             "p.yaml:11:34: egress[0].rules[0].headers.x-a.pattern: \"[a-\" is not a valid \
              regular expression: unclosed character class",
             "p.yaml:12:13: egress[0].rules[0].json[0]: the entry for \"amount\" has no \

@@ -324,7 +324,8 @@ pub(crate) enum HeaderRule {
     Value(ValueRule),
 }
 
-/// A constraint on a textual value: exactly one of the fields (checked by validation).
+/// A constraint on a textual value: exactly one of `one_of`, `pattern`, `not_one_of` and
+/// `not_pattern` (checked by validation), and `optional`.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValueRule {
@@ -332,6 +333,12 @@ pub(crate) struct ValueRule {
     pub one_of: Option<Vec<Scalar>>,
     /// A regular expression the whole value must match.
     pub pattern: Option<String>,
+    /// Refused values, compared ASCII case-insensitively; any other value is allowed.
+    pub not_one_of: Option<Vec<Scalar>>,
+    /// A regular expression the whole value must not match.
+    pub not_pattern: Option<String>,
+    /// `true`: the parameter or header may be absent; when present it must match.
+    pub optional: Option<bool>,
 }
 
 /// One `json:` entry.
@@ -432,7 +439,7 @@ impl<'de> Deserialize<'de> for QueryRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         keyword_or_value(
             d,
-            "any, absent, present, {one_of: [...]} or {pattern: REGEX}",
+            "any, absent, present, {one_of|pattern|not_one_of|not_pattern, optional}",
             |k| match k {
                 "any" => Some(QueryRule::Any),
                 "absent" => Some(QueryRule::Absent),
@@ -448,7 +455,7 @@ impl<'de> Deserialize<'de> for HeaderRule {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         keyword_or_value(
             d,
-            "required, forbidden, {one_of: [...]} or {pattern: REGEX}",
+            "required, forbidden, {one_of|pattern|not_one_of|not_pattern, optional}",
             |k| match k {
                 "required" => Some(HeaderRule::Required),
                 "forbidden" => Some(HeaderRule::Forbidden),
@@ -545,7 +552,7 @@ impl JsonSchema for QueryRule {
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
         let value = generator.subschema_for::<ValueRule>();
         json_schema!({
-            "description": "any, absent, present, {one_of: [...]} or {pattern: REGEX}.",
+            "description": "any, absent, present, {one_of|pattern|not_one_of|not_pattern, optional}.",
             "anyOf": [
                 {"type": "string", "enum": ["any", "absent", "present"]},
                 value
@@ -562,7 +569,7 @@ impl JsonSchema for HeaderRule {
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
         let value = generator.subschema_for::<ValueRule>();
         json_schema!({
-            "description": "required, forbidden, {one_of: [...]} or {pattern: REGEX}.",
+            "description": "required, forbidden, {one_of|pattern|not_one_of|not_pattern, optional}.",
             "anyOf": [
                 {"type": "string", "enum": ["required", "forbidden"]},
                 value
