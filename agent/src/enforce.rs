@@ -247,7 +247,8 @@ async fn decide(
     let policy = &cx.enforcement.policy;
     match policy::decide(policy, &request) {
         Decision::Deny(reason) => {
-            record.rule = reason.rule().map(str::to_owned);
+            record.rule = None;
+            record.nearest_rule = reason.rule().map(str::to_owned);
             Err(Refused::policy(reason.code(), reason.to_string()))
         }
         Decision::Allow { destination, rule } => {

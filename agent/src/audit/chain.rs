@@ -223,6 +223,9 @@ pub struct StoredRecord {
     /// The DNS question and answer, on `proto: "dns"` records.
     #[serde(default)]
     pub dns: Option<super::DnsQuery>,
+    /// The nearest rule, on denials by a rule's check.
+    #[serde(default)]
+    pub nearest_rule: Option<String>,
     /// Hash of the previous record.
     pub prev: ChainHash,
     /// Hash of this record.

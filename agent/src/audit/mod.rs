@@ -291,6 +291,11 @@ pub struct Record {
     /// On `proto: "dns"` records only: the question, how it came, and the answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsQuery>,
+    /// On denials (and `would_deny`) by a rule's check only: the rule that got furthest
+    /// (path → method → query → headers → body → time), for explanation. `rule` is only
+    /// ever the rule that allowed the request, so usage analysis can count `rule` alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nearest_rule: Option<String>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
 }
@@ -333,6 +338,7 @@ impl Record {
             outcome_of: None,
             cgroup_id: None,
             dns: None,
+            nearest_rule: None,
             prev: chain::GENESIS,
         }
     }

@@ -857,7 +857,8 @@ egress:
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["code"], "json_constraint_failed");
-        assert_eq!(v["rule"], "create-charge");
+        assert!(v["rule"].is_null(), "{v}");
+        assert_eq!(v["nearest_rule"], "create-charge");
         assert_eq!(
             v["reason"],
             "rule create-charge: json field currency must be one of [\"usd\", \"eur\"]"

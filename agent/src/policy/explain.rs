@@ -34,8 +34,12 @@ pub struct Explanation {
     pub reason: Option<String>,
     /// The matched destination, `host:port`.
     pub destination: Option<String>,
-    /// The allowing rule, or for a denial the nearest rule (if any rule's path matched).
+    /// The allowing rule (None for a denial, as in the audit record).
     pub rule: Option<String>,
+    /// For a denial by a rule's check: the nearest rule (the audit record's
+    /// `nearest_rule`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nearest_rule: Option<String>,
     /// For an allow: the rate limits the request is charged against.
     pub rate_limits: Vec<String>,
     /// For a denial: why each rule did not allow the request.
@@ -369,6 +373,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         reason: None,
         destination: None,
         rule: None,
+        nearest_rule: None,
         rate_limits: Vec::new(),
         rules: Vec::new(),
         binding: None,
@@ -400,7 +405,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         Decision::Deny(reason) => {
             out.code = Some(reason.code());
             out.reason = Some(reason.to_string());
-            out.rule = reason.rule().map(str::to_owned);
+            out.nearest_rule = reason.rule().map(str::to_owned);
         }
     }
     let destinations: Vec<&Destination> = match matched {
@@ -629,7 +634,8 @@ egress:
         assert_eq!(e.decision, "deny");
         assert_eq!(e.mode, Some(Mode::Audit));
         assert_eq!(e.code, Some("header_required"));
-        assert_eq!(e.rule.as_deref(), Some("write"));
+        assert_eq!(e.rule, None);
+        assert_eq!(e.nearest_rule.as_deref(), Some("write"));
         assert_eq!(e.destination.as_deref(), Some("api.example.com:443"));
         assert_eq!(
             e.to_string(),
