@@ -246,6 +246,13 @@ pub enum RuleFailure {
         /// The request's local time in the window's zone.
         local: String,
     },
+    /// The grant's `expires` time has passed.
+    GrantExpired {
+        /// `destination` or `rule`: whose grant.
+        scope: &'static str,
+        /// When it ended.
+        expires: jiff::Timestamp,
+    },
 }
 
 impl RuleFailure {
@@ -267,6 +274,7 @@ impl RuleFailure {
             RuleFailure::BodyRequired => "body_required",
             RuleFailure::JsonConstraintFailed { .. } => "json_constraint_failed",
             RuleFailure::OutsideTimeWindow { .. } => "outside_time_window",
+            RuleFailure::GrantExpired { .. } => "grant_expired",
         }
     }
 
@@ -286,7 +294,7 @@ impl RuleFailure {
             | RuleFailure::DuplicateHeader { .. }
             | RuleFailure::OverrideHeader { .. } => Check::Headers,
             RuleFailure::BodyRequired | RuleFailure::JsonConstraintFailed { .. } => Check::Json,
-            RuleFailure::OutsideTimeWindow { .. } => Check::When,
+            RuleFailure::OutsideTimeWindow { .. } | RuleFailure::GrantExpired { .. } => Check::When,
         }
     }
 }
@@ -337,6 +345,9 @@ impl fmt::Display for RuleFailure {
                 window,
                 local,
             } => write!(f, "{local} is outside the {scope}'s time window {window}"),
+            RuleFailure::GrantExpired { scope, expires } => {
+                write!(f, "the {scope}'s grant expired at {expires}")
+            }
         }
     }
 }
@@ -481,6 +492,13 @@ impl<'r, 'a> Evaluator<'r, 'a> {
             };
             for constraint in rule.json() {
                 constraint.check(body)?;
+            }
+        }
+        for (scope, expires) in [("destination", dest.expires()), ("rule", rule.expires())] {
+            if let Some(expires) = expires
+                && req.at >= expires
+            {
+                return Err(RuleFailure::GrantExpired { scope, expires });
             }
         }
         for (scope, window) in [("destination", dest.when()), ("rule", rule.when())] {

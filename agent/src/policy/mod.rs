@@ -170,6 +170,7 @@ pub mod cli;
 mod decide;
 pub mod dns;
 mod error;
+pub mod expiry;
 pub mod explain;
 mod matchers;
 mod model;
@@ -891,7 +892,7 @@ egress:
                 "    port: 443\n    tls_mode: intercept\n"
             ),
             "p.yaml:7:5: egress[0]: unknown field `tls_mode`, expected one of `host`, `port`, \
-             `path_params`, `allow_underscore_headers`, `allow_internal`, `rate`, `when`, `rules`, `cidr`, \
+             `path_params`, `allow_underscore_headers`, `allow_internal`, `rate`, `when`, `expires`, `rules`, `cidr`, \
              `ports`, `protocol`, `tls`, `upstream_tls`, `credential`"
         );
         assert_eq!(

@@ -271,6 +271,7 @@ pub struct Destination {
     underscore_headers: bool,
     allow_internal: AllowInternal,
     when: Option<TimeWindow>,
+    expires: Option<jiff::Timestamp>,
     rate: Option<(RateKey, RateLimit)>,
     tls: TlsMode,
     upstream_tls: bool,
@@ -358,6 +359,11 @@ impl Destination {
     /// The destination's own time window, if any.
     pub fn when(&self) -> Option<&TimeWindow> {
         self.when.as_ref()
+    }
+
+    /// When the destination's grant ends, if it does.
+    pub fn expires(&self) -> Option<jiff::Timestamp> {
+        self.expires
     }
 
     /// The destination's own rate limit, with its bucket key.
@@ -472,6 +478,7 @@ pub struct Rule {
     headers: Option<HeaderRules>,
     json: Vec<JsonRule>,
     when: Option<TimeWindow>,
+    expires: Option<jiff::Timestamp>,
     rate: Option<(RateKey, RateLimit)>,
     credential: Option<Credential>,
 }
@@ -524,6 +531,11 @@ impl Rule {
     /// The rule's own time window.
     pub fn when(&self) -> Option<&TimeWindow> {
         self.when.as_ref()
+    }
+
+    /// When the rule's grant ends, if it does.
+    pub fn expires(&self) -> Option<jiff::Timestamp> {
+        self.expires
     }
 
     /// The rule's own rate limit, with its bucket key.
@@ -781,6 +793,7 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 allow_internal: raw.allow_internal,
                 rate: raw.rate,
                 when: raw.when,
+                expires: raw.expires,
                 rules,
                 tls: raw.tls,
                 upstream_tls: raw.upstream_tls,
@@ -794,6 +807,7 @@ fn split_egress(raw: raw::Egress) -> Result<EgressKind, Vec<PolicyError>> {
                 || raw.rules.is_some()
                 || raw.rate.is_some()
                 || raw.when.is_some()
+                || raw.expires.is_some()
                 || raw.path_params
                 || raw.allow_underscore_headers
                 || raw.allow_internal.is_some()
@@ -1032,6 +1046,7 @@ impl TryFrom<raw::Destination> for Destination {
             });
         let rate = parse_rate(raw.rate, &mut errors);
         let when = parse_when(raw.when, &mut errors);
+        let expires = parse_expires(raw.expires, &mut errors);
         let bad = |path: &str, value: String, reason: &'static str| {
             invalid!(InvalidEgress {
                 path: path.to_owned(),
@@ -1163,6 +1178,7 @@ impl TryFrom<raw::Destination> for Destination {
                     underscore_headers: raw.allow_underscore_headers,
                     allow_internal,
                     when,
+                    expires,
                     rate,
                     tls,
                     upstream_tls,
@@ -1240,6 +1256,24 @@ fn parse_rate(raw: Option<String>, errors: &mut Vec<PolicyError>) -> Option<(Rat
     }
 }
 
+/// `expires:` — an RFC 3339 time with an offset or `Z`.
+fn parse_expires(raw: Option<String>, errors: &mut Vec<PolicyError>) -> Option<jiff::Timestamp> {
+    let text = raw?;
+    match text.parse::<jiff::Timestamp>() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.push(invalid!(InvalidMatcher {
+                path: "expires".to_owned(),
+                reason: format!(
+                    "{text:?} is not an RFC 3339 time with an offset or Z, e.g. \
+                     2027-01-31T00:00:00Z ({e})"
+                ),
+            }));
+            None
+        }
+    }
+}
+
 fn parse_when(raw: Option<raw::When>, errors: &mut Vec<PolicyError>) -> Option<TimeWindow> {
     match TimeWindow::try_from(raw?) {
         Ok(w) => Some(w),
@@ -1298,6 +1332,7 @@ impl Rule {
         let headers = matchers::header_rules(raw.headers, &mut errors);
         let json = matchers::json_rules(raw.json, &mut errors);
         let when = parse_when(raw.when, &mut errors);
+        let expires = parse_expires(raw.expires, &mut errors);
         let rate = parse_rate(raw.rate, &mut errors);
         match path {
             Some(path) if errors.is_empty() => Ok(Rule {
@@ -1312,6 +1347,7 @@ impl Rule {
                 headers,
                 json,
                 when,
+                expires,
                 rate,
                 credential: None,
             }),

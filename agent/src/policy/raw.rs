@@ -163,6 +163,9 @@ pub(crate) struct Egress {
     /// Time window for the whole destination.
     #[serde(default)]
     pub when: Option<When>,
+    /// When the grant ends (RFC 3339 with an offset or Z); after it, `grant_expired`.
+    #[serde(default)]
+    pub expires: Option<String>,
     /// The L7 rules; a request passes if one of them allows it.
     pub rules: Option<Vec<Rule>>,
     /// An address range passed straight through in the kernel (L4 exception).
@@ -243,6 +246,9 @@ pub(crate) struct Destination {
     /// Time window for the whole destination.
     #[serde(default)]
     pub when: Option<When>,
+    /// When the grant ends.
+    #[serde(default)]
+    pub expires: Option<String>,
     /// The L7 rules; a request passes if one of them allows it.
     pub rules: Vec<Rule>,
     /// TLS mode as written.
@@ -278,6 +284,10 @@ pub(crate) struct Rule {
     /// Time window for this rule.
     #[serde(default)]
     pub when: Option<When>,
+    /// When this rule's grant ends (RFC 3339 with an offset or Z); after it,
+    /// `grant_expired`.
+    #[serde(default)]
+    pub expires: Option<String>,
     /// `N/second|minute|hour` for this rule.
     #[serde(default)]
     pub rate: Option<String>,
