@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::cases::{self, CasesError};
 use super::offline::{self, RequestError, Spec};
+use super::usage;
 use super::{
     DnsReport, Mode, PolicyErrors, Resolution, Snapshot, binding_report, dns, dns_report, explain,
     host_dns_report,
@@ -142,6 +143,25 @@ pub enum PolicyCommand {
         /// loader never reads).
         cases: Vec<PathBuf>,
     },
+    /// The permission-creep report: grants (destinations, rules, methods of a rule) that no
+    /// allow record in the audit files exercised, per workload. Exits 0, or 1 with
+    /// --fail-on-unused when any grant is unused (for a scheduled CI job).
+    Unused {
+        /// The policy directory.
+        dir: PathBuf,
+        /// An audit file (its rotated files are read too); repeatable.
+        #[arg(long = "from", required = true, value_name = "AUDIT")]
+        from: Vec<PathBuf>,
+        /// Only records at or after this time: RFC 3339, or a duration before now (30d, 12h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when any grant is unused.
+        #[arg(long)]
+        fail_on_unused: bool,
+    },
 }
 
 /// Errors of the policy command line.
@@ -168,6 +188,22 @@ pub enum PolicyCliError {
     /// The test cases cannot be run.
     #[error(transparent)]
     Cases(#[from] CasesError),
+    /// An audit file cannot be read.
+    #[error("{}: cannot read audit records: {source}", path.display())]
+    ReadAudit {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// `--since` is not a time.
+    #[error("--since {value:?}: {reason}")]
+    InvalidSince {
+        /// The value given.
+        value: String,
+        /// Why.
+        reason: String,
+    },
     /// The resolver cannot be set up (`--resolv-conf`, TTL bounds).
     #[error("{0}")]
     Resolver(#[from] ResolveError),
@@ -200,6 +236,42 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
                 Ok(false)
             }
         },
+        PolicyCommand::Unused {
+            dir,
+            from,
+            since,
+            json,
+            fail_on_unused,
+        } => {
+            let snapshot = Snapshot::load_dir(&dir)?;
+            let since = since
+                .map(|value| {
+                    crate::audit::query::parse_time(&value, jiff::Timestamp::now())
+                        .map_err(|reason| PolicyCliError::InvalidSince { value, reason })
+                })
+                .transpose()?;
+            let records = read_allows(&from, since)?;
+            let report = usage::unused(
+                &snapshot,
+                records
+                    .allows
+                    .iter()
+                    .map(|(workload, rule, method)| usage::Use {
+                        workload,
+                        rule,
+                        method,
+                    }),
+            );
+            for warning in &records.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", unused_text(&report, records.files, since));
+            }
+            Ok(!fail_on_unused || report.unused.is_empty())
+        }
         PolicyCommand::Test { dir, cases: paths } => {
             let snapshot = Snapshot::load_dir(&dir)?;
             let files = cases::case_files(&dir, &paths)?;
@@ -315,6 +387,109 @@ fn run_explain(
         explanation.to_string().trim_end().to_owned()
     };
     Ok((allowed, text))
+}
+
+/// The allow decisions of a set of audit files.
+struct Allows {
+    /// (workload, rule, method) per allow decision record.
+    allows: Vec<(String, String, String)>,
+    /// Files read.
+    files: usize,
+    /// Lines that are not records, and other findings worth a warning.
+    warnings: Vec<String>,
+}
+
+/// Reads the allow decision records (at or after `since`) of each audit file of `from` and
+/// its rotated files. A line that is not a record (a torn tail, garbage) is a warning
+/// naming file and line, never silently skipped; the hash chain is `audit verify`'s job.
+fn read_allows(from: &[PathBuf], since: Option<jiff::Timestamp>) -> Result<Allows, PolicyCliError> {
+    use crate::audit::{Decision, chain, sink};
+    let mut out = Allows {
+        allows: Vec::new(),
+        files: 0,
+        warnings: Vec::new(),
+    };
+    for base in from {
+        if !base.exists() {
+            return Err(PolicyCliError::ReadAudit {
+                path: base.clone(),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
+        let files = sink::rotated_set(base).map_err(|source| PolicyCliError::ReadAudit {
+            path: base.clone(),
+            source,
+        })?;
+        for file in files {
+            let bytes = std::fs::read(&file).map_err(|source| PolicyCliError::ReadAudit {
+                path: file.clone(),
+                source,
+            })?;
+            out.files += 1;
+            let mut records = 0usize;
+            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                if line.is_empty() {
+                    continue;
+                }
+                let Ok(parsed) = chain::parse_line(line) else {
+                    out.warnings.push(format!(
+                        "{}:{}: not an audit record, skipped",
+                        file.display(),
+                        i + 1
+                    ));
+                    continue;
+                };
+                records += 1;
+                let r = parsed.record;
+                if r.decision != Decision::Allow || !r.is_decision() {
+                    continue;
+                }
+                if let Some(since) = since
+                    && r.ts.parse::<jiff::Timestamp>().is_ok_and(|ts| ts < since)
+                {
+                    continue;
+                }
+                if let (Some(w), Some(rule)) = (r.workload, r.rule) {
+                    out.allows.push((w, rule, r.method.unwrap_or_default()));
+                }
+            }
+            if records == 0 {
+                out.warnings
+                    .push(format!("{}: no audit records", file.display()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The text form of the unused-grants report.
+fn unused_text(report: &usage::Report, files: usize, since: Option<jiff::Timestamp>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let window = since.map_or_else(|| "all records".to_owned(), |t| format!("since {t}"));
+    for unused in &report.unused {
+        let _ = writeln!(out, "{unused}");
+    }
+    for (name, n) in &report.other_workloads {
+        let _ = writeln!(
+            out,
+            "note: {n} allow record(s) of workload {name}, which the policy directory does not have"
+        );
+    }
+    if report.unknown_rules > 0 {
+        let _ = writeln!(
+            out,
+            "note: {} allow record(s) name a rule the policy no longer has",
+            report.unknown_rules
+        );
+    }
+    let counted: u64 = report.allows.values().sum();
+    let _ = writeln!(
+        out,
+        "{} unused grant(s); {counted} allow record(s) counted from {files} file(s), {window}",
+        report.unused.len()
+    );
+    out
 }
 
 /// The DNS question of `--dns-query 'NAME [TYPE]'`, explained: exit 0 when the proxy
@@ -814,6 +989,140 @@ egress:
         )
         .unwrap();
         assert!(allowed);
+    }
+
+    /// An audit file of sealed records: (workload, decision, rule, method, ts), then `tail`.
+    fn audit_file(
+        dir: &std::path::Path,
+        records: &[(&str, crate::audit::Decision, Option<&str>, &str, &str)],
+        tail: &[u8],
+    ) -> PathBuf {
+        use crate::audit::{Record, chain};
+        let mut out = Vec::new();
+        let mut prev = chain::GENESIS;
+        for (i, (workload, decision, rule, method, ts)) in records.iter().enumerate() {
+            let mut r = Record::new("http");
+            r.workload = Some((*workload).to_owned());
+            r.decision = *decision;
+            r.rule = rule.map(str::to_owned);
+            r.method = Some((*method).to_owned());
+            r.ts = (*ts).to_owned();
+            prev = chain::seal(&mut r, i as u64 + 1, &prev, &mut out);
+        }
+        out.extend_from_slice(tail);
+        let path = dir.join("audit.jsonl");
+        std::fs::write(&path, out).unwrap();
+        path
+    }
+
+    #[test]
+    fn unused_grants_from_audit_records() {
+        use crate::audit::Decision::{Allow, Deny, WouldDeny};
+        let env = env();
+        let policies = env.dir.path().join("policies");
+        let file = audit_file(
+            env.dir.path(),
+            &[
+                (
+                    "billing",
+                    Allow,
+                    Some("create-charge"),
+                    "POST",
+                    "2026-11-30T10:00:00.000000Z",
+                ),
+                // too old for --since
+                (
+                    "billing",
+                    Allow,
+                    Some("local"),
+                    "GET",
+                    "2026-01-01T00:00:00.000000Z",
+                ),
+                // denials and would-denies exercise nothing
+                ("billing", Deny, None, "GET", "2026-11-30T10:00:01.000000Z"),
+                (
+                    "billing",
+                    WouldDeny,
+                    None,
+                    "GET",
+                    "2026-11-30T10:00:02.000000Z",
+                ),
+                // a workload the directory does not have
+                (
+                    "payroll",
+                    Allow,
+                    Some("pay"),
+                    "POST",
+                    "2026-11-30T10:00:03.000000Z",
+                ),
+            ],
+            b"{\"seq\":6,\"ts\":\"2026-11",
+        );
+        let run = |since: Option<&str>, json: bool, fail: bool| {
+            let records = read_allows(
+                std::slice::from_ref(&file),
+                since.map(|s| s.parse().unwrap()),
+            )
+            .unwrap();
+            let snapshot = Snapshot::load_dir(&policies).unwrap();
+            let report = usage::unused(
+                &snapshot,
+                records
+                    .allows
+                    .iter()
+                    .map(|(workload, rule, method)| usage::Use {
+                        workload,
+                        rule,
+                        method,
+                    }),
+            );
+            let text = if json {
+                serde_json::to_string(&report).unwrap()
+            } else {
+                unused_text(&report, records.files, None)
+            };
+            (records.warnings, text, !fail || report.unused.is_empty())
+        };
+        let (warnings, text, ok) = run(Some("2026-11-01T00:00:00Z"), false, true);
+        assert!(!ok);
+        assert_eq!(
+            warnings,
+            [format!(
+                "{}:6: not an audit record, skipped",
+                file.display()
+            )]
+        );
+        assert_eq!(
+            text,
+            "workload billing: rule read-customer of api.example.com:443 was never used\n\
+             workload billing: destination [::1]:8080 was never used (none of its rules allowed \
+             a request)\n\
+             note: 1 allow record(s) of workload payroll, which the policy directory does not \
+             have\n\
+             2 unused grant(s); 1 allow record(s) counted from 1 file(s), all records\n"
+        );
+        // Without --since the old allow counts: [::1]:8080 is used.
+        let (_, text, _) = run(None, false, true);
+        assert!(!text.contains("[::1]:8080"), "{text}");
+        let (_, json, _) = run(None, true, false);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["unused"][0]["kind"], "rule");
+        assert_eq!(v["unused"][0]["rule"], "read-customer");
+        assert_eq!(v["allows"]["billing"], 2);
+        // An empty audit file: a warning, and every destination is unused.
+        std::fs::write(&file, b"").unwrap();
+        let (warnings, text, _) = run(None, false, false);
+        assert_eq!(warnings, [format!("{}: no audit records", file.display())]);
+        assert!(
+            text.starts_with("workload billing: destination api.example.com:443 was never used"),
+            "{text}"
+        );
+        // A missing file is an error naming it.
+        let e = read_allows(&[env.dir.path().join("nope.jsonl")], None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("nope.jsonl: cannot read audit records"), "{e}");
     }
 
     #[test]

@@ -180,6 +180,7 @@ mod rate;
 mod raw;
 mod routes;
 pub mod schema;
+pub mod usage;
 mod when;
 
 use std::collections::HashMap;
