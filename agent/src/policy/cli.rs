@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use super::cases::{self, CasesError};
 use super::offline::{self, RequestError, Spec};
-use super::usage;
 use super::{
     DnsReport, Mode, PolicyErrors, Resolution, Snapshot, binding_report, dns, dns_report, explain,
     host_dns_report,
 };
+use super::{diff, usage};
 use crate::resolve::{DnsLookup, Lookup as _, ResolveError, TtlBounds};
 
 /// How `explain` resolves a destination name.
@@ -162,6 +162,24 @@ pub enum PolicyCommand {
         #[arg(long)]
         fail_on_unused: bool,
     },
+    /// What a policy change grants and revokes, per workload (conservative: a change that is
+    /// not simply narrower counts as a grant). Exits 0, or 1 with --fail-on-grant when the
+    /// change grants anything.
+    Diff {
+        /// The policy directory before the change.
+        old: PathBuf,
+        /// The policy directory after the change.
+        new: PathBuf,
+        /// Print a Markdown section (for a pull request comment).
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when the change grants anything new.
+        #[arg(long)]
+        fail_on_grant: bool,
+    },
 }
 
 /// Errors of the policy command line.
@@ -271,6 +289,31 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
                 print!("{}", unused_text(&report, records.files, since));
             }
             Ok(!fail_on_unused || report.unused.is_empty())
+        }
+        PolicyCommand::Diff {
+            old,
+            new,
+            markdown,
+            json,
+            fail_on_grant,
+        } => {
+            let changes = diff::diff(&Snapshot::load_dir(&old)?, &Snapshot::load_dir(&new)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&changes)?);
+            } else if markdown {
+                print!("{}", diff::markdown(&changes));
+            } else {
+                for change in &changes {
+                    println!("{change}");
+                }
+                let grants = changes
+                    .iter()
+                    .filter(|c| c.effect == diff::Effect::Grant)
+                    .count();
+                println!("{grants} grant(s), {} revoke(s)", changes.len() - grants);
+            }
+            let grants = changes.iter().any(|c| c.effect == diff::Effect::Grant);
+            Ok(!(fail_on_grant && grants))
         }
         PolicyCommand::Test { dir, cases: paths } => {
             let snapshot = Snapshot::load_dir(&dir)?;

@@ -168,6 +168,7 @@ pub mod canonical;
 mod cases;
 pub mod cli;
 mod decide;
+pub mod diff;
 pub mod dns;
 mod error;
 pub mod expiry;
