@@ -37,12 +37,13 @@ pub const DEB_PACKAGES: [&str; 12] = [
 
 /// Python packages the real-client end-to-end tests run, as (import name, pip requirement):
 /// pypiserver (a PEP 503 index), moto's S3 server and boto3 (the S3 client), dnspython (the
-/// test DNS server).
-pub const PY_PACKAGES: [(&str, &str); 4] = [
+/// test DNS server), prometheus_client (the text-format parser the metrics test scrapes with).
+pub const PY_PACKAGES: [(&str, &str); 5] = [
     ("pypiserver", "pypiserver"),
     ("moto.server", "moto[server]"),
     ("boto3", "boto3"),
     ("dns.message", "dnspython"),
+    ("prometheus_client.parser", "prometheus-client"),
 ];
 
 /// What [`check_host`] found.
