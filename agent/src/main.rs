@@ -136,22 +136,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(never) => match never {},
             Err(e) => Err(e.into()),
         },
-        Command::Policy { command } => {
-            let checked = match &command {
-                scopegate::policy::cli::PolicyCommand::Check { dir } => Some(dir.clone()),
-                _ => None,
-            };
-            let ok = scopegate::policy::cli::run(command)?;
-            // Warnings only (exit code unchanged): how the valid policy meets this host.
-            if ok
-                && let Some(dir) = checked
-                && let Ok(snapshot) = scopegate::policy::Snapshot::load_dir(&dir)
-            {
-                for warning in scopegate::workloads::host_warnings(&snapshot, &dir) {
-                    eprintln!("scopegate: warning: {warning}");
+        Command::Policy {
+            command:
+                scopegate::policy::cli::PolicyCommand::Check {
+                    path,
+                    secrets,
+                    strict,
+                },
+        } => {
+            let (verdict, snapshot) = scopegate::policy::cli::check(
+                &path,
+                secrets,
+                strict,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            );
+            // Notes only (exit code unchanged): how the valid policy meets this host.
+            if let Some(snapshot) = snapshot {
+                for note in scopegate::workloads::host_warnings(&snapshot) {
+                    eprintln!("scopegate: note: {note}");
                 }
             }
-            Ok(exit(ok))
+            Ok(ExitCode::from(verdict.code()))
+        }
+        Command::Policy { command } => {
+            Ok(ExitCode::from(scopegate::policy::cli::run(command)?.code()))
         }
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Ca {

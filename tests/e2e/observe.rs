@@ -388,3 +388,304 @@ fn metrics_carry_labelled_decisions_reloads_and_process_values() {
     let start = scrape.get("process_start_time_seconds", &[]);
     assert!(start <= now + 1.0 && start > now - 600.0, "{start} {now}");
 }
+
+/// One journal entry as the native protocol sent it: its fields in order.
+type Entry = Vec<(String, Vec<u8>)>;
+
+/// Parses one native-protocol datagram (systemd.io/JOURNAL_NATIVE_PROTOCOL): `KEY=VALUE\n`,
+/// or `KEY\n` + 64-bit little-endian length + value + `\n` for values with newlines.
+fn parse_native(mut data: &[u8]) -> Result<Entry, String> {
+    let mut fields = Vec::new();
+    while !data.is_empty() {
+        let end = data
+            .iter()
+            .position(|&b| b == b'=' || b == b'\n')
+            .ok_or("a field without = or newline")?;
+        let key = String::from_utf8(data[..end].to_vec()).map_err(|e| e.to_string())?;
+        if key.is_empty() {
+            return Err("an empty field name".into());
+        }
+        if data[end] == b'=' {
+            let rest = &data[end + 1..];
+            let nl = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or("a value without its newline")?;
+            fields.push((key, rest[..nl].to_vec()));
+            data = &rest[nl + 1..];
+        } else {
+            let rest = &data[end + 1..];
+            let len: [u8; 8] = rest
+                .get(..8)
+                .ok_or("a length cut short")?
+                .try_into()
+                .map_err(|_| "length")?;
+            let len = u64::from_le_bytes(len) as usize;
+            let value = rest.get(8..8 + len).ok_or("a value cut short")?;
+            if rest.get(8 + len) != Some(&b'\n') {
+                return Err("a binary value without its newline".into());
+            }
+            fields.push((key, value.to_vec()));
+            data = &rest[9 + len..];
+        }
+    }
+    Ok(fields)
+}
+
+fn field<'a>(entry: &'a Entry, key: &str) -> Option<&'a str> {
+    entry
+        .iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// A journal socket of the test's own: a datagram socket bound in a temporary directory
+/// that the agent sees as /run/systemd/journal (a private mount namespace).
+struct FakeJournal {
+    dir: tempfile::TempDir,
+    datagrams: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeJournal {
+    fn start() -> Self {
+        use std::os::unix::net::UnixDatagram;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = UnixDatagram::bind(dir.path().join("socket")).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let datagrams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let datagrams = datagrams.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        datagrams.lock().unwrap().push(buf[..n].to_vec());
+                    }
+                }
+            });
+        }
+        Self {
+            dir,
+            datagrams,
+            stop,
+        }
+    }
+
+    /// Every entry received so far, parsed (a malformed datagram fails the test).
+    fn entries(&self) -> Vec<Entry> {
+        self.datagrams
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                parse_native(d).unwrap_or_else(|e| {
+                    panic!("malformed datagram ({e}): {:?}", String::from_utf8_lossy(d))
+                })
+            })
+            .collect()
+    }
+
+    /// `journalctl -t IDENT -o cat`: the MESSAGE of each entry with that identifier.
+    fn cat(&self, ident: &str) -> String {
+        self.entries()
+            .iter()
+            .filter(|e| field(e, "SYSLOG_IDENTIFIER") == Some(ident))
+            .map(|e| format!("{}\n", field(e, "MESSAGE").unwrap_or_default()))
+            .collect()
+    }
+
+    /// The agent is started through this: a private mount namespace in which
+    /// /run/systemd/journal is this directory, and JOURNAL_STREAM names its stderr (as
+    /// systemd sets it for a unit with StandardError=journal).
+    fn wrapper(&self) -> Vec<String> {
+        let script = r#"set -e
+[ -d /run/systemd ] || mkdir -p /run/systemd
+mount -t tmpfs -o mode=0755 sgobs-journal /run/systemd
+mkdir /run/systemd/journal
+mount --bind "$0" /run/systemd/journal
+JOURNAL_STREAM=$(stat -L -c '%d:%i' /proc/self/fd/2)
+export JOURNAL_STREAM
+exec "$@""#;
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            self.dir.path().to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
+impl Drop for FakeJournal {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn under_journald_logs_have_priorities_and_audit_records_verify_from_the_journal() {
+    privileged_test(
+        "under_journald_logs_have_priorities_and_audit_records_verify_from_the_journal",
+    );
+    let journal = FakeJournal::start();
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let upstream = Upstream::start("127.0.0.2");
+    let dead_port = free_port();
+    let policies = policy_dir(&[("obs.yaml", policy(&managed, &upstream, dead_port, 0))]);
+    let pins = PinDir::new();
+    let audit = tempfile::tempdir().unwrap();
+    let mut cfg = AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit.path().join("audit.jsonl"),
+    );
+    cfg.extra = vec!["--audit-journal".into()];
+    cfg.wrapper = journal.wrapper();
+    let mut agent = Agent::spawn(cfg);
+    // Ready is logged to the journal, not to stderr.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        if let Some(e) = journal
+            .entries()
+            .into_iter()
+            .find(|e| field(e, "MESSAGE") == Some("scopegate ready"))
+        {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `scopegate ready` journal entry after 20 s; stderr:\n{}",
+            agent.stderr().join("\n")
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(field(&ready, "PRIORITY"), Some("5"), "{ready:?}");
+    assert_eq!(field(&ready, "SYSLOG_IDENTIFIER"), Some("scopegate"));
+    let port = agent.port.to_string();
+    assert_eq!(field(&ready, "F_PORT"), Some(port.as_str()), "{ready:?}");
+
+    let status = |path: &str| {
+        let out = curl_in(&managed, &["-w", STATUS, &upstream.url(path)]);
+        status_and_body(&out).0
+    };
+    assert_eq!(status("/allowed/1"), 200);
+    assert_eq!(status("/denied"), 403);
+    agent.signal(15);
+    assert_eq!(agent.wait_exit(), Some(0));
+    thread::sleep(Duration::from_millis(200));
+
+    // `journalctl -t scopegate-audit -o cat | scopegate audit verify -` passes, and holds
+    // exactly the chain of the file sink.
+    let cat = journal.cat("scopegate-audit");
+    let file = fs::read_to_string(&agent.audit).unwrap();
+    assert_eq!(cat, file, "the journal's records differ from the file's");
+    let records: Vec<Value> = cat
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(records.iter().any(|r| r["reason"] == "agent_started"));
+    assert!(records.iter().any(|r| r["reason"] == "path_not_allowed"));
+    assert_eq!(records.last().unwrap()["reason"], "agent_stopping");
+    let mut verify = Command::new(bin())
+        .args(["audit", "verify", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = verify.stdin.take().unwrap();
+        stdin.write_all(cat.as_bytes()).unwrap();
+    }
+    let out = verify.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with(&format!("OK: {} records", records.len())),
+        "{text}"
+    );
+    // A record edited in the journal's output fails, naming standard input.
+    let tampered = cat.replacen("path_not_allowed", "path_not_allowex", 1);
+    let mut verify = Command::new(bin())
+        .args(["audit", "verify", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        verify
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(tampered.as_bytes())
+            .unwrap();
+    }
+    let out = verify.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.starts_with("FAIL: edited: <stdin>:"), "{text}");
+
+    // The logs: each entry has a PRIORITY and no timestamp of its own; nothing on stderr.
+    let logs: Vec<Entry> = journal
+        .entries()
+        .into_iter()
+        .filter(|e| field(e, "SYSLOG_IDENTIFIER") == Some("scopegate"))
+        .collect();
+    assert!(logs.len() >= 3, "{logs:?}");
+    for entry in &logs {
+        let priority: u8 = field(entry, "PRIORITY").unwrap().parse().unwrap();
+        assert!(priority <= 7, "{entry:?}");
+        let message = field(entry, "MESSAGE").unwrap();
+        let starts_with_time = message.len() >= 5
+            && message.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+            && message.as_bytes()[4] == b'-';
+        assert!(!starts_with_time, "timestamp in MESSAGE: {message:?}");
+    }
+    assert!(
+        logs.iter()
+            .any(|e| field(e, "MESSAGE").is_some_and(|m| m.starts_with("scopegate stopping"))),
+        "{logs:?}"
+    );
+    assert!(
+        !agent.stderr().iter().any(|l| l.contains("scopegate ready")),
+        "logs duplicated on stderr: {:?}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn native_journal_datagrams_parse_and_broken_ones_are_refused() {
+    let mut data = b"MESSAGE=hello\nPRIORITY=5\nMULTI\n".to_vec();
+    data.extend_from_slice(&3u64.to_le_bytes());
+    data.extend_from_slice(b"a\nb\n");
+    let entry = parse_native(&data).unwrap();
+    assert_eq!(field(&entry, "MESSAGE"), Some("hello"));
+    assert_eq!(field(&entry, "MULTI"), Some("a\nb"));
+    for bad in [
+        &b"MESSAGE=no newline"[..],
+        b"=x\n",
+        b"KEY\n\x05\x00",
+        b"KEY\n\x09\x00\x00\x00\x00\x00\x00\x00abc\n",
+    ] {
+        assert!(parse_native(bad).is_err(), "{bad:?}");
+    }
+}
