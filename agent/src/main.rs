@@ -260,9 +260,11 @@ A kernel feature is unavailable: no cgroup v2, no bpf filesystem, or the kernel 
 Missing privileges: \fBscopegate run\fR needs root or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN.
 .TP
 \fB78\fR
-A configuration or policy error: an invalid policy directory, a bad configuration file (with file:line:column), a non-loopback metrics address.
+A configuration or policy error: an invalid policy directory, a bad configuration file (with file:line:column), a non-loopback metrics address without \fB--metrics-allow-non-loopback\fR.
 .PP
 69, 77 and 78 do not go away by restarting; the systemd unit lists them in \fBRestartPreventExitStatus=\fR.
+.PP
+\fBscopegate policy check\fR exits 0 when the policies are valid, 1 on errors, and 2 with \fB--strict\fR when there are warnings (an empty directory, ignored files) and no errors.
 "#;
 
 /// Maps a subcommand's verdict (true: success) to the process exit code.

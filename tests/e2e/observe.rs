@@ -213,10 +213,17 @@ fn metrics_carry_labelled_decisions_reloads_and_process_values() {
     let reloaded = wait_lifecycle(&agent, "policy_reloaded", 1);
     fs::write(policies.path().join("broken.yaml"), "workload: [unclosed\n").unwrap();
     wait_lifecycle(&agent, "policy_rejected", 1);
-    thread::sleep(Duration::from_millis(500));
-
-    let scrape = Scrape::take(metrics_port);
-    let records = agent.all_audit_records();
+    // Scrape between two identical reads of the chain, so the counts compare exactly
+    // (a debounced reload may still be running for a moment).
+    let (scrape, records) = (0..50)
+        .find_map(|_| {
+            thread::sleep(Duration::from_millis(200));
+            let before = agent.all_audit_records();
+            let scrape = Scrape::take(metrics_port);
+            let after = agent.all_audit_records();
+            (before.len() == after.len()).then_some((scrape, after))
+        })
+        .expect("the audit chain kept growing for 10 s");
     let count = |reason: &str| {
         records
             .iter()
