@@ -1,11 +1,13 @@
-//! Admin: Prometheus metrics and a health endpoint on a loopback address.
+//! Admin: Prometheus metrics and a health endpoint, on a loopback address unless a
+//! non-loopback one is explicitly allowed (`--metrics-allow-non-loopback`).
 //!
-//! `GET /metrics` serves the text exposition format; `GET /healthz` answers 200 `ok` while
+//! `GET /metrics` serves [`crate::metrics::global`] in the Prometheus text format, with
+//! the scrape-time values read from [`Sources`]; `GET /healthz` answers 200 `ok` while
 //! the agent can enforce and record, and 503 with the reason otherwise (for example while
 //! the audit sink cannot write).
 #![forbid(unsafe_code)]
 
-use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -15,7 +17,11 @@ use hyper_util::rt::TokioIo;
 use scopegate_common::counters;
 use tokio::net::TcpListener;
 
-use crate::{bpf::Kernel, pipeline::Shared};
+use crate::{
+    bpf::Kernel,
+    metrics::{self, Live, LiveSource},
+    pipeline::Shared,
+};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +34,10 @@ pub enum AdminError {
         /// The error.
         source: std::io::Error,
     },
-    /// Only loopback addresses are allowed.
-    #[error("metrics address {addr} is not a loopback address")]
+    /// Only loopback addresses are allowed unless explicitly allowed.
+    #[error(
+        "metrics address {addr} is not a loopback address (allow it with --metrics-allow-non-loopback or `metrics_allow_non_loopback: true`)"
+    )]
     NotLoopback {
         /// The address.
         addr: SocketAddr,
@@ -44,9 +52,10 @@ pub struct Sources {
     pub kernel: Arc<Kernel>,
 }
 
-/// Binds the admin listener (loopback only).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    if !addr.ip().is_loopback() {
+/// Binds the admin listener: loopback only, unless `allow_non_loopback`
+/// (`--metrics-allow-non-loopback`).
+pub async fn bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<TcpListener, AdminError> {
+    if !addr.ip().is_loopback() && !allow_non_loopback {
         return Err(AdminError::NotLoopback { addr });
     }
     TcpListener::bind(addr)
@@ -54,8 +63,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
-/// Serves the admin endpoints forever.
+/// Serves the admin endpoints forever; `/metrics` is [`metrics::global`], whose
+/// scrape-time values come from `sources`.
 pub async fn serve(listener: TcpListener, sources: Arc<Sources>) {
+    metrics::global().attach(sources.clone());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -77,8 +88,8 @@ fn route(sources: &Sources, path: &str) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics(sources),
+            metrics::CONTENT_TYPE,
+            metrics::global().encode(),
         ),
         "/healthz" => match health(sources) {
             Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
@@ -111,83 +122,33 @@ pub fn health(sources: &Sources) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The metrics in Prometheus text format.
-pub fn metrics(sources: &Sources) -> String {
-    let mut out = String::new();
-    let kernel = &sources.kernel;
-    let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    };
-    counter(
-        "scopegate_kernel_redirected_total",
-        "Managed TCP connects redirected to the proxy.",
-        kernel.counter(counters::REDIRECTED),
-    );
-    counter(
-        "scopegate_kernel_denied_total",
-        "Managed connects, sends and sockets denied in the kernel.",
-        kernel.counter(counters::DENIED),
-    );
-    counter(
-        "scopegate_kernel_events_lost_total",
-        "Kernel deny events not delivered because the ring buffer was full.",
-        kernel.counter(counters::EVENTS_LOST),
-    );
-    counter(
-        "scopegate_kernel_origin_store_failed_total",
-        "Redirects whose origin could not be stored (denied).",
-        kernel.counter(counters::ORIGIN_STORE_FAILED),
-    );
-    counter(
-        "scopegate_cgroup_scan_errors_total",
-        "Parts of the cgroup tree a scan could not read (their managed cgroups were kept).",
-        crate::workloads::scan_errors(),
-    );
-    counter(
-        "scopegate_cgroup_scan_kept_total",
-        "Managed cgroups kept although a scan did not see them.",
-        crate::workloads::kept_unseen(),
-    );
-    let audit = sources.shared.auditor.metrics();
-    counter(
-        "scopegate_audit_records_written_total",
-        "Audit records written to every sink.",
-        audit.records_written,
-    );
-    counter(
-        "scopegate_audit_write_errors_total",
-        "Failed attempts to write, fsync or rotate the audit log.",
-        audit.write_errors,
-    );
-    counter(
-        "scopegate_audit_checkpoints_total",
-        "Signed checkpoints written.",
-        audit.checkpoints,
-    );
-    counter(
-        "scopegate_audit_unavailable_summarised_total",
-        "Refusals during an audit outage recorded in summary records.",
-        audit.unavailable_summarised,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP scopegate_audit_queue_depth Audit records accepted but not yet written.\n# TYPE scopegate_audit_queue_depth gauge\nscopegate_audit_queue_depth {}\n# HELP scopegate_audit_unavailable 1 while the audit log cannot be written (requests get 503).\n# TYPE scopegate_audit_unavailable gauge\nscopegate_audit_unavailable {}",
-        audit.queue_depth,
-        u8::from(audit.unhealthy)
-    );
-    let enforcement = sources.shared.enforcement.load();
-    let _ = writeln!(
-        out,
-        "# HELP scopegate_workloads Workloads in the current policy snapshot.\n# TYPE scopegate_workloads gauge\nscopegate_workloads {}",
-        enforcement.policy.workloads().len()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP scopegate_managed_cgroups Managed cgroups known to the agent.\n# TYPE scopegate_managed_cgroups gauge\nscopegate_managed_cgroups {}",
-        enforcement.cgroups.managed.len()
-    );
-    out
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").finish_non_exhaustive()
+    }
+}
+
+impl LiveSource for Sources {
+    fn live(&self) -> Live {
+        let kernel = &self.kernel;
+        let audit = self.shared.auditor.metrics();
+        let enforcement = self.shared.enforcement.load();
+        Live {
+            kernel_redirected: kernel.counter(counters::REDIRECTED),
+            kernel_denied: kernel.counter(counters::DENIED),
+            kernel_events_lost: kernel.counter(counters::EVENTS_LOST),
+            kernel_origin_store_failed: kernel.counter(counters::ORIGIN_STORE_FAILED),
+            kernel_dns_redirected: kernel.counter(counters::DNS_REDIRECTED),
+            cgroup_scan_errors: crate::workloads::scan_errors(),
+            cgroup_scan_kept: crate::workloads::kept_unseen(),
+            audit_records_written: audit.records_written,
+            audit_write_errors: audit.write_errors,
+            audit_checkpoints: audit.checkpoints,
+            audit_unavailable_summarised: audit.unavailable_summarised,
+            audit_queue_depth: audit.queue_depth,
+            audit_unavailable: audit.unhealthy,
+            workloads: enforcement.policy.workloads().len() as u64,
+            managed_cgroups: enforcement.cgroups.managed.len() as u64,
+        }
+    }
 }

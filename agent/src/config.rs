@@ -107,6 +107,7 @@ struct Raw {
     cgroup_root: Option<PathBuf>,
     audit_file: Option<PathBuf>,
     audit_stdout: Option<bool>,
+    audit_journal: Option<bool>,
     audit_max_bytes: Option<u64>,
     audit_max_age_secs: Option<u64>,
     audit_keep: Option<usize>,
@@ -115,6 +116,7 @@ struct Raw {
     state_dir: Option<PathBuf>,
     upstream_ca: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    metrics_allow_non_loopback: Option<bool>,
     rescan_secs: Option<f64>,
     managed_subtrees: Option<Vec<String>>,
     allow_empty: Option<bool>,
@@ -158,6 +160,12 @@ pub struct RunArgs {
     /// Do not write audit records to stdout (key: `audit_stdout: false`).
     #[arg(long)]
     pub no_audit_stdout: bool,
+    /// Also send each audit record to the journal as its own entry
+    /// (`SYSLOG_IDENTIFIER=scopegate-audit`, the record as MESSAGE), so that
+    /// `journalctl -t scopegate-audit -o cat | scopegate audit verify -` checks the chain
+    /// (key: `audit_journal: true`).
+    #[arg(long)]
+    pub audit_journal: bool,
     /// Rotate the audit file before it exceeds this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub audit_max_bytes: Option<u64>,
@@ -186,6 +194,11 @@ pub struct RunArgs {
     /// address.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Allow a non-loopback --metrics-addr (for example 0.0.0.0:9464 for a remote
+    /// Prometheus). /metrics and /healthz have no authentication: restrict who can reach
+    /// the port (firewall, a private interface).
+    #[arg(long)]
+    pub metrics_allow_non_loopback: bool,
     /// Seconds between cgroup rescans (the kernel already applies a managed parent's
     /// policy to new children; the rescan refreshes names and paths for the audit)
     /// [default: 1].
@@ -221,8 +234,10 @@ impl RunArgs {
     /// lays the flags over it.
     pub fn resolve(self) -> Result<RunOptions, ConfigError> {
         let raw = match &self.config {
-            Some(path) => load(path)?,
-            None if Path::new(DEFAULT_PATH).exists() => load(Path::new(DEFAULT_PATH))?,
+            Some(path) => load(path, self.metrics_allow_non_loopback)?,
+            None if Path::new(DEFAULT_PATH).exists() => {
+                load(Path::new(DEFAULT_PATH), self.metrics_allow_non_loopback)?
+            }
             None => Raw::default(),
         };
         let dns_ttl = crate::resolve::TtlBounds::new(
@@ -283,6 +298,7 @@ impl RunArgs {
             cgroup_root: self.cgroup_root.or(file.cgroup_root),
             audit: Sinks {
                 stdout: !self.no_audit_stdout && file.audit_stdout.unwrap_or(true),
+                journal: self.audit_journal || file.audit_journal == Some(true),
                 file: self.audit_file.or(file.audit_file),
                 rotation: Rotation {
                     max_bytes: self.audit_max_bytes.or(file.audit_max_bytes),
@@ -301,6 +317,8 @@ impl RunArgs {
                 ..Sinks::default()
             },
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            metrics_allow_non_loopback: self.metrics_allow_non_loopback
+                || file.metrics_allow_non_loopback == Some(true),
             state_dir: self
                 .state_dir
                 .or(file.state_dir)
@@ -328,16 +346,17 @@ impl RunArgs {
 }
 
 /// Reads and validates a configuration file.
-fn load(path: &Path) -> Result<Raw, ConfigError> {
+/// `allow_non_loopback`: the `--metrics-allow-non-loopback` flag (the file's key also allows).
+fn load(path: &Path, allow_non_loopback: bool) -> Result<Raw, ConfigError> {
     let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: path.to_owned(),
         source,
     })?;
-    parse(path, &text)
+    parse(path, &text, allow_non_loopback)
 }
 
 /// Parses and validates the text of a configuration file named `file`.
-fn parse(file: &Path, text: &str) -> Result<Raw, ConfigError> {
+fn parse(file: &Path, text: &str, allow_non_loopback: bool) -> Result<Raw, ConfigError> {
     let schema = |line: usize, col: usize, message: String| ConfigError::Schema {
         file: file.to_owned(),
         line,
@@ -376,12 +395,17 @@ fn parse(file: &Path, text: &str) -> Result<Raw, ConfigError> {
             ));
         }
     };
-    validate(file, &index, &raw)?;
+    validate(file, &index, &raw, allow_non_loopback)?;
     Ok(raw)
 }
 
 /// Checks the values serde accepted by type.
-fn validate(file: &Path, index: &PositionIndex, raw: &Raw) -> Result<(), ConfigError> {
+fn validate(
+    file: &Path,
+    index: &PositionIndex,
+    raw: &Raw,
+    allow_non_loopback: bool,
+) -> Result<(), ConfigError> {
     let invalid = |key: &'static str, value: &dyn fmt::Display, reason: &'static str| {
         let pos = index.locate(key);
         ConfigError::Invalid {
@@ -402,13 +426,15 @@ fn validate(file: &Path, index: &PositionIndex, raw: &Raw) -> Result<(), ConfigE
             "must be a positive number of seconds",
         ));
     }
+    let allow_non_loopback = allow_non_loopback || raw.metrics_allow_non_loopback == Some(true);
     if let Some(addr) = raw.metrics_addr
         && !addr.ip().is_loopback()
+        && !allow_non_loopback
     {
         return Err(invalid(
             "metrics_addr",
             &addr,
-            "must be a loopback address (127.0.0.0/8 or [::1])",
+            "must be a loopback address (127.0.0.0/8 or [::1]) unless metrics_allow_non_loopback: true (or --metrics-allow-non-loopback) is set",
         ));
     }
     for (i, subtree) in raw.managed_subtrees.iter().flatten().enumerate() {
@@ -453,14 +479,15 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        parse(Path::new("/etc/scopegate/scopegate.yaml"), text)
+        parse(Path::new("/etc/scopegate/scopegate.yaml"), text, false)
             .unwrap_err()
             .to_string()
     }
 
     fn opts(text: &str, args: RunArgs) -> RunOptions {
+        let allow = args.metrics_allow_non_loopback;
         args.over(
-            parse(Path::new("c.yaml"), text).unwrap(),
+            parse(Path::new("c.yaml"), text, allow).unwrap(),
             crate::resolve::TtlBounds::default(),
         )
     }
@@ -474,6 +501,7 @@ pin_dir: /sys/fs/bpf/sg
 cgroup_root: /sys/fs/cgroup/system.slice
 audit_file: /var/log/scopegate/audit.jsonl
 audit_stdout: false
+audit_journal: true
 audit_max_bytes: 1000000
 audit_max_age_secs: 3600
 audit_keep: 5
@@ -495,6 +523,7 @@ allow_empty: true
             Some(Path::new("/sys/fs/cgroup/system.slice"))
         );
         assert!(!o.audit.stdout);
+        assert!(o.audit.journal);
         assert_eq!(
             o.audit.file.as_deref(),
             Some(Path::new("/var/log/scopegate/audit.jsonl"))
@@ -545,6 +574,21 @@ allow_empty: true
             },
         );
         assert!(!off.audit.stdout, "--no-audit-stdout wins over the file");
+        assert!(!off.audit.journal, "the journal sink is off by default");
+        let journal = |text: &str, flag: bool| {
+            opts(
+                text,
+                RunArgs {
+                    audit_journal: flag,
+                    ..RunArgs::default()
+                },
+            )
+            .audit
+            .journal
+        };
+        assert!(journal("", true));
+        assert!(journal("audit_journal: true\n", false));
+        assert!(!journal("audit_journal: false\n", false));
     }
 
     #[test]
@@ -580,6 +624,42 @@ allow_empty: true
     }
 
     #[test]
+    fn a_non_loopback_metrics_address_needs_the_explicit_key_or_flag() {
+        let text = "metrics_addr: 0.0.0.0:9464\n";
+        assert!(
+            err(text).contains("must be a loopback address"),
+            "{}",
+            err(text)
+        );
+        let o = opts(
+            "metrics_addr: 0.0.0.0:9464\nmetrics_allow_non_loopback: true\n",
+            RunArgs::default(),
+        );
+        assert_eq!(o.metrics_addr, Some("0.0.0.0:9464".parse().unwrap()));
+        assert!(o.metrics_allow_non_loopback);
+        let flag = RunArgs {
+            metrics_allow_non_loopback: true,
+            ..RunArgs::default()
+        };
+        let o = opts(text, flag);
+        assert_eq!(o.metrics_addr, Some("0.0.0.0:9464".parse().unwrap()));
+        assert!(o.metrics_allow_non_loopback);
+        // `false` in the file keeps the refusal; a wrong type is an error with position.
+        assert!(
+            err("metrics_allow_non_loopback: false\nmetrics_addr: 0.0.0.0:9464\n")
+                .starts_with("/etc/scopegate/scopegate.yaml:2:15: metrics_addr: 0.0.0.0:9464: ")
+        );
+        assert!(
+            err("metrics_allow_non_loopback: yes please\n")
+                .starts_with("/etc/scopegate/scopegate.yaml:1:29: ")
+        );
+        // Loopback stays allowed without it.
+        assert!(
+            !opts("metrics_addr: \"[::1]:9464\"\n", RunArgs::default()).metrics_allow_non_loopback
+        );
+    }
+
+    #[test]
     fn bad_values_are_errors_naming_key_value_and_reason() {
         assert_eq!(
             err("proxy_port: 15001\nrescan_secs: -1\n"),
@@ -587,7 +667,7 @@ allow_empty: true
         );
         assert_eq!(
             err("metrics_addr: 192.0.2.1:9464\n"),
-            "/etc/scopegate/scopegate.yaml:1:15: metrics_addr: 192.0.2.1:9464: must be a loopback address (127.0.0.0/8 or [::1])"
+            "/etc/scopegate/scopegate.yaml:1:15: metrics_addr: 192.0.2.1:9464: must be a loopback address (127.0.0.0/8 or [::1]) unless metrics_allow_non_loopback: true (or --metrics-allow-non-loopback) is set"
         );
         let e = err("managed_subtrees:\n  - /ok.slice\n  - ../etc\n");
         assert!(
@@ -618,7 +698,7 @@ allow_empty: true
 
     #[test]
     fn unreadable_files_name_the_file() {
-        let e = load(Path::new("/nonexistent/scopegate.yaml")).unwrap_err();
+        let e = load(Path::new("/nonexistent/scopegate.yaml"), false).unwrap_err();
         assert!(
             e.to_string().starts_with("/nonexistent/scopegate.yaml: "),
             "{e}"

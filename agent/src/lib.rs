@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod bpf;
 pub mod cut;
+pub mod metrics;
 pub mod policy;
 pub mod resolve;
 pub mod secrets;
@@ -41,6 +42,7 @@ pub mod admin;
 pub mod config;
 pub mod exec;
 pub mod exit;
+pub mod logging;
 pub mod pipeline;
 pub mod release;
 pub mod run;

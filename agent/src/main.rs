@@ -108,14 +108,7 @@ enum CaCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SCOPEGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    scopegate::logging::init();
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -145,22 +138,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(never) => match never {},
             Err(e) => Err(e.into()),
         },
-        Command::Policy { command } => {
-            let checked = match &command {
-                scopegate::policy::cli::PolicyCommand::Check { dir } => Some(dir.clone()),
-                _ => None,
-            };
-            let ok = scopegate::policy::cli::run(command)?;
-            // Warnings only (exit code unchanged): how the valid policy meets this host.
-            if ok
-                && let Some(dir) = checked
-                && let Ok(snapshot) = scopegate::policy::Snapshot::load_dir(&dir)
-            {
-                for warning in scopegate::workloads::host_warnings(&snapshot, &dir) {
-                    eprintln!("scopegate: warning: {warning}");
+        Command::Policy {
+            command:
+                scopegate::policy::cli::PolicyCommand::Check {
+                    path,
+                    secrets,
+                    strict,
+                },
+        } => {
+            let (verdict, snapshot) = scopegate::policy::cli::check(
+                &path,
+                secrets,
+                strict,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            );
+            // Notes only (exit code unchanged): how the valid policy meets this host.
+            if let Some(snapshot) = snapshot {
+                for note in scopegate::workloads::host_warnings(&snapshot) {
+                    eprintln!("scopegate: note: {note}");
                 }
             }
-            Ok(exit(ok))
+            Ok(ExitCode::from(verdict.code()))
+        }
+        Command::Policy { command } => {
+            Ok(ExitCode::from(scopegate::policy::cli::run(command)?.code()))
         }
         Command::Audit { command } => Ok(exit(scopegate::audit::cli::run(command)?)),
         Command::Ca {
@@ -261,9 +263,11 @@ A kernel feature is unavailable: no cgroup v2, no bpf filesystem, or the kernel 
 Missing privileges: \fBscopegate run\fR needs root or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN.
 .TP
 \fB78\fR
-A configuration or policy error: an invalid policy directory, a bad configuration file (with file:line:column), a non-loopback metrics address.
+A configuration or policy error: an invalid policy directory, a bad configuration file (with file:line:column), a non-loopback metrics address without \fB--metrics-allow-non-loopback\fR.
 .PP
 69, 77 and 78 do not go away by restarting; the systemd unit lists them in \fBRestartPreventExitStatus=\fR.
+.PP
+\fBscopegate policy check\fR exits 0 when the policies are valid, 1 on errors, and 2 with \fB--strict\fR when there are warnings (an empty directory, ignored files) and no errors.
 "#;
 
 /// Maps a subcommand's verdict (true: success) to the process exit code.

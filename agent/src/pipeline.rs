@@ -17,7 +17,12 @@
 //! This module only composes the stages; they never import it.
 #![forbid(unsafe_code)]
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
@@ -32,6 +37,7 @@ use crate::{
     forward::Upstream,
     framing,
     identify::{self, Identity, OriginTable},
+    metrics::{self, RequestPath},
     outbound::{self, Arrival},
     policy::{RateLimiter, TlsMode},
     resolve::Resolver,
@@ -485,8 +491,19 @@ fn request_record(enforcement: &Enforcement, identity: &Identity, request_id: &s
     record
 }
 
-/// One request: build → enforce → forward → respond, with exactly one record.
+/// One request: build → enforce → forward → respond, with exactly one record. The agent's
+/// own time is observed in `scopegate_request_overhead_seconds` (see [`crate::metrics`]):
+/// from here (hyper has parsed the head) to the handover to the upstream client or to the
+/// refusal being ready, plus from the upstream's response head to the relayed response
+/// being ready. It includes reading a body a rule inspects, the decision, DNS
+/// confirmation and waiting for the decision and outcome records to be durable; it
+/// excludes the upstream's time and streaming the response body.
 async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let refused = |response: Response<Body>| {
+        metrics::global().overhead(RequestPath::Refused, started.elapsed());
+        response
+    };
     let enforcement = shared.enforcement.load_full();
     let request_id = new_request_id();
     let reply = Reply {
@@ -509,7 +526,7 @@ async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) ->
     .await
     {
         Ok(outbound) => outbound,
-        Err(refused) => return respond::refuse(guard, &refused, reply).await,
+        Err(why) => return refused(respond::refuse(guard, &why, reply).await),
     };
     // enforce: decided on exactly that request
     let cx = enforce::Context {
@@ -521,11 +538,11 @@ async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) ->
     };
     let decided = match enforce::admit(cx, outbound, guard.record_mut()).await {
         Ok(decided) => decided,
-        Err(refused) => return respond::refuse(guard, &refused, reply).await,
+        Err(why) => return refused(respond::refuse(guard, &why, reply).await),
     };
     // Nothing is forwarded that cannot be recorded.
     if !shared.auditor.healthy() {
-        return respond::unavailable(guard, reply);
+        return refused(respond::unavailable(guard, reply));
     }
     let forwarded = Forwarded {
         would_deny: decided.would_deny().cloned(),
@@ -535,13 +552,18 @@ async fn handle_request(shared: &Shared, conn: &Conn, req: Request<Incoming>) ->
     // record before forward: the decision record is durable, or nothing goes upstream
     let (admitted, outcome) = match decided.record(guard).await {
         Ok(recorded) => recorded,
-        Err(outcome) => return respond::unavailable(outcome, reply),
+        Err(outcome) => return refused(respond::unavailable(outcome, reply)),
     };
     // forward: exactly what was admitted; the outcome record is written before responding
-    match shared.upstream.send(admitted).await {
+    let before_upstream = started.elapsed();
+    let result = shared.upstream.send(admitted).await;
+    let answered = Instant::now();
+    let response = match result {
         Ok(response) => respond::relay(&shared.auditor, outcome, response, forwarded, reply).await,
         Err(e) => respond::upstream_failed(outcome, &e, forwarded.bytes_up, reply).await,
-    }
+    };
+    metrics::global().overhead(RequestPath::Forwarded, before_upstream + answered.elapsed());
+    response
 }
 
 /// A fresh 128-bit request id, hex.

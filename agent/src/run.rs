@@ -81,6 +81,8 @@ pub struct RunOptions {
     pub allow_empty: bool,
     /// Loopback address for /metrics and /healthz.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Whether a non-loopback `metrics_addr` is allowed (`--metrics-allow-non-loopback`).
+    pub metrics_allow_non_loopback: bool,
     /// State directory (0700): the host CA for TLS interception lives here.
     pub state_dir: PathBuf,
     /// PEM bundle of trust roots for upstream TLS (default: the system's roots).
@@ -250,7 +252,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     };
     let admin = match opts.metrics_addr {
-        Some(addr) => Some(crate::admin::bind(addr).await?),
+        Some(addr) => Some(crate::admin::bind(addr, opts.metrics_allow_non_loopback).await?),
         None => None,
     };
     // 6. audit
@@ -470,6 +472,7 @@ impl Control {
     /// Resolves `policy` against the cgroup tree and, if anything changed, publishes the new
     /// snapshot (one swap) and then syncs the kernel's managed-cgroup map.
     fn publish(&self, policy: Arc<Snapshot>, announce: bool) -> Result<(), BpfError> {
+        crate::metrics::global().set_workloads(policy.workloads().iter().map(|w| w.name.as_str()));
         // Managed until released: the pinned map is the source of truth for what stays
         // managed; the lock keeps `scopegate release` out until the map is written back.
         let _pins = bpf::lock_pins(&self.pin_base)?;
@@ -877,6 +880,8 @@ fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
         deny_reasons::NO_POLICY => "no_policy",
         _ => "kernel_deny",
     };
+    record.kernel_event = true;
+    crate::metrics::global().kernel_deny(reason);
     shared
         .auditor
         .guard(record)

@@ -454,18 +454,11 @@ fn walk(
     }
 }
 
-/// Warnings of `scopegate policy check` about how a valid policy directory meets this host:
-/// an empty directory (an agent loading it selects nothing; the cgroups it manages stay
-/// deny-all until released), and each workload whose selector matches no cgroup here. The
-/// second needs a complete scan of the cgroup2 tree: without a cgroup2 mount, or when any
-/// part of the tree cannot be read, no "matches nothing" warning is given.
-pub fn host_warnings(snapshot: &Snapshot, dir: &Path) -> Vec<String> {
-    if snapshot.workloads().is_empty() {
-        return vec![format!(
-            "{}: no policy files: an agent loading this directory selects no workload (cgroups it already manages stay deny-all until `scopegate release`)",
-            dir.display()
-        )];
-    }
+/// Notes of `scopegate policy check` about how a valid policy meets this host: each
+/// workload whose selector matches no cgroup here. They need a complete scan of the cgroup2
+/// tree: without a cgroup2 mount, or when any part of the tree cannot be read, none is
+/// given. (An empty directory is a policy warning: [`crate::policy::PolicyWarning`].)
+pub fn host_warnings(snapshot: &Snapshot) -> Vec<String> {
     let Ok(mount) = cgroup2_mount() else {
         return Vec::new();
     };
@@ -914,10 +907,5 @@ mod scan_tests {
         let mut reader = Faulty::default();
         reader.list.insert(t.path("system.slice"), libc::EACCES);
         assert!(host_warnings_in(&snap, m, &reader).is_empty());
-        // An empty directory is warned about without any scan.
-        let empty = tempfile::tempdir().unwrap();
-        let warnings = host_warnings(&Snapshot::load_dir(empty.path()).unwrap(), empty.path());
-        assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].contains("no policy files"), "{warnings:?}");
     }
 }

@@ -37,13 +37,15 @@ pub const DEB_PACKAGES: [&str; 12] = [
 
 /// Python packages the real-client end-to-end tests run, as (import name, pip requirement):
 /// pypiserver (a PEP 503 index), moto's S3 server and boto3 (the S3 client), dnspython (the
-/// test DNS server), jsonschema and PyYAML (the package step validates the shipped policies
-/// against the shipped policy schema).
-pub const PY_PACKAGES: [(&str, &str); 6] = [
+/// test DNS server), prometheus_client (the text-format parser the metrics test scrapes
+/// with), jsonschema and PyYAML (the package step validates the shipped policies against the
+/// shipped policy schema).
+pub const PY_PACKAGES: [(&str, &str); 7] = [
     ("pypiserver", "pypiserver"),
     ("moto.server", "moto[server]"),
     ("boto3", "boto3"),
     ("dns.message", "dnspython"),
+    ("prometheus_client.parser", "prometheus-client"),
     ("jsonschema", "jsonschema"),
     ("yaml", "PyYAML"),
 ];

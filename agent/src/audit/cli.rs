@@ -21,9 +21,11 @@ pub enum AuditCommand {
     /// A base path (e.g. audit.jsonl) stands for its rotated set (audit.jsonl.N … .1, then
     /// audit.jsonl). Prints `OK: N records, seq A..B, K checkpoints verified`, or the first
     /// bad record's file, line and seq with the kind of damage (edited, deleted, reordered,
-    /// truncated, spliced, bad_signature). Exit status 1 on damage.
+    /// truncated, spliced, bad_signature). Exit status 1 on damage. `-` reads the records
+    /// from standard input, e.g. `journalctl -t scopegate-audit -o cat | scopegate audit
+    /// verify -`.
     Verify {
-        /// The files, oldest first.
+        /// The files, oldest first; `-` alone: standard input.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Check checkpoint signatures with this ed25519 public key (PEM).
@@ -123,6 +125,53 @@ impl AuditCliError {
     }
 }
 
+/// The name standard input has in a report.
+const STDIN_NAME: &str = "<stdin>";
+
+/// Verifies the records read from `input` (a pipe: copied to a private temporary file
+/// first, because locating a break reads the chain more than once); the report names the
+/// input `<stdin>`.
+pub fn verify_reader(
+    input: &mut dyn io::Read,
+    pubkey: Option<ed25519_dalek::VerifyingKey>,
+    anchors: Vec<PathBuf>,
+) -> Result<verify::Report, AuditCliError> {
+    let stdin_error = |error: io::Error| {
+        AuditCliError::Verify(VerifyError::Io {
+            path: STDIN_NAME.into(),
+            error,
+        })
+    };
+    let mut copy = tempfile::NamedTempFile::new().map_err(stdin_error)?;
+    io::copy(input, copy.as_file_mut()).map_err(stdin_error)?;
+    let temp = copy.path().to_owned();
+    let mut report = verify::verify(&VerifyOptions {
+        files: vec![temp.clone()],
+        pubkey,
+        anchors,
+    })?;
+    let shown = temp.display().to_string();
+    for file in &mut report.files {
+        if *file == temp {
+            *file = STDIN_NAME.into();
+        }
+    }
+    if let Some(damage) = &mut report.damage
+        && damage.file == temp
+    {
+        damage.file = STDIN_NAME.into();
+    }
+    if let Some((file, _)) = &mut report.anchor
+        && *file == temp
+    {
+        *file = STDIN_NAME.into();
+    }
+    for note in &mut report.notes {
+        *note = note.replace(&shown, STDIN_NAME);
+    }
+    Ok(report)
+}
+
 /// Runs an audit subcommand; `Ok(true)` means success (exit 0), `Ok(false)` a finding (exit 1).
 pub fn run(command: AuditCommand) -> Result<bool, AuditCliError> {
     let color = io::stdout().is_terminal();
@@ -150,11 +199,20 @@ pub fn run_to(
                 Some(p) => Some(checkpoint::load_verifying_key(&p)?),
                 None => None,
             };
-            let report = verify::verify(&VerifyOptions {
-                files,
-                pubkey,
-                anchors: anchor,
-            })?;
+            let report = if files.iter().any(|f| f.as_os_str() == "-") {
+                if files.len() != 1 {
+                    return Err(AuditCliError::Usage(
+                        "`-` (standard input) cannot be combined with files".into(),
+                    ));
+                }
+                verify_reader(&mut io::stdin().lock(), pubkey, anchor)?
+            } else {
+                verify::verify(&VerifyOptions {
+                    files,
+                    pubkey,
+                    anchors: anchor,
+                })?
+            };
             // The verdict stands even if the reader of the output went away.
             match report.render(out) {
                 Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}

@@ -71,6 +71,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::metrics::Observed;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -298,6 +299,10 @@ pub struct Record {
     pub nearest_rule: Option<String>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
+    /// Not serialised: the record of a kernel deny event (counted by
+    /// `scopegate_kernel_denies_total`, not as a proxy decision).
+    #[serde(skip)]
+    pub(crate) kernel_event: bool,
 }
 
 impl Record {
@@ -340,7 +345,41 @@ impl Record {
             dns: None,
             nearest_rule: None,
             prev: chain::GENESIS,
+            kernel_event: false,
         }
+    }
+
+    /// What the metrics count of this record (see [`crate::metrics::Metrics::observe`]).
+    fn observed(&self) -> Option<Observed<'_>> {
+        if self.proto == "audit" {
+            return match self.reason.as_deref() {
+                Some(lifecycle::AGENT_STARTED) => Some(Observed::PolicyLoaded {
+                    hash: self.policy_hash.as_deref(),
+                    reload: false,
+                }),
+                Some(lifecycle::POLICY_RELOADED) => Some(Observed::PolicyLoaded {
+                    hash: self.policy_hash.as_deref(),
+                    reload: true,
+                }),
+                Some(lifecycle::POLICY_REJECTED) => Some(Observed::PolicyRejected {
+                    at_start: self.trigger.as_deref() == Some("start"),
+                }),
+                _ => None,
+            };
+        }
+        if self.outcome_of.is_some() {
+            return (self.origin == Some(Fault::Upstream)).then_some(Observed::UpstreamError {
+                workload: self.workload.as_deref(),
+            });
+        }
+        if self.kernel_event || self.proto == "kernel" {
+            return None;
+        }
+        Some(Observed::Decision {
+            workload: self.workload.as_deref(),
+            decision: self.decision.as_str(),
+            reason: self.reason.as_deref(),
+        })
     }
 
     /// Sets the original destination address.
@@ -384,8 +423,12 @@ impl Default for CheckpointPolicy {
 /// Where records go.
 #[derive(Clone, Debug, Default)]
 pub struct Sinks {
-    /// Write each record to stdout (journald under systemd).
+    /// Write each record to stdout.
     pub stdout: bool,
+    /// Send each record to the journal as its own entry (`SYSLOG_IDENTIFIER=scopegate-audit`,
+    /// the record as `MESSAGE`): `journalctl -t scopegate-audit -o cat | scopegate audit
+    /// verify -` checks the chain.
+    pub journal: bool,
     /// Append each record to this file (rotated set: `FILE.1` newest … `FILE.N` oldest).
     pub file: Option<PathBuf>,
     /// Rotation and retention of the file.
@@ -604,6 +647,7 @@ impl Auditor {
 
     fn send(&self, mut record: Record, written: Option<Ack>) {
         record.host = self.host.to_string();
+        observe(&record);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
         if self
             .tx
@@ -631,6 +675,7 @@ impl Auditor {
         record.status = Some(503);
         record.reason = Some(AUDIT_UNAVAILABLE.into());
         record.origin = Some(Fault::Agent);
+        observe(&record);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(Entry {
             record,
@@ -811,6 +856,13 @@ impl Drop for AuditGuard {
             record.origin = Some(Fault::Agent);
             self.auditor.record(record);
         }
+    }
+}
+
+/// Every record handed to the writer is counted once, queued or summarised.
+fn observe(record: &Record) {
+    if let Some(observed) = record.observed() {
+        crate::metrics::global().observe(observed);
     }
 }
 

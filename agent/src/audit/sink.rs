@@ -1,4 +1,5 @@
-//! Sinks: the rotated, fsynced audit file and stdout.
+//! Sinks: the rotated, fsynced audit file, stdout, and the journal (one entry per record,
+//! `SYSLOG_IDENTIFIER=scopegate-audit`).
 //!
 //! # Files
 //!
@@ -266,6 +267,58 @@ impl StdoutSink {
     }
 }
 
+/// `SYSLOG_IDENTIFIER` of the audit records in the journal: `journalctl -t scopegate-audit
+/// -o cat` prints the chain, one record per line.
+pub const JOURNAL_IDENTIFIER: &str = "scopegate-audit";
+
+/// Sends one journal entry: the record line (without its newline) as `MESSAGE`.
+pub(crate) type JournalSend = Box<dyn FnMut(&str) -> io::Result<()> + Send>;
+
+/// The journal sink: each record is one journal entry (native protocol), `MESSAGE` = the
+/// record's JSON line, `SYSLOG_IDENTIFIER=scopegate-audit`, `PRIORITY=6` (info),
+/// `SYSLOG_FACILITY=13` (log audit).
+pub(crate) struct JournalSink {
+    send: JournalSend,
+    /// Records of `Pending` sent.
+    pub(crate) written: usize,
+}
+
+impl JournalSink {
+    /// A sink sending through `send`.
+    pub(crate) fn new(send: JournalSend) -> Self {
+        Self { send, written: 0 }
+    }
+
+    /// The sink of the system journal (`/run/systemd/journal/socket`).
+    pub(crate) fn system() -> Self {
+        Self::new(Box::new(|line| {
+            let fields = [
+                ("SYSLOG_IDENTIFIER", JOURNAL_IDENTIFIER),
+                ("SYSLOG_FACILITY", "13"),
+            ];
+            libsystemd::logging::journal_send(
+                libsystemd::logging::Priority::Info,
+                line,
+                fields.into_iter(),
+            )
+            .map_err(|e| io::Error::other(format!("journal: {e}")))
+        }))
+    }
+
+    /// Sends the records not sent yet, one entry each; a failure keeps the cursor at the
+    /// record that failed, so a retry neither loses nor repeats one.
+    pub(crate) fn write(&mut self, pending: &Pending) -> io::Result<()> {
+        while self.written < pending.len() {
+            let bytes = pending.bytes(self.written, self.written + 1);
+            let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+            let line = std::str::from_utf8(bytes).map_err(io::Error::other)?;
+            (self.send)(line)?;
+            self.written += 1;
+        }
+        Ok(())
+    }
+}
+
 /// The audit file sink.
 pub(crate) struct FileSink {
     path: PathBuf,
@@ -518,6 +571,42 @@ pub(crate) fn sync_dir(path: &Path) {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_sink_sends_one_entry_per_record_and_resumes_after_a_failure() {
+        use std::sync::{Arc, Mutex};
+        let sent = Arc::new(Mutex::new(Vec::<String>::new()));
+        let fail_at = Arc::new(Mutex::new(Some(1usize)));
+        let mut sink = {
+            let sent = sent.clone();
+            let fail_at = fail_at.clone();
+            JournalSink::new(Box::new(move |line: &str| {
+                let mut sent = sent.lock().unwrap();
+                if *fail_at.lock().unwrap() == Some(sent.len()) {
+                    return Err(io::Error::other("journal gone"));
+                }
+                sent.push(line.to_owned());
+                Ok(())
+            }))
+        };
+        let mut pending = Pending::default();
+        for line in ["{\"seq\":1}\n", "{\"seq\":2}\n", "{\"seq\":3}\n"] {
+            pending.buf.extend_from_slice(line.as_bytes());
+            pending.ends.push(pending.buf.len());
+        }
+        assert!(sink.write(&pending).is_err());
+        assert_eq!(sink.written, 1);
+        *fail_at.lock().unwrap() = None;
+        sink.write(&pending).unwrap();
+        assert_eq!(sink.written, 3);
+        // Each record once, in order, without its newline.
+        assert_eq!(
+            *sent.lock().unwrap(),
+            ["{\"seq\":1}", "{\"seq\":2}", "{\"seq\":3}"]
+        );
+        sink.write(&pending).unwrap();
+        assert_eq!(sent.lock().unwrap().len(), 3);
+    }
 
     #[test]
     fn rotated_set_is_oldest_first_and_ignores_other_names() {

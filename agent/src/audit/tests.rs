@@ -1825,3 +1825,51 @@ fn policy_rejected_carries_file_line_col() {
     assert!(re.is_match(&errs[0]), "{errs:?}");
     assert!(check(std::slice::from_ref(&path)).ok());
 }
+
+// ---------------------------------------------------------------- standard input
+
+#[test]
+fn verify_reads_standard_input_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut lines) = chain20(dir.path());
+    let bytes = fs::read(&path).unwrap();
+    let report = cli::verify_reader(&mut bytes.as_slice(), None, Vec::new()).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 20);
+    assert_eq!(report.files, [PathBuf::from("<stdin>")]);
+    // A deleted record is found and placed in `<stdin>`.
+    lines.remove(6);
+    let broken = lines.concat();
+    let report = cli::verify_reader(&mut broken.as_bytes(), None, Vec::new()).unwrap();
+    let d = report.damage.clone().unwrap();
+    assert_eq!(
+        (d.kind, d.file.clone(), d.line),
+        (DamageKind::Deleted, PathBuf::from("<stdin>"), 7),
+        "{d:?}"
+    );
+    let mut out = Vec::new();
+    report.render(&mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("FAIL: deleted: <stdin>:7 "), "{text}");
+    // Hostile input: not JSON, empty, a torn last line.
+    for (input, kind) in [
+        ("not json\n", Some(DamageKind::Edited)),
+        ("", None),
+        (&lines[0][..lines[0].len() - 5], Some(DamageKind::Truncated)),
+    ] {
+        let report = cli::verify_reader(&mut input.as_bytes(), None, Vec::new()).unwrap();
+        assert_eq!(report.damage.map(|d| d.kind), kind, "{input:?}");
+    }
+    // `-` cannot be mixed with files.
+    let e = run_to(
+        AuditCommand::Verify {
+            files: vec!["-".into(), path],
+            pubkey: None,
+            anchor: Vec::new(),
+        },
+        &mut Vec::new(),
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cannot be combined"), "{e}");
+}

@@ -50,7 +50,7 @@ use super::{
     chain::{self, ChainHash, GENESIS, RECOVERED_TRUNCATION},
     checkpoint,
     lifecycle::{self, AGENT_STARTED, AGENT_STOPPING, CLOCK_STEP_THRESHOLD, Clock, TAIL_WINDOW},
-    sink::{self, FileSink, Fsync, Pending, SinkOpener, StdoutSink},
+    sink::{self, FileSink, Fsync, JournalSink, Pending, SinkOpener, StdoutSink},
 };
 
 /// Records taken from the queue per write.
@@ -79,6 +79,7 @@ pub(crate) struct Writer {
     pending: Pending,
     file: Option<FileSink>,
     stdout: Option<StdoutSink>,
+    journal: Option<JournalSink>,
     fsync: Fsync,
     signer: Option<SigningKey>,
     checkpoints: CheckpointPolicy,
@@ -166,6 +167,7 @@ impl Writer {
             pending: Pending::default(),
             file,
             stdout: sinks.stdout.then(|| StdoutSink::new(stdout)),
+            journal: sinks.journal.then(JournalSink::system),
             fsync: sinks.fsync,
             signer,
             checkpoints: sinks.checkpoints,
@@ -513,6 +515,11 @@ impl Writer {
         {
             first_error = Some(e);
         }
+        if let Some(journal) = self.journal.as_mut()
+            && let Err(e) = journal.write(&self.pending)
+        {
+            first_error.get_or_insert(e);
+        }
         if let Some(f) = self.file.as_mut() {
             let result = f.write(&self.pending, self.fsync).and_then(|()| {
                 if force_sync || f.sync_due(self.fsync, now) {
@@ -531,7 +538,8 @@ impl Writer {
     /// Forgets the pending records once every sink has them (and the file has fsynced them).
     fn clear_if_done(&mut self) {
         let n = self.pending.len();
-        let stdout_done = self.stdout.as_ref().is_none_or(|s| s.written == n);
+        let stdout_done = self.stdout.as_ref().is_none_or(|s| s.written == n)
+            && self.journal.as_ref().is_none_or(|s| s.written == n);
         let file_done = self
             .file
             .as_ref()
@@ -543,6 +551,9 @@ impl Writer {
         self.pending.clear();
         self.shared.backlog.store(0, Ordering::Relaxed);
         if let Some(s) = self.stdout.as_mut() {
+            s.written = 0;
+        }
+        if let Some(s) = self.journal.as_mut() {
             s.written = 0;
         }
         if let Some(f) = self.file.as_mut() {
@@ -568,7 +579,8 @@ impl Writer {
             .file
             .as_ref()
             .map_or(0, |f| f.written)
-            .min(self.stdout.as_ref().map_or(n, |s| s.written));
+            .min(self.stdout.as_ref().map_or(n, |s| s.written))
+            .min(self.journal.as_ref().map_or(n, |s| s.written));
         tracing::error!(
             records = n - from,
             "audit records could not be written before shutdown; they follow on stderr"

@@ -75,10 +75,22 @@ impl NameLookup for AgentLookup {
 /// The `policy` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Validate a policy directory; prints every error as file:line:col: message.
+    /// Validate a policy directory or one policy file, e.g. in CI.
+    ///
+    /// Prints every error as file:line:col: message (stdout) and each warning (stderr): an
+    /// empty directory, entries the agent ignores (other names, hidden and backup files,
+    /// subdirectories), a file given by a name the agent would not read. Secret files are
+    /// not read unless --secrets is given (each secret is still checked to be named and
+    /// well-formed). Exit status: 0 valid, 1 errors, 2 warnings only with --strict.
     Check {
-        /// The directory.
-        dir: PathBuf,
+        /// The policy directory, or one policy file.
+        path: PathBuf,
+        /// Also check that every secret_file can be read, as the agent does at start.
+        #[arg(long)]
+        secrets: bool,
+        /// Exit 2 when there are warnings (and no errors).
+        #[arg(long)]
+        strict: bool,
     },
     /// Explain the decision for one request: the decision, the rule, and for a denial why
     /// each rule did not allow it; for a name destination, whether the workload may look
@@ -235,25 +247,50 @@ pub enum PolicyCliError {
     },
 }
 
-/// Runs a policy subcommand; `Ok(true)` means success (exit 0), `Ok(false)` a finding (exit 1).
-pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
+/// How a policy subcommand ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid, or allowed (exit 0).
+    Ok,
+    /// Errors, or denied (exit 1).
+    Findings,
+    /// `check --strict`: warnings and no errors (exit 2).
+    Warnings,
+}
+
+impl Verdict {
+    /// `Ok` when `ok`, else `Findings`.
+    pub fn of(ok: bool) -> Self {
+        if ok { Self::Ok } else { Self::Findings }
+    }
+
+    /// The exit status.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Ok => 0,
+            Self::Findings => 1,
+            Self::Warnings => 2,
+        }
+    }
+}
+
+/// Runs a policy subcommand.
+pub fn run(command: PolicyCommand) -> Result<Verdict, PolicyCliError> {
     match command {
-        PolicyCommand::Check { dir } => match Snapshot::load_dir(&dir) {
-            Ok(snapshot) => {
-                println!(
-                    "{}: OK, {} workload(s)",
-                    dir.display(),
-                    snapshot.workloads().len()
-                );
-                Ok(true)
-            }
-            Err(errors) => {
-                for e in &errors.0 {
-                    println!("{e}");
-                }
-                Ok(false)
-            }
-        },
+        PolicyCommand::Check {
+            path,
+            secrets,
+            strict,
+        } => {
+            let (verdict, _) = check(
+                &path,
+                secrets,
+                strict,
+                &mut io::stdout().lock(),
+                &mut io::stderr().lock(),
+            );
+            Ok(verdict)
+        }
         PolicyCommand::Unused {
             dir,
             from,
@@ -288,7 +325,7 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
             } else {
                 print!("{}", unused_text(&report, records.files, since));
             }
-            Ok(!fail_on_unused || report.unused.is_empty())
+            Ok(Verdict::of(!fail_on_unused || report.unused.is_empty()))
         }
         PolicyCommand::Diff {
             old,
@@ -313,7 +350,7 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
                 println!("{grants} grant(s), {} revoke(s)", changes.len() - grants);
             }
             let grants = changes.iter().any(|c| c.effect == diff::Effect::Grant);
-            Ok(!(fail_on_grant && grants))
+            Ok(Verdict::of(!(fail_on_grant && grants)))
         }
         PolicyCommand::Test { dir, cases: paths } => {
             let snapshot = Snapshot::load_dir(&dir)?;
@@ -329,7 +366,7 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
                 outcome.cases - outcome.failures.len(),
                 outcome.failures.len()
             );
-            Ok(outcome.failures.is_empty())
+            Ok(Verdict::of(outcome.failures.is_empty()))
         }
         PolicyCommand::Explain {
             ref resolv_conf,
@@ -346,7 +383,58 @@ pub fn run(command: PolicyCommand) -> Result<bool, PolicyCliError> {
             };
             let (allowed, text) = run_explain(command, &lookup)?;
             println!("{text}");
-            Ok(allowed)
+            Ok(if allowed {
+                Verdict::Ok
+            } else {
+                Verdict::Findings
+            })
+        }
+    }
+}
+
+/// `check`: errors to `out` (one `file:line:col: message` per line, or `PATH: OK, …`),
+/// warnings to `err` (`scopegate: warning: …`); the verdict and, when valid, the snapshot.
+pub fn check(
+    path: &std::path::Path,
+    secrets: bool,
+    strict: bool,
+    out: &mut dyn io::Write,
+    err: &mut dyn io::Write,
+) -> (Verdict, Option<Snapshot>) {
+    let checked = Snapshot::check(path, super::LoadOptions { secrets });
+    // Reporting is best effort: a closed pipe does not change the verdict.
+    for warning in &checked.warnings {
+        let _ = writeln!(err, "scopegate: warning: {warning}");
+    }
+    match checked.result {
+        Ok(snapshot) => {
+            let warned = match checked.warnings.len() {
+                0 => String::new(),
+                n => format!(", {n} warning(s)"),
+            };
+            let _ = writeln!(
+                out,
+                "{}: OK, {} workload(s){warned}{}",
+                path.display(),
+                snapshot.workloads().len(),
+                if secrets {
+                    ""
+                } else {
+                    " (secret files not read; --secrets reads them)"
+                }
+            );
+            let verdict = if strict && !checked.warnings.is_empty() {
+                Verdict::Warnings
+            } else {
+                Verdict::Ok
+            };
+            (verdict, Some(snapshot))
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                let _ = writeln!(out, "{e}");
+            }
+            (Verdict::Findings, None)
         }
     }
 }
@@ -589,6 +677,157 @@ fn explain_dns_query(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    /// A policy with an injected credential read from `secret`.
+    fn with_secret(secret: &str) -> String {
+        format!(
+            "workload: crm\nselect:\n  cgroup: /crm\negress:\n  - host: api.example.com\n    port: 443\n    tls: intercept\n    credential:\n      header: Authorization\n      secret_file: {secret}\n    rules:\n      - id: r\n        methods: [GET]\n        path: /x\n"
+        )
+    }
+
+    /// `check` with captured output: (exit code, stdout, stderr).
+    fn checked(path: &std::path::Path, secrets: bool, strict: bool) -> (u8, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (verdict, snapshot) = check(path, secrets, strict, &mut out, &mut err);
+        assert_eq!(snapshot.is_some(), verdict != Verdict::Findings);
+        (
+            verdict.code(),
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn check_takes_a_file_or_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("billing.yaml"), POLICY).unwrap();
+        let (code, out, err) = checked(dir.path(), false, true);
+        assert_eq!((code, err.as_str()), (0, ""), "{out}");
+        assert!(
+            out.contains(": OK, 1 workload(s) (secret files not read"),
+            "{out}"
+        );
+        let file = dir.path().join("billing.yaml");
+        let (code, out, _) = checked(&file, false, true);
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.starts_with(&format!("{}: OK, 1 workload(s)", file.display())),
+            "{out}"
+        );
+        // A broken file given by name: its errors with line and column, exit 1.
+        let broken = dir.path().join("broken.yaml");
+        std::fs::write(&broken, "workload: x\nselect: {cgroup: /x}\negress: 5\n").unwrap();
+        let (code, out, _) = checked(&broken, false, false);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.starts_with(&format!("{}:3:", broken.display())),
+            "{out}"
+        );
+        // A missing path is an error naming it.
+        let (code, out, _) = checked(&dir.path().join("nope.yaml"), false, false);
+        assert_eq!(code, 1);
+        assert!(out.contains("nope.yaml"), "{out}");
+    }
+
+    #[test]
+    fn secrets_are_read_only_with_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("crm.yaml"),
+            with_secret("/nonexistent/sgobs-secret"),
+        )
+        .unwrap();
+        let (code, out, _) = checked(dir.path(), false, true);
+        assert_eq!(code, 0, "{out}");
+        let (code, out, _) = checked(dir.path(), true, false);
+        assert_eq!(code, 1, "{out}");
+        let want = format!(
+            "{}:10:20: egress[0].credential.secret_file: \"/nonexistent/sgobs-secret\": cannot be read (missing or not readable)",
+            dir.path().join("crm.yaml").display()
+        );
+        assert_eq!(out.trim_end(), want);
+        // A readable secret passes with --secrets; a malformed one fails without it.
+        let secrets = tempfile::tempdir().unwrap();
+        let secret = secrets.path().join("secret");
+        std::fs::write(&secret, "k").unwrap();
+        std::fs::write(
+            dir.path().join("crm.yaml"),
+            with_secret(&secret.display().to_string()),
+        )
+        .unwrap();
+        assert_eq!(checked(dir.path(), true, true).0, 0);
+        std::fs::write(dir.path().join("crm.yaml"), with_secret("relative/secret")).unwrap();
+        let (code, out, _) = checked(dir.path(), false, false);
+        assert_eq!(code, 1);
+        assert!(
+            out.contains("secret_file: \"relative/secret\": must be an absolute path"),
+            "{out}"
+        );
+        // A rule's own credential is read too.
+        let rule_secret = with_secret(&secret.display().to_string()).replace(
+            "        path: /x\n",
+            "        path: /x\n        credential: {header: X-Key, secret_file: /nonexistent/sgobs-rule}\n",
+        );
+        std::fs::write(dir.path().join("crm.yaml"), rule_secret).unwrap();
+        assert_eq!(checked(dir.path(), false, false).0, 0);
+        let (code, out, _) = checked(dir.path(), true, false);
+        assert_eq!(code, 1);
+        assert!(
+            out.contains("egress[0].rules[0].credential.secret_file: \"/nonexistent/sgobs-rule\""),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn empty_directories_and_ignored_entries_warn_and_fail_only_under_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out, err) = checked(dir.path(), false, false);
+        assert_eq!(code, 0, "{out}");
+        assert!(err.contains("no policy files"), "{err}");
+        assert!(out.contains("OK, 0 workload(s), 1 warning(s)"), "{out}");
+        assert_eq!(checked(dir.path(), false, true).0, 2);
+        std::fs::write(dir.path().join("billing.yaml"), POLICY).unwrap();
+        assert_eq!(checked(dir.path(), false, true).0, 0);
+        for name in [
+            "notes.txt",
+            "billing.yaml.bak",
+            ".hidden.yaml",
+            "billing.yaml~",
+        ] {
+            std::fs::write(dir.path().join(name), "garbage: [").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("old")).unwrap();
+        let (code, out, err) = checked(dir.path(), false, true);
+        assert_eq!(code, 2, "{out}{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 5, "{err}");
+        for (name, why) in [
+            (".hidden.yaml", "a hidden file"),
+            ("billing.yaml.bak", "not named *.yaml or *.yml"),
+            ("billing.yaml~", "an editor backup or swap file"),
+            ("notes.txt", "not named *.yaml or *.yml"),
+            ("old", "a directory"),
+        ] {
+            let want = format!(
+                "scopegate: warning: {}: ignored: {why}",
+                dir.path().join(name).display()
+            );
+            assert!(lines.iter().any(|l| l.starts_with(&want)), "{want}\n{err}");
+        }
+        assert_eq!(checked(dir.path(), false, false).0, 0);
+        // Warnings do not hide errors.
+        std::fs::write(dir.path().join("bad.yaml"), "workload: [\n").unwrap();
+        assert_eq!(checked(dir.path(), false, true).0, 1);
+        // A file given by a name the agent would not read is checked, with a warning.
+        let file = dir.path().join("billing.txt");
+        std::fs::write(&file, POLICY).unwrap();
+        let (code, _, err) = checked(&file, false, true);
+        assert_eq!(code, 2);
+        assert!(
+            err.contains("not named *.yaml or *.yml: an agent loading its directory ignores it"),
+            "{err}"
+        );
+    }
 
     const POLICY: &str = "\
 workload: billing

@@ -698,6 +698,37 @@ impl PolicyError {
     }
 }
 
+/// Something `policy check` reports that does not make the policy invalid (exit 2 under
+/// `--strict`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyWarning {
+    /// The directory holds no policy file.
+    #[error(
+        "{dir}: no policy files (*.yaml, *.yml): an agent loading this directory selects no workload (cgroups it already manages stay deny-all until `scopegate release`)"
+    )]
+    EmptyDirectory {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// An entry of the directory the agent does not read.
+    #[error("{path}: ignored: {reason}")]
+    Ignored {
+        /// The entry.
+        path: PathBuf,
+        /// Why it is ignored.
+        reason: &'static str,
+    },
+    /// A file given by name whose name the agent would not read in a directory.
+    #[error(
+        "{file}: checked, but not named *.yaml or *.yml: an agent loading its directory ignores it"
+    )]
+    NotPolicyName {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
 /// All the problems found in a policy directory, sorted by file, line and column.
 #[derive(Debug)]
 pub struct PolicyErrors(pub Vec<PolicyError>);

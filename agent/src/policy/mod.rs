@@ -196,7 +196,7 @@ pub use decide::{
     Check, Decision, DenyReason, OVERRIDE_HEADERS, Request, RuleFailure, RuleRef, decide,
 };
 pub use dns::{Dns, DnsDecision, DnsDeny, DnsUpstream, NamePattern};
-pub use error::{PolicyError, PolicyErrors};
+pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use explain::{
     AddressReport, BindingReport, DnsReport, Explanation, Resolution, binding_report, dns_report,
     explain, host_dns_report,
@@ -233,17 +233,72 @@ impl Snapshot {
     /// Returns all errors of the whole directory at once, sorted by file, line and
     /// column; never a partial snapshot.
     pub fn load_dir(dir: &Path) -> Result<Self, PolicyErrors> {
-        let files = policy_files(dir).map_err(|source| {
-            PolicyErrors(vec![PolicyError::ReadDir {
-                dir: dir.to_owned(),
-                source,
-            }])
-        })?;
+        Self::load_dir_with(dir, LoadOptions::default())
+    }
 
+    /// [`Snapshot::load_dir`] with `options`.
+    pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<Self, PolicyErrors> {
+        let files = scan_dir(dir)
+            .map_err(|source| {
+                PolicyErrors(vec![PolicyError::ReadDir {
+                    dir: dir.to_owned(),
+                    source,
+                }])
+            })?
+            .files;
+        Self::load_files(dir, &files, options)
+    }
+
+    /// `policy check`: loads a directory (as the agent does) or one file, and says what a
+    /// CI run should hear about besides errors: an empty directory, files the agent would
+    /// ignore, a file whose name the agent would not read.
+    pub fn check(path: &Path, options: LoadOptions) -> Checked {
+        let mut warnings = Vec::new();
+        if !path.is_dir() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if path.exists() && !name.as_deref().is_some_and(is_policy_file) {
+                warnings.push(PolicyWarning::NotPolicyName {
+                    file: path.to_owned(),
+                });
+            }
+            let result = Self::load_files(path, &[path.to_owned()], options);
+            return Checked { result, warnings };
+        }
+        let scan = match scan_dir(path) {
+            Ok(scan) => scan,
+            Err(source) => {
+                let result = Err(PolicyErrors(vec![PolicyError::ReadDir {
+                    dir: path.to_owned(),
+                    source,
+                }]));
+                return Checked { result, warnings };
+            }
+        };
+        warnings.extend(
+            scan.ignored
+                .into_iter()
+                .map(|(path, reason)| PolicyWarning::Ignored { path, reason }),
+        );
+        if scan.files.is_empty() {
+            warnings.push(PolicyWarning::EmptyDirectory {
+                dir: path.to_owned(),
+            });
+        }
+        let result = Self::load_files(path, &scan.files, options);
+        Checked { result, warnings }
+    }
+
+    /// Loads `files` (from `origin`, a directory or the one file) into one snapshot.
+    fn load_files(
+        origin: &Path,
+        files: &[PathBuf],
+        options: LoadOptions,
+    ) -> Result<Self, PolicyErrors> {
+        let dir = origin;
         let mut errors = Vec::new();
         let mut documents = Vec::new();
-        for file in &files {
-            load_file(file, &mut documents, &mut errors);
+        for file in files {
+            load_file(file, options, &mut documents, &mut errors);
         }
         check_unique(&documents, &mut errors);
 
@@ -302,18 +357,69 @@ impl Snapshot {
     }
 }
 
-/// The policy files of `dir`, sorted.
-fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// How a policy is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Check that every `secret_file` can be opened. The agent does (a credential it
+    /// cannot read is an error at load, not at the first request); `policy check` only
+    /// with `--secrets`, so that CI runners without the secrets can check policies.
+    /// Without it each secret is still checked to be named and well-formed.
+    pub secrets: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { secrets: true }
+    }
+}
+
+/// What [`Snapshot::check`] found.
+#[derive(Debug)]
+pub struct Checked {
+    /// The snapshot, or every error.
+    pub result: Result<Snapshot, PolicyErrors>,
+    /// Warnings, in directory order.
+    pub warnings: Vec<PolicyWarning>,
+}
+
+/// A policy directory's entries: the policy files (sorted) and what is ignored, and why.
+struct DirScan {
+    files: Vec<PathBuf>,
+    ignored: Vec<(PathBuf, &'static str)>,
+}
+
+fn scan_dir(dir: &Path) -> std::io::Result<DirScan> {
     let mut files = Vec::new();
+    let mut ignored = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        if is_policy_file(&name.to_string_lossy()) {
-            files.push(dir.join(name));
+        let path = dir.join(&name);
+        let name = name.to_string_lossy();
+        if path.is_dir() {
+            ignored.push((
+                path,
+                "a directory (policy directories are not read recursively)",
+            ));
+        } else if is_policy_file(&name) {
+            files.push(path);
+        } else {
+            ignored.push((path, ignore_reason(&name)));
         }
     }
     files.sort();
-    Ok(files)
+    ignored.sort();
+    Ok(DirScan { files, ignored })
+}
+
+fn ignore_reason(name: &str) -> &'static str {
+    if name.starts_with('.') {
+        "a hidden file (the agent reads only *.yaml and *.yml files not starting with '.')"
+    } else if name.ends_with('~') || name.ends_with(".swp") {
+        "an editor backup or swap file"
+    } else {
+        "not named *.yaml or *.yml"
+    }
 }
 
 fn is_policy_file(name: &str) -> bool {
@@ -321,6 +427,36 @@ fn is_policy_file(name: &str) -> bool {
         && !name.ends_with('~')
         && !name.ends_with(".swp")
         && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// Every `secret_file` of `raw` (absolute, as validation requires) that cannot be opened.
+fn unreadable_secrets(raw: &raw::Workload) -> Vec<PolicyError> {
+    let mut errors = Vec::new();
+    let mut check = |path: String, credential: Option<&raw::Credential>| {
+        if let Some(file) = credential.and_then(|c| c.secret_file.as_deref())
+            && Path::new(file).is_absolute()
+            && fs::File::open(file).is_err()
+        {
+            errors.push(error::invalid!(InvalidEgress {
+                path: format!("{path}.secret_file"),
+                value: file.to_owned(),
+                reason: "cannot be read (missing or not readable)",
+            }));
+        }
+    };
+    for (d, egress) in raw.egress.iter().enumerate() {
+        check(
+            format!("egress[{d}].credential"),
+            egress.credential.as_ref(),
+        );
+        for (r, rule) in egress.rules.iter().flatten().enumerate() {
+            check(
+                format!("egress[{d}].rules[{r}].credential"),
+                rule.credential.as_ref(),
+            );
+        }
+    }
+    errors
 }
 
 /// A value's place in the directory, for cross-file errors.
@@ -342,7 +478,12 @@ struct Document {
 }
 
 /// Reads one file: its documents go to `documents`, its problems to `errors`.
-fn load_file(file: &Path, documents: &mut Vec<Document>, errors: &mut Vec<PolicyError>) {
+fn load_file(
+    file: &Path,
+    options: LoadOptions,
+    documents: &mut Vec<Document>,
+    errors: &mut Vec<PolicyError>,
+) {
     let text = match fs::read_to_string(file) {
         Ok(text) => text,
         Err(source) => {
@@ -408,6 +549,13 @@ fn load_file(file: &Path, documents: &mut Vec<Document>, errors: &mut Vec<Policy
         let selector = model::written_selector(&raw.select).map(|(s, at)| (s, place(at)));
         let name = raw.workload.clone();
         let name_at = place("workload");
+        if options.secrets {
+            errors.extend(
+                unreadable_secrets(&raw)
+                    .into_iter()
+                    .map(|e| e.located(file, &prefix, &index)),
+            );
+        }
         let workload = match Workload::try_from(raw) {
             Ok(mut w) => {
                 w.source = file.to_owned();

@@ -892,13 +892,7 @@ fn parse_credential(
             if !path.is_absolute() {
                 return Err(("secret_file", file, "must be an absolute path"));
             }
-            if std::fs::File::open(&path).is_err() {
-                return Err((
-                    "secret_file",
-                    file,
-                    "cannot be read (missing or not readable)",
-                ));
-            }
+            // Whether it can be read is checked by the loader (`LoadOptions::secrets`).
             SecretSource::File(path)
         }
         (None, Some(name)) => {
