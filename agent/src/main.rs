@@ -144,12 +144,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     path,
                     secrets,
                     strict,
+                    expiring_within,
                 },
         } => {
             let (verdict, snapshot) = scopegate::policy::cli::check(
                 &path,
                 secrets,
                 strict,
+                expiring_within,
                 &mut std::io::stdout().lock(),
                 &mut std::io::stderr().lock(),
             );

@@ -40,7 +40,9 @@ fn policy_check_for_ci_file_dir_secrets_warnings_and_exit_codes() {
     let missing = "/nonexistent/sgobs-ci-secret";
     fs::write(&file, policy(missing)).unwrap();
 
-    // A directory and a file; the secret is not read without --secrets.
+    // A directory and a file; the secret is not read without --secrets. A `tests/`
+    // subdirectory holds `policy test` cases: known, no warning even under --strict.
+    fs::create_dir(dir.path().join("tests")).unwrap();
     let (code, out, err) = check(&["--strict"], dir.path());
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("OK, 1 workload(s)"), "{out}");
@@ -62,8 +64,13 @@ fn policy_check_for_ci_file_dir_secrets_warnings_and_exit_codes() {
     // Ignored entries warn (stderr), and fail only under --strict (exit 2).
     fs::write(dir.path().join("README.md"), "# policies\n").unwrap();
     fs::write(dir.path().join("crm.yaml.orig"), "not yaml: [").unwrap();
+    fs::create_dir(dir.path().join("old")).unwrap();
     let (code, out, err) = check(&[], dir.path());
     assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("old: ignored: a directory") && !err.contains("tests: ignored"),
+        "{err}"
+    );
     for name in ["README.md", "crm.yaml.orig"] {
         let want = format!(
             "scopegate: warning: {}: ignored: not named *.yaml or *.yml",

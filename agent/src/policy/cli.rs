@@ -91,6 +91,9 @@ pub enum PolicyCommand {
         /// Exit 2 when there are warnings (and no errors).
         #[arg(long)]
         strict: bool,
+        /// Warn about grants (`expires:`) that end within this many days, or have ended.
+        #[arg(long, default_value_t = 14, value_name = "DAYS")]
+        expiring_within: u32,
     },
     /// Explain the decision for one request: the decision, the rule, and for a denial why
     /// each rule did not allow it; for a name destination, whether the workload may look
@@ -281,11 +284,13 @@ pub fn run(command: PolicyCommand) -> Result<Verdict, PolicyCliError> {
             path,
             secrets,
             strict,
+            expiring_within,
         } => {
             let (verdict, _) = check(
                 &path,
                 secrets,
                 strict,
+                expiring_within,
                 &mut io::stdout().lock(),
                 &mut io::stderr().lock(),
             );
@@ -398,6 +403,7 @@ pub fn check(
     path: &std::path::Path,
     secrets: bool,
     strict: bool,
+    expiring_within_days: u32,
     out: &mut dyn io::Write,
     err: &mut dyn io::Write,
 ) -> (Verdict, Option<Snapshot>) {
@@ -408,7 +414,16 @@ pub fn check(
     }
     match checked.result {
         Ok(snapshot) => {
-            let warned = match checked.warnings.len() {
+            let expiring = super::expiry::expiring(
+                &snapshot,
+                jiff::Timestamp::now(),
+                jiff::SignedDuration::from_hours(24 * i64::from(expiring_within_days)),
+            );
+            for grant in &expiring {
+                let _ = writeln!(err, "scopegate: warning: {grant}");
+            }
+            let warnings = checked.warnings.len() + expiring.len();
+            let warned = match warnings {
                 0 => String::new(),
                 n => format!(", {n} warning(s)"),
             };
@@ -423,7 +438,7 @@ pub fn check(
                     " (secret files not read; --secrets reads them)"
                 }
             );
-            let verdict = if strict && !checked.warnings.is_empty() {
+            let verdict = if strict && warnings > 0 {
                 Verdict::Warnings
             } else {
                 Verdict::Ok
@@ -688,13 +703,32 @@ mod tests {
     /// `check` with captured output: (exit code, stdout, stderr).
     fn checked(path: &std::path::Path, secrets: bool, strict: bool) -> (u8, String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let (verdict, snapshot) = check(path, secrets, strict, &mut out, &mut err);
+        let (verdict, snapshot) = check(path, secrets, strict, 14, &mut out, &mut err);
         assert_eq!(snapshot.is_some(), verdict != Verdict::Findings);
         (
             verdict.code(),
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
         )
+    }
+
+    #[test]
+    fn check_warns_about_ended_and_ending_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = "workload: temp\nselect: {cgroup: /temp}\negress:\n  \
+                      - {host: a.example, port: 443, expires: 2100-01-01T00:00:00Z, rules: \
+                      [{id: old, methods: [GET], path: /, expires: 2000-01-01T00:00:00Z}]}\n";
+        std::fs::write(dir.path().join("temp.yaml"), policy).unwrap();
+        let (code, out, err) = checked(dir.path(), false, false);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            err,
+            "scopegate: warning: workload temp: rule old of a.example:443 expired at \
+             2000-01-01T00:00:00Z (grant_expired)\n"
+        );
+        assert!(out.contains(", 1 warning(s)"), "{out}");
+        // A warning: exit 2 under --strict; the 2100 expiry is far outside 14 days.
+        assert_eq!(checked(dir.path(), false, true).0, 2);
     }
 
     #[test]

@@ -396,6 +396,10 @@ fn scan_dir(dir: &Path) -> std::io::Result<DirScan> {
         let name = entry.file_name();
         let path = dir.join(&name);
         let name = name.to_string_lossy();
+        if path.is_dir() && name == "tests" {
+            // `policy test`'s cases beside the policies: known, not a policy, no warning.
+            continue;
+        }
         if path.is_dir() {
             ignored.push((
                 path,

@@ -4,7 +4,7 @@
 //! ranges across fields, cross-file checks) stays the authority: a file the schema
 //! accepts can still be refused by `policy check`, never the other way round.
 //!
-//! The schema is checked in as `policies/policy.schema.json` and shipped in the package
+//! The schema is checked in as `packaging/policy.schema.json` and shipped in the package
 //! (`/usr/share/scopegate/policy.schema.json`); a unit test keeps the file in sync.
 #![forbid(unsafe_code)]
 
@@ -30,7 +30,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
-    const CHECKED_IN: &str = "../policies/policy.schema.json";
+    const CHECKED_IN: &str = "../packaging/policy.schema.json";
 
     #[test]
     fn the_checked_in_schema_is_in_sync_with_the_raw_types() {
