@@ -15,12 +15,12 @@ use super::{
 };
 
 /// How `explain` resolves a destination name: the answers, or the error text.
-type Lookup<'a> = &'a dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>;
+pub type Lookup<'a> = &'a dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>;
 
 /// The system resolver (getaddrinfo). The proxy itself resolves with its own resolver
 /// (`resolve::DnsLookup`, nameservers from `run --resolv-conf`, TTL-bounded), which reads
 /// the same `/etc/resolv.conf` and `/etc/hosts` by default.
-fn system_lookup(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+pub fn system_lookup(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
     let mut ips: Vec<IpAddr> = Vec::new();
     for addr in (name, port)
         .to_socket_addrs()
@@ -45,8 +45,16 @@ pub enum PolicyCommand {
     /// Explain the decision for one request: the decision, the rule, and for a denial why
     /// each rule did not allow it. Exits 0 when allowed, 1 when denied.
     Explain {
-        /// The policy directory.
-        dir: PathBuf,
+        /// The policy directory (not with --live).
+        #[arg(required_unless_present = "live", conflicts_with = "live")]
+        dir: Option<PathBuf>,
+        /// Ask the running agent (over its admin socket) to explain the request against
+        /// the snapshot it enforces now, not the files on disk.
+        #[arg(long)]
+        live: bool,
+        /// The agent's admin socket (with --live).
+        #[arg(long, value_name = "PATH", default_value = crate::config::defaults::ADMIN_SOCKET)]
+        admin_socket: PathBuf,
         /// The calling workload's name.
         #[arg(long)]
         workload: String,
@@ -190,12 +198,77 @@ fn run_explain(
         at,
         uid,
         json,
+        ..
     } = command
     else {
         return Ok((false, String::new()));
     };
+    let Some(dir) = dir else {
+        return Err(PolicyCliError::InvalidRequest {
+            value: request,
+            reason: "a policy directory (or --live) is needed".into(),
+        });
+    };
     let snapshot = Snapshot::load_dir(&dir)?;
-    let id = snapshot.workload_by_name(&workload).ok_or_else(|| {
+    let body = match body {
+        None => None,
+        Some(file) => {
+            let bytes = std::fs::read(&file).map_err(|source| PolicyCliError::ReadBody {
+                path: file.clone(),
+                source,
+            })?;
+            Some((file, bytes))
+        }
+    };
+    let input = ExplainInput {
+        workload,
+        request,
+        headers: header,
+        body,
+        at,
+        uid,
+        json,
+    };
+    explain_in(&snapshot, &input, lookup)
+}
+
+/// What `explain` is asked, from the command line or the admin socket (`--live`).
+#[derive(Clone, Debug, Default)]
+pub struct ExplainInput {
+    /// The calling workload's name.
+    pub workload: String,
+    /// 'METHOD URL'.
+    pub request: String,
+    /// 'Name: value' headers.
+    pub headers: Vec<String>,
+    /// The body: where it came from (for errors) and its bytes.
+    pub body: Option<(PathBuf, Vec<u8>)>,
+    /// RFC 3339 request time (default: now).
+    pub at: Option<String>,
+    /// The caller's uid (default: the workload's select.uid, or 0).
+    pub uid: Option<u32>,
+    /// Render as JSON.
+    pub json: bool,
+}
+
+/// Explains `input` against `snapshot` (a directory just loaded, or the agent's running
+/// snapshot): whether the request is allowed, and the text to print.
+pub fn explain_in(
+    snapshot: &Snapshot,
+    input: &ExplainInput,
+    lookup: Lookup<'_>,
+) -> Result<(bool, String), PolicyCliError> {
+    let ExplainInput {
+        workload,
+        request,
+        headers: header,
+        body,
+        at,
+        uid,
+        json,
+    } = input;
+    let (uid, json) = (*uid, *json);
+    let id = snapshot.workload_by_name(workload).ok_or_else(|| {
         let known: Vec<&str> = snapshot
             .workloads()
             .iter()
@@ -217,7 +290,7 @@ fn run_explain(
             known: String::new(),
         })?;
 
-    let target = parse_request(&request)?;
+    let target = parse_request(request)?;
     let options = w
         .destination_for(&target.host, target.port)
         .map(|(_, d)| d.normalize_options())
@@ -230,17 +303,13 @@ fn run_explain(
     })?;
 
     let mut headers = HeaderMap::new();
-    for h in &header {
+    for h in header {
         let (name, value) = parse_header(h)?;
         headers.append(name, value);
     }
-    let parsed_body = match &body {
+    let parsed_body = match body {
         None => None,
-        Some(file) => {
-            let bytes = std::fs::read(file).map_err(|source| PolicyCliError::ReadBody {
-                path: file.clone(),
-                source,
-            })?;
+        Some((file, bytes)) => {
             if !headers.contains_key(header::CONTENT_TYPE) {
                 headers.insert(
                     header::CONTENT_TYPE,
@@ -251,14 +320,14 @@ fn run_explain(
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
             Some(
-                parse_json_body(&bytes, content_type).map_err(|source| PolicyCliError::Body {
+                parse_json_body(bytes, content_type).map_err(|source| PolicyCliError::Body {
                     path: file.clone(),
                     source,
                 })?,
             )
         }
     };
-    let at = match &at {
+    let at = match at {
         None => Timestamp::now(),
         Some(text) => text
             .parse::<Timestamp>()
@@ -447,7 +516,9 @@ egress:
             });
             run_explain(
                 PolicyCommand::Explain {
-                    dir: self.dir.path().join("policies"),
+                    dir: Some(self.dir.path().join("policies")),
+                    live: false,
+                    admin_socket: PathBuf::new(),
                     workload: "billing".to_owned(),
                     request: request.to_owned(),
                     header: header.iter().map(|h| (*h).to_owned()).collect(),
@@ -578,7 +649,9 @@ egress:
         let run = |url: &str, json: bool| {
             run_explain(
                 PolicyCommand::Explain {
-                    dir: policies.clone(),
+                    dir: Some(policies.clone()),
+                    live: false,
+                    admin_socket: PathBuf::new(),
                     workload: "fetcher".to_owned(),
                     request: format!("GET {url}"),
                     header: Vec::new(),
@@ -753,7 +826,9 @@ egress:
         assert!(err(wrong_type).contains("(the proxy answers 415 unsupported_media_type)"));
         let unknown = run_explain(
             PolicyCommand::Explain {
-                dir: env.dir.path().join("policies"),
+                dir: Some(env.dir.path().join("policies")),
+                live: false,
+                admin_socket: PathBuf::new(),
                 workload: "nope".to_owned(),
                 request: "GET https://a/".to_owned(),
                 header: Vec::new(),
@@ -770,7 +845,9 @@ egress:
         );
         let bad_time = run_explain(
             PolicyCommand::Explain {
-                dir: env.dir.path().join("policies"),
+                dir: Some(env.dir.path().join("policies")),
+                live: false,
+                admin_socket: PathBuf::new(),
                 workload: "billing".to_owned(),
                 request: "GET https://a/".to_owned(),
                 header: Vec::new(),
