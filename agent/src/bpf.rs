@@ -601,18 +601,8 @@ fn install(
     cgroup: &fs::File,
     pin: &Path,
 ) -> Result<(), BpfError> {
-    let err = |action: &'static str| {
-        move |e: ProgramError| BpfError::Program {
-            program: name,
-            action,
-            source: Box::new(e),
-        }
-    };
-    let program = ebpf.program_mut(name).ok_or_else(|| BpfError::Program {
-        program: name,
-        action: "lookup",
-        source: "not in the object".into(),
-    })?;
+    let err = |action| program_error(name, action);
+    let program = ebpf.program_mut(name).ok_or_else(|| not_in_object(name))?;
     match name {
         "sg_sock_ops" => {
             let prog: &mut SockOps = program.try_into().map_err(err("type check"))?;
@@ -639,18 +629,8 @@ fn attach_and_pin(
     cgroup: &fs::File,
     pin: &Path,
 ) -> Result<(), BpfError> {
-    let err = |action: &'static str| {
-        move |e: ProgramError| BpfError::Program {
-            program: name,
-            action,
-            source: Box::new(e),
-        }
-    };
-    let program = ebpf.program_mut(name).ok_or_else(|| BpfError::Program {
-        program: name,
-        action: "lookup",
-        source: "not in the object".into(),
-    })?;
+    let err = |action| program_error(name, action);
+    let program = ebpf.program_mut(name).ok_or_else(|| not_in_object(name))?;
     enum Loaded<'a> {
         SockOps(&'a mut SockOps),
         SockAddr(&'a mut CgroupSockAddr),
@@ -711,13 +691,30 @@ fn attach_and_pin(
     replace_pin(link, pin, name)
 }
 
-/// The kernel id of the loaded program `name`.
-fn program_id(ebpf: &Ebpf, name: &'static str) -> Result<u32, BpfError> {
-    let program = ebpf.program(name).ok_or_else(|| BpfError::Program {
+/// The error of `action` on program `name`, for `map_err`.
+fn program_error(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(ProgramError) -> BpfError {
+    move |e| BpfError::Program {
+        program: name,
+        action,
+        source: Box::new(e),
+    }
+}
+
+/// The error of a program missing from the object.
+fn not_in_object(name: &'static str) -> BpfError {
+    BpfError::Program {
         program: name,
         action: "lookup",
         source: "not in the object".into(),
-    })?;
+    }
+}
+
+/// The kernel id of the loaded program `name`.
+fn program_id(ebpf: &Ebpf, name: &'static str) -> Result<u32, BpfError> {
+    let program = ebpf.program(name).ok_or_else(|| not_in_object(name))?;
     program
         .info()
         .map(|info| info.id())

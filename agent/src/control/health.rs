@@ -46,9 +46,11 @@ pub fn check_once(kernel: &Kernel, state: &AgentState, auditor: &Auditor, lost: 
         return false;
     }
     let detected_at = now();
-    for p in &problems {
-        tracing::error!(problem = %p, "enforcement is gone while the agent runs; re-attaching");
-    }
+    tracing::error!(
+        count = problems.len(),
+        problems = %problems.join("; "),
+        "enforcement is gone while the agent runs; re-attaching"
+    );
     std::thread::sleep(SETTLE);
     let settled = kernel.check();
     let outcome = kernel

@@ -501,13 +501,18 @@ mod tests {
             err(br#"{"v":1,"cmd":"explain","explain":{"request":"x"}}"#)
                 .contains("missing field `workload`")
         );
-        // Deeply nested input is refused by the parser's recursion limit, not a stack overflow.
+        // Deeply nested input is an error (recursion limit or unknown field), not a stack
+        // overflow.
         let deep = format!(
             "{{\"v\":1,\"cmd\":\"status\",\"x\":{}{}}}",
             "[".repeat(10_000),
             "]".repeat(10_000)
         );
-        assert!(err(deep.as_bytes()).contains("JSON"));
+        let e = err(deep.as_bytes());
+        assert!(
+            e.contains("recursion limit") || e.contains("unknown field `x`"),
+            "{e}"
+        );
     }
 
     #[test]

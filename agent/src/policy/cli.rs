@@ -347,7 +347,7 @@ pub fn explain_in(
         body: parsed_body.as_ref(),
         at,
     };
-    let mut explanation = explain(&snapshot, &req);
+    let mut explanation = explain(snapshot, &req);
     explanation.binding = w
         .destination_for(&target.host, target.port)
         .filter(|(_, d)| matches!(d.host, super::Host::Name(_)))
