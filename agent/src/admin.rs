@@ -3,8 +3,8 @@
 //!
 //! `GET /metrics` serves [`crate::metrics::global`] in the Prometheus text format, with
 //! the scrape-time values read from [`Sources`]; `GET /healthz` answers 200 `ok` while
-//! the agent can enforce and record, and 503 with the reason otherwise (for example while
-//! the audit sink cannot write).
+//! the agent can enforce and record, and 503 with the reason otherwise (while the audit
+//! sink cannot write, or while the hooks are gone and could not be re-attached).
 #![forbid(unsafe_code)]
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -50,6 +50,8 @@ pub struct Sources {
     pub shared: Arc<Shared>,
     /// Kernel counters.
     pub kernel: Arc<Kernel>,
+    /// Enforcement health (the `control::health` check).
+    pub control: Arc<crate::control::AgentState>,
 }
 
 /// Binds the admin listener: loopback only, unless `allow_non_loopback`
@@ -92,7 +94,18 @@ fn route(sources: &Sources, path: &str) -> Response<Full<Bytes>> {
             metrics::global().encode(),
         ),
         "/healthz" => match health(sources) {
-            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            Ok(()) => (
+                StatusCode::OK,
+                "text/plain",
+                match sources.control.enforcement().last_incident {
+                    // Healthy again, but the incident stays visible.
+                    Some(i) => format!(
+                        "ok\nlast incident: {} detected {}\n",
+                        i.outcome, i.detected_at
+                    ),
+                    None => "ok\n".to_owned(),
+                },
+            ),
             Err(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -114,10 +127,14 @@ fn route(sources: &Sources, path: &str) -> Response<Full<Bytes>> {
     response
 }
 
-/// Why the agent is not healthy, if it is not.
-pub fn health(sources: &Sources) -> Result<(), &'static str> {
+/// Why the agent is not healthy, if it is not: the audit sink cannot write, or the hooks
+/// are gone and could not be re-attached (`enforcement_lost: …`).
+pub fn health(sources: &Sources) -> Result<(), String> {
     if !sources.shared.auditor.healthy() {
-        return Err("audit_unavailable");
+        return Err("audit_unavailable".into());
+    }
+    if let Some(reason) = sources.control.unhealthy() {
+        return Err(reason);
     }
     Ok(())
 }

@@ -39,18 +39,34 @@ use crate::sys;
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/scopegate"));
 
-/// The programs and the name each link is pinned under.
-const PROGRAMS: [(&str, &str); 10] = [
-    ("sg_connect4", "link_connect4"),
-    ("sg_connect6", "link_connect6"),
-    ("sg_sendmsg4", "link_sendmsg4"),
-    ("sg_sendmsg6", "link_sendmsg6"),
-    ("sg_recvmsg4", "link_recvmsg4"),
-    ("sg_recvmsg6", "link_recvmsg6"),
-    ("sg_getpeername4", "link_getpeername4"),
-    ("sg_getpeername6", "link_getpeername6"),
-    ("sg_sock_create", "link_sock_create"),
-    ("sg_sock_ops", "link_sock_ops"),
+/// The programs, the name each link is pinned under and the cgroup attach type
+/// (`enum bpf_attach_type`) each is attached with.
+const PROGRAMS: [(&str, &str, u32); 10] = [
+    ("sg_connect4", "link_connect4", 10),
+    ("sg_connect6", "link_connect6", 11),
+    ("sg_sendmsg4", "link_sendmsg4", 14),
+    ("sg_sendmsg6", "link_sendmsg6", 15),
+    ("sg_recvmsg4", "link_recvmsg4", 19),
+    ("sg_recvmsg6", "link_recvmsg6", 20),
+    ("sg_getpeername4", "link_getpeername4", 29),
+    ("sg_getpeername6", "link_getpeername6", 30),
+    ("sg_sock_create", "link_sock_create", 2),
+    ("sg_sock_ops", "link_sock_ops", 3),
+];
+
+/// Every map; each is pinned under its own name.
+const MAPS: [&str; 11] = [
+    maps::CONFIG,
+    maps::MANAGED,
+    maps::EXEMPT,
+    maps::PORTS,
+    maps::L4,
+    maps::PENDING,
+    maps::ORIGINS,
+    maps::EVENTS,
+    maps::COUNTERS,
+    maps::DNS_CONFIG,
+    maps::DNS_PEERS,
 ];
 
 /// bpffs magic number (statfs f_type).
@@ -127,7 +143,14 @@ pub struct KernelOptions {
 
 /// The loaded, attached and pinned programs and the maps the agent writes or reads.
 pub struct Kernel {
-    _ebpf: Ebpf,
+    /// The loaded programs (re-attached from here by [`Kernel::restore`]).
+    ebpf: Mutex<Ebpf>,
+    /// The cgroup the programs are attached to.
+    cgroup_root: PathBuf,
+    /// Each program's kernel id, in [`PROGRAMS`] order.
+    program_ids: Vec<u32>,
+    /// A second handle on every map, to pin it again ([`Kernel::restore`]), in [`MAPS`] order.
+    map_handles: Vec<MapData>,
     managed: Mutex<HashMap<MapData, u64, ManagedCgroup>>,
     exempt: Mutex<HashMap<MapData, u64, u8>>,
     ports: Mutex<HashMap<MapData, PortKey, u8>>,
@@ -139,6 +162,9 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
     pin_dir: PathBuf,
+    /// A shared `flock` on the base pin directory for the agent's lifetime: how
+    /// `scopegate uninstall` knows an agent is running ([`agent_running`]).
+    running: Mutex<Option<nix::fcntl::Flock<fs::File>>>,
 }
 
 /// The versioned pin directory under a base directory.
@@ -228,10 +254,19 @@ impl Kernel {
             path: opts.cgroup_root.clone(),
             source,
         })?;
-        for (name, pin) in PROGRAMS {
+        let mut program_ids = Vec::with_capacity(PROGRAMS.len());
+        for (name, pin, _) in PROGRAMS {
             install(&mut ebpf, name, &cgroup, &pin_dir.join(pin))?;
+            program_ids.push(program_id(&ebpf, name)?);
         }
         retire_old_layouts(&opts.pin_dir);
+        let map_handles = MAPS
+            .iter()
+            .map(|name| {
+                MapData::from_pin(pin_dir.join(name))
+                    .map_err(|source| BpfError::Map { map: name, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let managed = take_map(&mut ebpf, maps::MANAGED)?;
         let exempt = take_map(&mut ebpf, maps::EXEMPT)?;
@@ -243,7 +278,10 @@ impl Kernel {
         let dns_peers = take_map(&mut ebpf, maps::DNS_PEERS)?;
         let events = take_map(&mut ebpf, maps::EVENTS)?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
+            cgroup_root: opts.cgroup_root.clone(),
+            program_ids,
+            map_handles,
             managed: Mutex::new(managed),
             exempt: Mutex::new(exempt),
             ports: Mutex::new(ports),
@@ -253,6 +291,7 @@ impl Kernel {
             dns_peers,
             counters,
             events: Mutex::new(Some(events)),
+            running: Mutex::new(Some(lock_running(&opts.pin_dir)?)),
             pin_dir,
         })
     }
@@ -260,6 +299,102 @@ impl Kernel {
     /// The versioned pin directory in use.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// What is attached and pinned now, against what the agent loaded: every program's
+    /// link pinned (the pin holds a link to this program) and attached to the cgroup root
+    /// (`BPF_PROG_QUERY` lists the program id), every map pinned (the pin is this map).
+    pub fn check(&self) -> EnforcementCheck {
+        let root = fs::File::open(&self.cgroup_root);
+        let hooks = PROGRAMS
+            .iter()
+            .zip(&self.program_ids)
+            .map(|((program, pin_name, attach_type), id)| {
+                let pin = self.pin_dir.join(pin_name);
+                let link = PinnedLink::from_pin(&pin)
+                    .ok()
+                    .and_then(|link| FdLink::from(link).info().ok());
+                let attached = match &root {
+                    Ok(root) => sys::bpf_prog_query(root.as_fd(), *attach_type)
+                        .is_ok_and(|ids| ids.contains(id)),
+                    Err(_) => false,
+                };
+                HookStatus {
+                    program,
+                    program_id: *id,
+                    link_id: link.as_ref().map(aya::programs::links::LinkInfo::id),
+                    pinned: link.is_some_and(|l| l.program_id() == *id),
+                    attached,
+                    pin,
+                }
+            })
+            .collect();
+        let maps = MAPS
+            .iter()
+            .zip(&self.map_handles)
+            .map(|(map, handle)| {
+                let pin = self.pin_dir.join(map);
+                let ours = handle.info().ok().map(|i| i.id());
+                let pinned = ours.is_some()
+                    && MapData::from_pin(&pin)
+                        .ok()
+                        .and_then(|m| m.info().ok())
+                        .map(|i| i.id())
+                        == ours;
+                MapPinStatus { map, pin, pinned }
+            })
+            .collect();
+        EnforcementCheck {
+            cgroup_root: self.cgroup_root.clone(),
+            root_error: root.err().map(|e| e.to_string()),
+            hooks,
+            maps,
+        }
+    }
+
+    /// Puts back what [`Kernel::check`] found missing: the pin directory, every map pin
+    /// (the same maps, so no state is lost) and every program that is no longer attached
+    /// (a new link, pinned). A program still attached but not pinned (someone else holds
+    /// the link) is left alone: attaching it twice would run it twice.
+    pub fn restore(&self, found: &EnforcementCheck) -> Result<(), BpfError> {
+        fs::create_dir_all(&self.pin_dir).map_err(|source| BpfError::Io {
+            path: self.pin_dir.clone(),
+            source,
+        })?;
+        for (status, handle) in found.maps.iter().zip(&self.map_handles) {
+            if status.pinned {
+                continue;
+            }
+            match fs::remove_file(&status.pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(BpfError::Io {
+                        path: status.pin.clone(),
+                        source,
+                    });
+                }
+            }
+            handle.pin(&status.pin).map_err(|e| BpfError::Program {
+                program: status.map,
+                action: "pin map",
+                source: Box::new(e),
+            })?;
+        }
+        let cgroup = fs::File::open(&self.cgroup_root).map_err(|source| BpfError::Io {
+            path: self.cgroup_root.clone(),
+            source,
+        })?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        for hook in &found.hooks {
+            if !hook.attached {
+                attach_and_pin(&mut ebpf, hook.program, &cgroup, &hook.pin)?;
+            }
+        }
+        // A recreated base directory is a new inode: lock it again.
+        let base = self.pin_dir.parent().unwrap_or(&self.pin_dir);
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock_running(base)?);
+        Ok(())
     }
 
     /// Makes the managed-cgroup map equal to `want`: stale entries are removed, new or
@@ -459,48 +594,52 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { map: name, source })
 }
 
-/// Loads program `name` and puts it behind the link pinned at `pin`: by `BPF_LINK_UPDATE`
-/// when such a link exists (atomic, no gap, no double attachment), otherwise by attaching a
-/// new link to `cgroup` and pinning it.
+/// Loads program `name` and puts it behind the link pinned at `pin` ([`attach_and_pin`]).
 fn install(
     ebpf: &mut Ebpf,
     name: &'static str,
     cgroup: &fs::File,
     pin: &Path,
 ) -> Result<(), BpfError> {
-    let err = |action: &'static str| {
-        move |e: ProgramError| BpfError::Program {
-            program: name,
-            action,
-            source: Box::new(e),
+    let err = |action| program_error(name, action);
+    let program = ebpf.program_mut(name).ok_or_else(|| not_in_object(name))?;
+    match name {
+        "sg_sock_ops" => {
+            let prog: &mut SockOps = program.try_into().map_err(err("type check"))?;
+            prog.load().map_err(err("load"))?;
         }
-    };
-    let program = ebpf.program_mut(name).ok_or_else(|| BpfError::Program {
-        program: name,
-        action: "lookup",
-        source: "not in the object".into(),
-    })?;
+        "sg_sock_create" => {
+            let prog: &mut CgroupSock = program.try_into().map_err(err("type check"))?;
+            prog.load().map_err(err("load"))?;
+        }
+        _ => {
+            let prog: &mut CgroupSockAddr = program.try_into().map_err(err("type check"))?;
+            prog.load().map_err(err("load"))?;
+        }
+    }
+    attach_and_pin(ebpf, name, cgroup, pin)
+}
+
+/// Puts the loaded program `name` behind the link pinned at `pin`: by `BPF_LINK_UPDATE`
+/// when such a link exists (atomic, no gap, no double attachment), otherwise by attaching a
+/// new link to `cgroup` and pinning it.
+fn attach_and_pin(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> Result<(), BpfError> {
+    let err = |action| program_error(name, action);
+    let program = ebpf.program_mut(name).ok_or_else(|| not_in_object(name))?;
     enum Loaded<'a> {
         SockOps(&'a mut SockOps),
         SockAddr(&'a mut CgroupSockAddr),
         Sock(&'a mut CgroupSock),
     }
     let loaded = match name {
-        "sg_sock_ops" => {
-            let prog: &mut SockOps = program.try_into().map_err(err("type check"))?;
-            prog.load().map_err(err("load"))?;
-            Loaded::SockOps(prog)
-        }
-        "sg_sock_create" => {
-            let prog: &mut CgroupSock = program.try_into().map_err(err("type check"))?;
-            prog.load().map_err(err("load"))?;
-            Loaded::Sock(prog)
-        }
-        _ => {
-            let prog: &mut CgroupSockAddr = program.try_into().map_err(err("type check"))?;
-            prog.load().map_err(err("load"))?;
-            Loaded::SockAddr(prog)
-        }
+        "sg_sock_ops" => Loaded::SockOps(program.try_into().map_err(err("type check"))?),
+        "sg_sock_create" => Loaded::Sock(program.try_into().map_err(err("type check"))?),
+        _ => Loaded::SockAddr(program.try_into().map_err(err("type check"))?),
     };
     if pin.exists() {
         let prog_fd = match &loaded {
@@ -550,6 +689,118 @@ fn install(
         }
     };
     replace_pin(link, pin, name)
+}
+
+/// The error of `action` on program `name`, for `map_err`.
+fn program_error(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(ProgramError) -> BpfError {
+    move |e| BpfError::Program {
+        program: name,
+        action,
+        source: Box::new(e),
+    }
+}
+
+/// The error of a program missing from the object.
+fn not_in_object(name: &'static str) -> BpfError {
+    BpfError::Program {
+        program: name,
+        action: "lookup",
+        source: "not in the object".into(),
+    }
+}
+
+/// The kernel id of the loaded program `name`.
+fn program_id(ebpf: &Ebpf, name: &'static str) -> Result<u32, BpfError> {
+    let program = ebpf.program(name).ok_or_else(|| not_in_object(name))?;
+    program
+        .info()
+        .map(|info| info.id())
+        .map_err(|e| BpfError::Program {
+            program: name,
+            action: "read program info",
+            source: Box::new(e),
+        })
+}
+
+/// One program as [`Kernel::check`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookStatus {
+    /// The program's name (`sg_connect4`, …).
+    pub program: &'static str,
+    /// Its kernel program id.
+    pub program_id: u32,
+    /// The kernel id of the link pinned at `pin`, if a link is pinned there.
+    pub link_id: Option<u32>,
+    /// Where its link is pinned.
+    pub pin: PathBuf,
+    /// The pin holds a link to this program.
+    pub pinned: bool,
+    /// The program is attached to the cgroup root.
+    pub attached: bool,
+}
+
+/// One map pin as [`Kernel::check`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapPinStatus {
+    /// The map's name.
+    pub map: &'static str,
+    /// Where it is pinned.
+    pub pin: PathBuf,
+    /// The pin is this map.
+    pub pinned: bool,
+}
+
+/// The result of [`Kernel::check`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnforcementCheck {
+    /// The cgroup the programs must be attached to.
+    pub cgroup_root: PathBuf,
+    /// Why the cgroup root could not be opened, if it could not.
+    pub root_error: Option<String>,
+    /// Every program.
+    pub hooks: Vec<HookStatus>,
+    /// Every map.
+    pub maps: Vec<MapPinStatus>,
+}
+
+impl EnforcementCheck {
+    /// What is wrong, one line each; empty when everything is attached and pinned.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.root_error {
+            out.push(format!("cgroup root {}: {e}", self.cgroup_root.display()));
+        }
+        for h in &self.hooks {
+            if !h.attached {
+                out.push(format!(
+                    "{} (program id {}) is not attached to {}",
+                    h.program,
+                    h.program_id,
+                    self.cgroup_root.display()
+                ));
+            }
+            if !h.pinned {
+                out.push(format!(
+                    "{}: link pin {} is missing or holds another program",
+                    h.program,
+                    h.pin.display()
+                ));
+            }
+        }
+        for m in &self.maps {
+            if !m.pinned {
+                out.push(format!(
+                    "map {}: pin {} is missing or holds another map",
+                    m.map,
+                    m.pin.display()
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// Pins `link` at `path`, atomically replacing (and so detaching) any older link pinned
@@ -664,6 +915,41 @@ pub fn lock_pins(base: &Path) -> Result<nix::fcntl::Flock<fs::File>, BpfError> {
     })
 }
 
+/// A shared lock on the base pin directory, held by a running agent.
+fn lock_running(base: &Path) -> Result<nix::fcntl::Flock<fs::File>, BpfError> {
+    let file = fs::File::open(base).map_err(|source| BpfError::Io {
+        path: base.into(),
+        source,
+    })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared).map_err(|(_, e)| BpfError::Io {
+        path: base.into(),
+        source: io::Error::from(e),
+    })
+}
+
+/// Whether an agent runs on the pin directory `base` (it holds a shared lock on it for its
+/// lifetime). False when `base` does not exist.
+pub fn agent_running(base: &Path) -> Result<bool, BpfError> {
+    let file = match fs::File::open(base) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(BpfError::Io {
+                path: base.into(),
+                source,
+            });
+        }
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(_probe) => Ok(false),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+        Err((_, e)) => Err(BpfError::Io {
+            path: base.into(),
+            source: io::Error::from(e),
+        }),
+    }
+}
+
 /// The pinned managed-cgroup map under `base`, opened without loading any program (for
 /// `scopegate release`).
 pub fn open_pinned_managed(base: &Path) -> Result<HashMap<MapData, u64, ManagedCgroup>, BpfError> {
@@ -680,7 +966,17 @@ pub fn open_pinned_managed(base: &Path) -> Result<HashMap<MapData, u64, ManagedC
 
 /// Removes scopegate's pins under `base` (all layout versions): the links detach and the
 /// maps are freed. Enforcement stops; this is the deliberate way to uninstall.
+///
+/// A directory without any pin is left as it is (0 is returned).
 pub fn uninstall(base: &Path) -> Result<usize, BpfError> {
+    let has_pins = fs::read_dir(base).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.path().is_dir() && fs::read_dir(e.path()).is_ok_and(|mut pins| pins.next().is_some())
+        })
+    });
+    if !has_pins {
+        return Ok(0);
+    }
     let mut removed = 0;
     let entries = match fs::read_dir(base) {
         Ok(e) => e,

@@ -49,6 +49,10 @@ pub mod defaults {
     pub const RESCAN_SECS: f64 = 1.0;
     /// Seconds a client may take to send a request head.
     pub const HEADER_TIMEOUT_SECS: f64 = 10.0;
+    /// The admin socket (`scopegate status`, `workloads`, `reload`, `policy explain --live`).
+    pub const ADMIN_SOCKET: &str = "/run/scopegate/admin.sock";
+    /// Seconds between enforcement health checks (links attached, pins present).
+    pub const HEALTH_INTERVAL_SECS: f64 = 5.0;
 }
 
 /// Errors of loading the configuration file.
@@ -124,6 +128,8 @@ struct Raw {
     dns_min_ttl: Option<u64>,
     dns_max_ttl: Option<u64>,
     ca_name_constraints: Option<Vec<String>>,
+    admin_socket: Option<PathBuf>,
+    health_interval_secs: Option<f64>,
 }
 
 /// The flags of `scopegate run`. Each one overrides the configuration file's key.
@@ -227,6 +233,15 @@ pub struct RunArgs {
     /// other constraints is refused.
     #[arg(long, value_name = "SUFFIX,...", value_delimiter = ',')]
     pub ca_name_constraints: Vec<String>,
+    /// Unix socket for `scopegate status`, `workloads`, `reload` and `policy explain
+    /// --live` (mode 0660, group `scopegate` if that group exists)
+    /// [default: /run/scopegate/admin.sock].
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Seconds between enforcement health checks: programs attached, links and maps
+    /// pinned; what is missing is re-attached at once [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub health_interval_secs: Option<f64>,
 }
 
 impl RunArgs {
@@ -271,6 +286,11 @@ impl RunArgs {
             .or(file.header_timeout_secs)
             .filter(|s| s.is_finite())
             .unwrap_or(defaults::HEADER_TIMEOUT_SECS);
+        let health = self
+            .health_interval_secs
+            .or(file.health_interval_secs)
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(defaults::HEALTH_INTERVAL_SECS);
         let fsync_every =
             self.audit_fsync_every_record || file.audit_fsync_every_record == Some(true);
         let proxy_port = self
@@ -336,6 +356,11 @@ impl RunArgs {
                 ..Default::default()
             },
             dns_ttl,
+            admin_socket: self
+                .admin_socket
+                .or(file.admin_socket)
+                .unwrap_or_else(|| defaults::ADMIN_SOCKET.into()),
+            health_interval: Duration::from_secs_f64(health.clamp(0.05, 3600.0)),
             ca_name_constraints: if self.ca_name_constraints.is_empty() {
                 file.ca_name_constraints.unwrap_or_default()
             } else {
@@ -426,6 +451,15 @@ fn validate(
             "must be a positive number of seconds",
         ));
     }
+    if let Some(secs) = raw.health_interval_secs
+        && !(secs.is_finite() && secs > 0.0)
+    {
+        return Err(invalid(
+            "health_interval_secs",
+            &secs,
+            "must be a positive number of seconds",
+        ));
+    }
     let allow_non_loopback = allow_non_loopback || raw.metrics_allow_non_loopback == Some(true);
     if let Some(addr) = raw.metrics_addr
         && !addr.ip().is_loopback()
@@ -458,6 +492,7 @@ fn validate(
         ("audit_signing_key", &raw.audit_signing_key),
         ("state_dir", &raw.state_dir),
         ("upstream_ca", &raw.upstream_ca),
+        ("admin_socket", &raw.admin_socket),
     ];
     for (key, path) in paths {
         if let Some(path) = path
@@ -513,6 +548,8 @@ metrics_addr: 127.0.0.1:9464
 rescan_secs: 2.5
 managed_subtrees: [/workloads.slice]
 allow_empty: true
+admin_socket: /run/sg/admin.sock
+health_interval_secs: 2
 ";
         let o = opts(text, RunArgs::default());
         assert_eq!(o.policies, Path::new("/srv/policies"));
@@ -545,6 +582,8 @@ allow_empty: true
         assert_eq!(o.rescan, Duration::from_millis(2500));
         assert_eq!(o.managed_subtrees, ["/workloads.slice"]);
         assert!(o.allow_empty);
+        assert_eq!(o.admin_socket, Path::new("/run/sg/admin.sock"));
+        assert_eq!(o.health_interval, Duration::from_secs(2));
     }
 
     #[test]
@@ -565,6 +604,8 @@ allow_empty: true
         assert_eq!(o.rescan, Duration::from_secs(3), "from the file");
         assert_eq!(o.pin_dir, Path::new(defaults::PIN_DIR));
         assert_eq!(o.state_dir, Path::new(defaults::STATE_DIR));
+        assert_eq!(o.admin_socket, Path::new(defaults::ADMIN_SOCKET));
+        assert_eq!(o.health_interval, Duration::from_secs(5));
         assert!(o.audit.stdout);
         let off = opts(
             "audit_stdout: true\n",
@@ -672,6 +713,15 @@ allow_empty: true
         let e = err("managed_subtrees:\n  - /ok.slice\n  - ../etc\n");
         assert!(
             e.starts_with("/etc/scopegate/scopegate.yaml:3:5: managed_subtrees: ../etc: "),
+            "{e}"
+        );
+        assert_eq!(
+            err("health_interval_secs: 0\n"),
+            "/etc/scopegate/scopegate.yaml:1:23: health_interval_secs: 0: must be a positive number of seconds"
+        );
+        let e = err("admin_socket: admin.sock\n");
+        assert!(
+            e.starts_with("/etc/scopegate/scopegate.yaml:1:15: admin_socket: admin.sock: "),
             "{e}"
         );
         let e = err("state_dir: var/lib/scopegate\n");

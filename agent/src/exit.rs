@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | 0 | success | |
 //! | 1 | any other failure (may be transient: restarting can help) | port in use, audit file unwritable |
-//! | 69 (`EX_UNAVAILABLE`) | a kernel feature is missing | no cgroup v2, no bpffs, programs rejected by the kernel |
+//! | 69 (`EX_UNAVAILABLE`) | a kernel feature is missing, or the agent cannot be reached | no cgroup v2, no bpffs, programs rejected by the kernel; `status`/`reload` with no agent on the admin socket |
 //! | 77 (`EX_NOPERM`) | missing privileges | not root, no CAP_BPF/CAP_NET_ADMIN/CAP_SYS_ADMIN, EPERM from bpf(2) |
 //! | 78 (`EX_CONFIG`) | configuration or policy error | invalid policy, bad config file, non-loopback metrics address |
 //!
@@ -49,6 +49,9 @@ fn own_code(err: &(dyn Error + 'static)) -> Option<u8> {
     }
     if let Some(e) = err.downcast_ref::<BpfError>() {
         return Some(bpf_code(e));
+    }
+    if let Some(crate::control::ControlError::Unreachable { .. }) = err.downcast_ref() {
+        return Some(UNAVAILABLE);
     }
     None
 }

@@ -40,6 +40,7 @@ pub mod tls;
 // Composition and the control plane around it.
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod exec;
 pub mod exit;
 pub mod logging;

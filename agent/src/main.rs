@@ -5,7 +5,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
-use scopegate::{bpf, exec, exit, run};
+use scopegate::{bpf, control, exec, exit, run};
+use std::time::Duration;
 
 /// Host-level least-privilege enforcement for workloads' outbound API calls.
 #[derive(Debug, Parser)]
@@ -67,12 +68,37 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         wait_secs: f64,
     },
-    /// Remove the pinned hooks and maps: enforcement stops.
+    /// Remove the pinned hooks and maps: enforcement stops. Refused while an agent runs on
+    /// the pin directory, unless --force.
     Uninstall {
         /// bpffs directory given to `run --pin-dir`.
         #[arg(long, default_value = "/sys/fs/bpf/scopegate")]
         pin_dir: PathBuf,
+        /// Remove the pins although an agent runs: enforcement stops until that agent's
+        /// health check re-attaches the hooks (within its --health-interval-secs).
+        #[arg(long)]
+        force: bool,
     },
+    /// The running agent's state, over its admin socket: version, uptime, policy, last
+    /// reload, enforcement health, hooks, managed cgroups, audit, counters.
+    Status(AdminArgs),
+    /// The running agent's workloads, their managed cgroups and their processes.
+    Workloads(AdminArgs),
+    /// Reload the running agent's policy directory (as SIGHUP does) and wait for the
+    /// result. Exits 0 when it took effect, 78 when the policy is invalid (the last good
+    /// policy stays in force), 69 when the agent cannot be reached.
+    Reload(AdminArgs),
+}
+
+/// How to reach the running agent.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The agent's admin socket (`run --admin-socket`).
+    #[arg(long, value_name = "PATH", default_value = scopegate::config::defaults::ADMIN_SOCKET)]
+    admin_socket: PathBuf,
+    /// Print the agent's answer as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +189,44 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(verdict.code()))
         }
+        Command::Policy {
+            command:
+                scopegate::policy::cli::PolicyCommand::Explain {
+                    live: true,
+                    admin_socket,
+                    workload,
+                    request,
+                    header,
+                    body,
+                    at,
+                    uid,
+                    json,
+                    ..
+                },
+        } => {
+            let body = match body {
+                None => None,
+                Some(file) => Some(std::fs::read_to_string(&file).with_context(|| {
+                    format!("--body {}: reading it as UTF-8 text", file.display())
+                })?),
+            };
+            let request = control::protocol::Request {
+                explain: Some(control::protocol::ExplainRequest {
+                    workload,
+                    request: request.unwrap_or_default(),
+                    headers: header,
+                    body,
+                    at,
+                    uid,
+                    json,
+                }),
+                ..control::protocol::Request::new(control::protocol::Command::Explain)
+            };
+            let response = admin_call(&admin_socket, &request, ADMIN_TIMEOUT)?;
+            let explained = response.explain.unwrap_or_default();
+            println!("{}", explained.text);
+            Ok(exit(explained.allowed))
+        }
         Command::Policy { command } => {
             Ok(ExitCode::from(scopegate::policy::cli::run(command)?.code()))
         }
@@ -203,15 +267,90 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Uninstall { pin_dir } => {
+        Command::Uninstall { pin_dir, force } => {
+            let running = bpf::agent_running(&pin_dir)?;
+            if running && !force {
+                return Err(control::ControlError::AgentRunning { pin_dir }.into());
+            }
+            if running {
+                eprintln!(
+                    "scopegate: warning: an agent is running on {}: removing its pins anyway (--force); it will re-attach its hooks at its next health check",
+                    pin_dir.display()
+                );
+            }
             let removed = bpf::uninstall(&pin_dir)?;
+            if removed == 0 {
+                return Err(control::ControlError::NothingPinned { pin_dir }.into());
+            }
             println!(
                 "removed {removed} pin(s) under {}; scopegate enforcement is off",
                 pin_dir.display()
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(args) => {
+            let response = admin_call(
+                &args.admin_socket,
+                &control::protocol::Request::new(control::protocol::Command::Status),
+                ADMIN_TIMEOUT,
+            )?;
+            let status = response.status.unwrap_or_default();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{}", control::format::status(&status));
+            }
+            let healthy = status.enforcement.healthy && status.audit.healthy;
+            Ok(exit(healthy))
+        }
+        Command::Workloads(args) => {
+            let response = admin_call(
+                &args.admin_socket,
+                &control::protocol::Request::new(control::protocol::Command::Workloads),
+                ADMIN_TIMEOUT,
+            )?;
+            let list = response.workloads.unwrap_or_default();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{}", control::format::workloads(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload(args) => {
+            let response = admin_call(
+                &args.admin_socket,
+                &control::protocol::Request::new(control::protocol::Command::Reload),
+                Duration::from_secs(90),
+            )?;
+            let result = response.reload.unwrap_or_default();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else if result.ok {
+                println!("{}", control::format::reload(&result));
+            } else {
+                eprintln!("{}", control::format::reload(&result));
+            }
+            Ok(match (result.ok, result.errors.is_empty()) {
+                (true, true) => ExitCode::SUCCESS,
+                (true, false) => ExitCode::FAILURE,
+                (false, _) => ExitCode::from(exit::CONFIG),
+            })
+        }
     }
+}
+
+/// How long the CLI waits for the agent's answer (reload: longer).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One admin socket call; an unreachable agent is exit code 69 (EX_UNAVAILABLE, see
+/// `scopegate::exit`), with a message naming the socket.
+fn admin_call(
+    socket: &std::path::Path,
+    request: &control::protocol::Request,
+    timeout: Duration,
+) -> anyhow::Result<control::protocol::Response> {
+    Ok(control::client::call(socket, request, timeout)?)
 }
 
 /// `scopegate generate`: man pages from the clap definition (with the exit codes), or a

@@ -12,6 +12,8 @@
 //! 7. publish the snapshot, sync the maps, cut connections opened before a cgroup was managed;
 //! 8. serve, start the deny-event reader, and only then switch the hooks to redirecting
 //!    to the proxy port ([`Kernel::enable`]);
+//!    The admin socket (bound in 5) is served and the enforcement health check
+//!    (`control::health`) starts here;
 //! 9. `READY=1` (sd_notify) and the `scopegate ready` log line: managed connects are decided
 //!    from here. Then rescan cgroups periodically; reload on SIGHUP; turn kernel deny events
 //!    into audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail
@@ -93,6 +95,10 @@ pub struct RunOptions {
     pub dns_ttl: crate::resolve::TtlBounds,
     /// DNS suffixes the host CA is constrained to (X.509 name constraints); empty: none.
     pub ca_name_constraints: Vec<String>,
+    /// The admin socket (`control`).
+    pub admin_socket: PathBuf,
+    /// How often the links and pins are checked (`control::health`).
+    pub health_interval: Duration,
 }
 
 /// Errors of `run`.
@@ -142,6 +148,9 @@ pub enum RunError {
     /// The admin endpoint could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    /// The admin socket could not be created.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// Signal handlers or threads could not be set up.
     #[error("starting the agent's signal handlers and threads: {0}")]
     Signal(std::io::Error),
@@ -255,6 +264,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         Some(addr) => Some(crate::admin::bind(addr, opts.metrics_allow_non_loopback).await?),
         None => None,
     };
+    // The admin socket (control): bound now, served from step 8.
+    let admin_socket = crate::control::server::bind(&opts.admin_socket)?;
+    let agent_state = Arc::new(crate::control::AgentState::new(
+        opts.policies.clone(),
+        opts.audit.file.clone(),
+        policy_hash.clone(),
+        opts.health_interval,
+    ));
     // 6. audit
     crate::service::status("starting the audit writer");
     let (auditor, _writer) = Auditor::start(&opts.audit)?;
@@ -349,6 +366,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         let sources = Arc::new(crate::admin::Sources {
             shared: shared.clone(),
             kernel: kernel.clone(),
+            control: agent_state.clone(),
         });
         tokio::spawn(crate::admin::serve(admin, sources));
     }
@@ -360,6 +378,23 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             .map_err(RunError::Signal)?;
     }
     kernel.enable(port)?;
+    // The admin socket and the enforcement health check (control).
+    let (reload_tx, mut admin_reloads) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(crate::control::server::serve(
+        admin_socket,
+        Arc::new(crate::control::server::Context {
+            shared: shared.clone(),
+            kernel: kernel.clone(),
+            state: agent_state.clone(),
+            reload: reload_tx,
+            mount: control.mount.clone(),
+        }),
+    ));
+    tokio::spawn(crate::control::health::watch(
+        kernel.clone(),
+        agent_state.clone(),
+        shared.auditor.clone(),
+    ));
     // 9. ready: managed connects are decided now.
     let workload_count = shared.enforcement.load().policy.workloads().len();
     crate::service::ready(&format!(
@@ -414,14 +449,21 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
             _ = hup.recv() => {
                 crate::service::reloading();
-                control.reload("SIGHUP");
+                agent_state.reloaded(&control.reload("SIGHUP"));
+                crate::service::ready("reload done");
+            }
+            Some(reply) = admin_reloads.recv() => {
+                crate::service::reloading();
+                let result = control.reload("admin socket");
+                agent_state.reloaded(&result);
+                let _ = reply.send(result);
                 crate::service::ready("reload done");
             }
             Some(()) = changed.recv() => {
                 // Debounce: editors write, rename and chmod in bursts.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while changed.try_recv().is_ok() {}
-                control.reload("policy directory changed");
+                agent_state.reloaded(&control.reload("policy directory changed"));
             }
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
@@ -584,19 +626,32 @@ impl Control {
 
     /// Reloads the policy directory; an invalid policy keeps the last good snapshot. Every
     /// attempt is recorded (`policy_reloaded` before the new policy decides anything, or
-    /// `policy_rejected` with the errors).
-    fn reload(&self, why: &str) {
+    /// `policy_rejected` with the errors) and returned (for `status` and `scopegate reload`).
+    fn reload(&self, why: &str) -> crate::control::protocol::ReloadResult {
         let hash = lifecycle::policy_hash_or_log(&self.policies);
+        let mut result = crate::control::protocol::ReloadResult {
+            ok: false,
+            at: crate::control::state::now(),
+            trigger: why.into(),
+            policy_hash: hash.clone(),
+            workloads: None,
+            errors: Vec::new(),
+        };
         match Snapshot::load_dir(&self.policies) {
             Ok(snapshot) => {
                 let count = snapshot.workloads().len();
                 self.shared
                     .auditor
                     .record(lifecycle::policy_reloaded(hash, why));
+                result.ok = true;
+                result.workloads = Some(count);
                 match self.publish(Arc::new(snapshot), true) {
                     Ok(()) => tracing::info!(workloads = count, trigger = why, "policy reloaded"),
                     Err(e) => {
-                        tracing::error!(error = %e, "policy reloaded but the kernel map sync failed")
+                        tracing::error!(error = %e, "policy reloaded but the kernel map sync failed");
+                        result.errors.push(format!(
+                            "policy reloaded but the kernel map sync failed: {e}"
+                        ));
                     }
                 }
             }
@@ -604,12 +659,14 @@ impl Control {
                 for e in &errors.0 {
                     tracing::error!("{e}");
                 }
+                result.errors = errors.0.iter().map(ToString::to_string).collect();
                 self.shared
                     .auditor
                     .record(lifecycle::policy_rejected(hash, why, &errors.0));
                 tracing::error!("policy reload rejected; keeping the last good policy");
             }
         }
+        result
     }
 }
 

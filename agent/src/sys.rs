@@ -1,6 +1,6 @@
 //! The few raw system calls the agent needs that aya 0.14, socket2 and nix do not offer:
 //! `BPF_OBJ_GET` and `BPF_LINK_UPDATE` (to swap the program behind a pinned link without a
-//! gap), `SO_NETNS_COOKIE` and `RLIMIT_NOFILE`. Each is a thin, checked wrapper.
+//! gap), `BPF_PROG_QUERY` (which programs are attached to a cgroup, for the health check), `SO_NETNS_COOKIE` and `RLIMIT_NOFILE`. Each is a thin, checked wrapper.
 #![allow(
     unsafe_code,
     reason = "raw bpf(2) and getsockopt(2); every call is wrapped and checked"
@@ -18,6 +18,7 @@ use std::{
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[repr(C)]
@@ -35,6 +36,19 @@ struct LinkUpdateAttr {
     new_prog_fd: u32,
     flags: u32,
     old_prog_fd: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -76,6 +90,22 @@ pub fn bpf_link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
         ..Default::default()
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// The ids of the programs attached to the cgroup `cgroup` for `attach_type`
+/// (`BPF_PROG_QUERY`, effective and link-attached programs alike; at most 64).
+pub fn bpf_prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = ProgQueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let n = (attr.prog_cnt as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
 }
 
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`).

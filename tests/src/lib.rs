@@ -195,6 +195,7 @@ impl Drop for PinDir {
         if self.0.exists() {
             let _ = Command::new(bin())
                 .arg("uninstall")
+                .arg("--force")
                 .arg("--pin-dir")
                 .arg(&self.0)
                 .stdout(Stdio::null())
@@ -242,6 +243,9 @@ pub struct Agent {
     pub dns_port: u16,
     /// Audit file.
     pub audit: PathBuf,
+    /// The agent's admin socket (in a temporary directory of its own).
+    pub admin_socket: PathBuf,
+    _admin_dir: tempfile::TempDir,
 }
 
 /// What to start an agent with.
@@ -312,6 +316,8 @@ impl Agent {
                 (dir.path().join("state"), Some(dir))
             }
         };
+        let admin_dir = tempfile::tempdir().expect("admin socket dir");
+        let admin_socket = admin_dir.path().join("admin.sock");
         let mut cmd = match cfg.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -345,6 +351,8 @@ impl Agent {
             .arg(cfg.rescan_secs)
             .arg("--state-dir")
             .arg(&state_dir)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
             .args(&cfg.extra)
             .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -377,6 +385,8 @@ impl Agent {
             port,
             dns_port,
             audit: cfg.audit,
+            admin_socket,
+            _admin_dir: admin_dir,
         }
     }
 

@@ -176,6 +176,8 @@ pub fn demo(ctx: &Ctx, keep: bool) -> Result<()> {
         .arg("/scopegate-demo")
         .arg("--state-dir")
         .arg(ctx.target_dir.join("demo-state"))
+        .arg("--admin-socket")
+        .arg(ctx.target_dir.join("demo-admin.sock"))
         .env("NO_COLOR", "1");
     let agent_log = ctx.target_dir.join("demo-agent.log");
     let mut agent = Background::spawn("scopegate agent", agent_cmd, &agent_log)?;

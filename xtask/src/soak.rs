@@ -188,6 +188,8 @@ impl AgentSetup {
             .arg("--audit-file")
             .arg(&self.audit)
             .arg("--no-audit-stdout")
+            .arg("--admin-socket")
+            .arg(self.work.join("admin.sock"))
             .env("NO_COLOR", "1");
         let log = self.work.join(format!("agent-{n}.log"));
         let mut proc = Proc::spawn("scopegate agent", cmd, &log, None)?;

@@ -10,6 +10,8 @@
 //! | `policy_rejected` | `error` | `policy` | `policy_hash`, `trigger`, `errors` | on every reload that was refused (the last good policy stays), and at a start with `--allow-empty` and an invalid policy (`trigger: start`) |
 //! | `cgroup_held` | `deny` | `policy` | `cgroup`, `cgroup_id`, `workload` (the one that selected it before, if known) | when a managed cgroup is selected by no policy any more (policy removed, empty or invalid policy set, restart): it stays deny-all until released (see `workloads`) |
 //! | `cgroup_released` | `allow` | `policy` | `cgroup`, `cgroup_id`, `uid`/`pid` of `scopegate release` (when known), `trigger` | when the agent applies a `scopegate release`, before the cgroup leaves the kernel's managed map |
+//! | `enforcement_restored` | `error` | `agent` | `errors` (what was missing), `trigger: health check` | when the health check (`control::health`) found a program detached or a pin gone while the agent ran, and re-attached and re-pinned it |
+//! | `enforcement_lost` | `error` | `agent` | `errors` (what was missing, then why it could not be restored), `trigger: health check` | when that restoration failed (once per incident; retried every check) |
 //! | `clock_step` | `error` | `agent` | `clock_step_us` | by the writer, when the wall clock moved more than [`CLOCK_STEP_THRESHOLD`] away from the monotonic clock since the record before |
 //!
 //! `clean` on `agent_started` is `true` when the previous run's last lifecycle record is
@@ -40,6 +42,10 @@ pub const POLICY_REJECTED: &str = "policy_rejected";
 pub const CGROUP_HELD: &str = "cgroup_held";
 /// Reason of the record of an operator's release of a held cgroup.
 pub const CGROUP_RELEASED: &str = "cgroup_released";
+/// Reason of the record of enforcement found gone and put back.
+pub const ENFORCEMENT_RESTORED: &str = "enforcement_restored";
+/// Reason of the record of enforcement found gone that could not be put back.
+pub const ENFORCEMENT_LOST: &str = "enforcement_lost";
 /// Reason of the record of a wall-clock step.
 pub const CLOCK_STEP: &str = "clock_step";
 
@@ -154,6 +160,25 @@ pub fn cgroup_released(
     r.uid = uid;
     r.pid = pid;
     r.trigger = Some("scopegate release".into());
+    r
+}
+
+/// The `enforcement_restored` record: `problems` were found and repaired.
+pub fn enforcement_restored<E: fmt::Display>(problems: &[E]) -> Record {
+    let mut r = audit_record(ENFORCEMENT_RESTORED, Decision::Error, Fault::Agent);
+    r.trigger = Some("health check".into());
+    r.errors = Some(clip_errors(problems));
+    r
+}
+
+/// The `enforcement_lost` record: `problems` were found and `error` kept them from being
+/// repaired.
+pub fn enforcement_lost<E: fmt::Display>(problems: &[E], error: &str) -> Record {
+    let mut r = audit_record(ENFORCEMENT_LOST, Decision::Error, Fault::Agent);
+    r.trigger = Some("health check".into());
+    let mut errors: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    errors.push(format!("not restored: {error}"));
+    r.errors = Some(clip_errors(&errors));
     r
 }
 

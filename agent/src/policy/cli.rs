@@ -16,7 +16,7 @@ use super::{diff, usage};
 use crate::resolve::{DnsLookup, Lookup as _, ResolveError, TtlBounds};
 
 /// How `explain` resolves a destination name.
-trait NameLookup {
+pub trait NameLookup {
     /// The answers for `name` (canonical, no trailing dot); `Err(Ok(text))` when the name
     /// does not resolve (the proxy would answer 502 `resolve_failed`), `Err(Err(e))` when
     /// the resolver itself cannot be set up.
@@ -29,7 +29,7 @@ trait NameLookup {
 /// of a `resolv.conf`, names fully qualified (no search suffix), `/etc/hosts` honoured,
 /// answers trusted for their TTL clamped to the bounds. So `explain` sees the addresses
 /// the proxy would bind (except those the DNS proxy taught the running agent).
-struct AgentLookup {
+pub struct AgentLookup {
     resolv_conf: PathBuf,
     bounds: TtlBounds,
 }
@@ -72,6 +72,29 @@ impl NameLookup for AgentLookup {
     }
 }
 
+/// Answers already known for one name: what the running agent's resolver holds now, for
+/// `policy explain --live` (the admin socket resolves before it explains).
+#[derive(Clone, Debug)]
+pub struct KnownAnswers {
+    /// The name resolved (canonical).
+    pub name: String,
+    /// Its answers, or why there are none.
+    pub answers: Result<Resolution, String>,
+}
+
+impl NameLookup for KnownAnswers {
+    fn resolve(&self, name: &str) -> Result<Resolution, Result<String, ResolveError>> {
+        if name != self.name {
+            return Err(Ok(format!("{name} was not resolved by the agent")));
+        }
+        self.answers.clone().map_err(Ok)
+    }
+
+    fn describe(&self) -> String {
+        "the running agent's resolver (its current answer set)".to_owned()
+    }
+}
+
 /// The `policy` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
@@ -102,8 +125,17 @@ pub enum PolicyCommand {
     /// bound. Or, with --dns-query, the DNS proxy's decision on one question. Exits 0 when
     /// allowed, 1 when denied.
     Explain {
-        /// The policy directory.
-        dir: PathBuf,
+        /// The policy directory (not with --live).
+        #[arg(required_unless_present = "live", conflicts_with = "live")]
+        dir: Option<PathBuf>,
+        /// Ask the running agent (over its admin socket) to explain the request against
+        /// the snapshot it enforces now, not the files on disk; destination binding then
+        /// uses the agent's own resolver and cache.
+        #[arg(long, conflicts_with = "dns_query")]
+        live: bool,
+        /// The agent's admin socket (with --live).
+        #[arg(long, value_name = "PATH", default_value = crate::config::defaults::ADMIN_SOCKET)]
+        admin_socket: PathBuf,
         /// The calling workload's name.
         #[arg(long)]
         workload: String,
@@ -476,35 +508,89 @@ fn run_explain(
     else {
         return Ok((false, String::new()));
     };
+    let Some(dir) = dir else {
+        return Err(RequestError::InvalidRequest {
+            value: request.unwrap_or_default(),
+            reason: "a policy directory (or --live) is needed".into(),
+        }
+        .into());
+    };
     let snapshot = Snapshot::load_dir(&dir)?;
-    let (id, w) = offline::workload(&snapshot, &workload)?;
     let Some(request) = request else {
+        let (_, w) = offline::workload(&snapshot, &workload)?;
         let query = dns_query.unwrap_or_default();
         return explain_dns_query(w, &query, json);
     };
-    let bytes = match &body {
+    let body = match body {
         None => None,
-        Some(file) => Some(
-            std::fs::read(file).map_err(|source| PolicyCliError::ReadBody {
+        Some(file) => {
+            let bytes = std::fs::read(&file).map_err(|source| PolicyCliError::ReadBody {
                 path: file.clone(),
                 source,
-            })?,
-        ),
+            })?;
+            Some((format!("--body {}", file.display()), bytes))
+        }
     };
-    let spec = Spec {
-        request: &request,
-        headers: &header,
-        body: bytes
-            .as_deref()
-            .zip(body.as_ref())
-            .map(|(b, file)| (b, format!("--body {}", file.display()))),
-        at: at.as_deref(),
+    let input = ExplainInput {
+        workload,
+        request,
+        headers: header,
+        body,
+        at,
         uid,
+        json,
+    };
+    explain_in(&snapshot, &input, lookup)
+}
+
+/// What `explain` is asked, from the command line or the admin socket (`--live`).
+#[derive(Clone, Debug, Default)]
+pub struct ExplainInput {
+    /// The calling workload's name.
+    pub workload: String,
+    /// 'METHOD URL'.
+    pub request: String,
+    /// 'Name: value' headers.
+    pub headers: Vec<String>,
+    /// The body: where it came from (for errors) and its bytes.
+    pub body: Option<(String, Vec<u8>)>,
+    /// RFC 3339 request time (default: now).
+    pub at: Option<String>,
+    /// The caller's uid (default: the workload's select.uid, or 0).
+    pub uid: Option<u32>,
+    /// Render as JSON.
+    pub json: bool,
+}
+
+/// The host of `'METHOD URL'` if it is a name (not an IP literal), for resolving before
+/// [`explain_in`].
+pub fn request_name(request: &str) -> Option<String> {
+    offline::parse_request(request)
+        .ok()
+        .map(|t| t.host)
+        .filter(|h| h.parse::<IpAddr>().is_err())
+}
+
+/// Explains `input` against `snapshot` (a directory just loaded, or the agent's running
+/// snapshot): whether the request is allowed, and the text to print.
+pub fn explain_in(
+    snapshot: &Snapshot,
+    input: &ExplainInput,
+    lookup: &dyn NameLookup,
+) -> Result<(bool, String), PolicyCliError> {
+    let json = input.json;
+    let (id, w) = offline::workload(snapshot, &input.workload)?;
+    let spec = Spec {
+        request: &input.request,
+        headers: &input.headers,
+        body: input.body.as_ref().map(|(label, b)| (b.as_slice(), label.clone())),
+        at: input.at.as_deref(),
+        uid: input.uid,
     };
     let prepared = offline::prepare(id, w, &spec)?;
     let target = &prepared.target;
     let req = prepared.request();
-    let mut explanation = explain(&snapshot, &req);
+    let mut explanation = explain(snapshot, &req);
     if target.host.parse::<IpAddr>().is_err() {
         explanation.dns = Some(host_dns_report(Some(w), &target.host));
     }
@@ -919,7 +1005,9 @@ egress:
     /// `explain` of `request` by `workload` with the defaults.
     fn command(dir: PathBuf, workload: &str, request: &str) -> PolicyCommand {
         PolicyCommand::Explain {
-            dir,
+            dir: Some(dir),
+            live: false,
+            admin_socket: PathBuf::new(),
             workload: workload.to_owned(),
             request: Some(request.to_owned()),
             dns_query: None,

@@ -993,6 +993,8 @@ fn start_agent(
         .arg("--audit-file")
         .arg(&audit)
         .arg("--no-audit-stdout")
+        .arg("--admin-socket")
+        .arg(env.work.join("scopegate-admin.sock"))
         .env("TOKIO_WORKER_THREADS", "1")
         .env("NO_COLOR", "1");
     let mut proc = Proc::spawn(

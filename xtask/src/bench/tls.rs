@@ -73,6 +73,8 @@ pub(super) fn run(
         .arg("--no-audit-stdout")
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
         .env("TOKIO_WORKER_THREADS", "1")
         .env("NO_COLOR", "1");
     let mut agent = Proc::spawn("tls agent", cmd, &dir.join("agent.log"), None)?;
