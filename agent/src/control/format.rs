@@ -42,6 +42,9 @@ pub fn status(s: &Status) -> String {
         s.policy.hash.as_deref().unwrap_or("unknown"),
         s.policy.loaded_at
     );
+    for grant in &s.policy.expiring {
+        let _ = writeln!(out, "  expiring:     {grant}");
+    }
     match &s.last_reload {
         None => {
             let _ = writeln!(out, "  last reload:  none");
@@ -220,6 +223,11 @@ mod tests {
                 hash: Some("ab12".into()),
                 loaded_at: "2026-01-01T00:00:01Z".into(),
                 workloads: 2,
+                expiring: vec![
+                    "workload billing: rule migrate of api.example.com:443 expires at \
+                     2026-01-10T00:00:00Z (in 8 day(s))"
+                        .into(),
+                ],
             },
             last_reload: Some(ReloadResult {
                 ok: false,
@@ -282,6 +290,7 @@ mod tests {
         for part in [
             "uptime:       1m 1s",
             "2 workload(s) from /etc/scopegate/policies, hash ab12",
+            "\n  expiring:     workload billing: rule migrate of api.example.com:443 expires at",
             "last reload:  REJECTED at 2026-01-01T00:00:30Z (admin socket), hash cd34",
             "\n    /p/a.yaml:3:5: unknown field `x`\n",
             "enforcement:  ok (checked every 5 s",

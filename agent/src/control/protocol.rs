@@ -265,6 +265,9 @@ pub struct PolicyStatus {
     pub loaded_at: String,
     /// Workloads in it.
     pub workloads: usize,
+    /// Grants (`expires:`) that end within 14 days or have ended, one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expiring: Vec<String>,
 }
 
 /// One reload attempt.

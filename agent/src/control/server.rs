@@ -303,6 +303,9 @@ fn explain(
     crate::policy::cli::explain_in(snapshot, &input, known.unwrap_or(&none))
 }
 
+/// `status` lists grants that end within this many days.
+const EXPIRING_WITHIN_DAYS: i64 = 14;
+
 /// `status`: read now from the kernel, the snapshot, the auditor and the control state.
 pub fn status(ctx: &Context) -> Status {
     let (started_at, uptime) = ctx.state.started();
@@ -323,6 +326,14 @@ pub fn status(ctx: &Context) -> Status {
             hash,
             loaded_at,
             workloads: enforcement.policy.workloads().len(),
+            expiring: crate::policy::expiry::expiring(
+                &enforcement.policy,
+                jiff::Timestamp::now(),
+                jiff::SignedDuration::from_hours(24 * EXPIRING_WITHIN_DAYS),
+            )
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         },
         last_reload: ctx.state.last_reload(),
         enforcement: ctx.state.enforcement(),

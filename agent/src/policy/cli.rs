@@ -583,7 +583,10 @@ pub fn explain_in(
     let spec = Spec {
         request: &input.request,
         headers: &input.headers,
-        body: input.body.as_ref().map(|(label, b)| (b.as_slice(), label.clone())),
+        body: input
+            .body
+            .as_ref()
+            .map(|(label, b)| (b.as_slice(), label.clone())),
         at: input.at.as_deref(),
         uid: input.uid,
     };
