@@ -106,7 +106,8 @@ pub fn build(ctx: &Ctx, bin: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Inspects the package, extracts it into a scratch root and checks what was installed:
+/// Inspects the package, installs it with dpkg into a scratch root and checks what was
+/// installed:
 /// the unit verifies and scores at most [`MAX_EXPOSURE`], the binary is stripped with a
 /// separate debug file, the man page renders, the bash completions load.
 pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
@@ -140,8 +141,41 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
         "/etc/scopegate/scopegate.yaml is not a conffile: {conffiles:?}"
     );
 
+    // Installed, not only extracted: dpkg into a scratch root with its own database (the
+    // root has no libc6 package, hence --force-depends; the package has no maintainer
+    // scripts to run).
     let root = scratch(ctx, "root")?;
-    ctx::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root))?;
+    for dir in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        fs::create_dir_all(root.join(dir))?;
+    }
+    fs::write(root.join("var/lib/dpkg/status"), "")?;
+    let admin = format!("--root={}", root.display());
+    ctx::run(
+        Command::new("dpkg")
+            .arg(&admin)
+            .args(["--force-depends", "--log=/dev/null", "--install"])
+            .arg(deb),
+    )?;
+    let state = ctx::output(
+        Command::new("dpkg")
+            .arg(&admin)
+            .args(["--status", "scopegate"]),
+    )?;
+    ensure!(
+        state.contains("Status: install ok installed"),
+        "dpkg --root: scopegate is not installed:\n{state}"
+    );
+    let installed = ctx::output(
+        Command::new("dpkg")
+            .arg(&admin)
+            .args(["--listfiles", "scopegate"]),
+    )?;
+    for want in EXPECTED {
+        ensure!(
+            installed.lines().any(|l| l == format!("/{want}")),
+            "dpkg --root --listfiles lacks /{want}:\n{installed}"
+        );
+    }
     let bin = root.join("usr/bin/scopegate");
     let sections = ctx::output(Command::new("readelf").arg("-S").arg(&bin))?;
     ensure!(
