@@ -2,9 +2,35 @@
 //! every managed connect.
 #![forbid(unsafe_code)]
 
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Accepted connections not yet admitted (given a connection slot, or refused and closed)
+/// at most at once, over both listeners (plus one waiting stream per listener). A burst of
+/// connects is accepted this many at a time, so it cannot take the descriptors kept for
+/// the control plane ([`FD_RESERVE`](crate::state::FD_RESERVE)); the rest waits in the
+/// listen backlog.
+pub const MAX_PENDING: usize = 32;
+
+/// One accepted connection's place among the [`MAX_PENDING`]: held until the pipeline has
+/// admitted or refused it, then released (dropped).
+#[derive(Debug)]
+pub struct Pending(
+    #[allow(dead_code, reason = "held for its Drop, which returns the place")]
+    Option<OwnedSemaphorePermit>,
+);
+
+impl Pending {
+    /// A connection accepted outside [`Listeners::serve`] (in-process tests).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Releases the place: the connection holds a slot, or is gone.
+    pub fn release(self) {}
+}
 
 /// Errors of this stage.
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +88,12 @@ impl Listeners {
     /// [`pipeline::serve_connection`](crate::pipeline::serve_connection)).
     pub async fn serve<F>(self, serve: F)
     where
-        F: Fn(TcpStream, SocketAddr) + Clone + Send + 'static,
+        F: Fn(TcpStream, SocketAddr, Pending) + Clone + Send + 'static,
     {
-        let v4 = tokio::spawn(accept_loop(self.v4, serve.clone()));
+        let pending = Arc::new(Semaphore::new(MAX_PENDING));
+        let v4 = tokio::spawn(accept_loop(self.v4, serve.clone(), pending.clone()));
         if let Some(v6) = self.v6 {
-            tokio::spawn(accept_loop(v6, serve));
+            tokio::spawn(accept_loop(v6, serve, pending));
         }
         let _ = v4.await;
     }
@@ -93,15 +120,20 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, AcceptError> {
     socket.listen(1024).map_err(err)
 }
 
-async fn accept_loop<F>(listener: TcpListener, serve: F)
+async fn accept_loop<F>(listener: TcpListener, serve: F, pending: Arc<Semaphore>)
 where
-    F: Fn(TcpStream, SocketAddr),
+    F: Fn(TcpStream, SocketAddr, Pending),
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // The next accept waits until this one has a place (one accepted stream per
+                // listener may wait here).
+                let Ok(permit) = pending.clone().acquire_owned().await else {
+                    return; // never: the semaphore is not closed
+                };
                 let _ = stream.set_nodelay(true);
-                serve(stream, peer);
+                serve(stream, peer, Pending(Some(permit)));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -109,5 +141,55 @@ where
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Polls `f` until it holds (at most 5 s).
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_is_accepted_at_most_max_pending_at_a_time() {
+        let listeners = Listeners::bind(0).unwrap();
+        let port = listeners.port();
+        let held: Arc<Mutex<Vec<(TcpStream, Pending)>>> = Arc::default();
+        let sink = held.clone();
+        tokio::spawn(listeners.serve(move |stream, _, pending| {
+            sink.lock().unwrap().push((stream, pending));
+        }));
+        let mut clients = Vec::new();
+        for _ in 0..MAX_PENDING + 8 {
+            clients.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+        let count = || held.lock().unwrap().len();
+        eventually("MAX_PENDING accepted", || count() == MAX_PENDING).await;
+        // No more while every place is held (one more stream waits for a place, the rest in
+        // the backlog).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(count(), MAX_PENDING);
+        // Releasing places lets the next ones in, one each.
+        for _ in 0..3 {
+            let (_stream, pending) = held.lock().unwrap().remove(0);
+            pending.release();
+        }
+        eventually("three more accepted", || count() == MAX_PENDING).await;
+        let (_, pending) = held.lock().unwrap().pop().unwrap();
+        drop(pending);
+        eventually("one more accepted", || count() == MAX_PENDING).await;
+        drop(clients);
     }
 }

@@ -31,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::{
+    accept::Pending,
     audit::{Auditor, Decision, Fault, Record},
     detect::{self, Protocol},
     enforce,
@@ -112,6 +113,17 @@ impl Conn {
 
 /// Serves one accepted connection.
 pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    serve_pending(shared, stream, peer, Pending::none()).await;
+}
+
+/// Serves one accepted connection; `pending` is released once it holds a connection slot
+/// or has been refused (see [`crate::accept::MAX_PENDING`]).
+pub async fn serve_pending(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    pending: Pending,
+) {
     // identify
     let identity = match identify::identify(shared.origins.as_ref(), peer) {
         Ok(identity) => identity,
@@ -131,6 +143,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Sock
     let Some(_slot) = connection_slot(&shared, &identity, &stream) else {
         return;
     };
+    pending.release();
     // DNS over TCP (redirected port 53) has its own stage, before protocol detection.
     if identity.original_dst.port() == crate::dns::upstream::DNS_PORT {
         return crate::dns::serve_tcp(shared.as_ref(), stream, &identity).await;

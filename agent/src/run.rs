@@ -352,8 +352,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     {
         let shared = shared.clone();
-        tokio::spawn(listeners.serve(move |stream, peer| {
-            tokio::spawn(pipeline::serve_connection(shared.clone(), stream, peer));
+        tokio::spawn(listeners.serve(move |stream, peer, pending| {
+            tokio::spawn(pipeline::serve_pending(
+                shared.clone(),
+                stream,
+                peer,
+                pending,
+            ));
         }));
     }
     for socket in dns_sockets {
