@@ -419,15 +419,24 @@ async fn refuse(
     written.wait().await.ok().and(response)
 }
 
+/// Datagrams of one UDP listener being answered at once. Beyond it the listener stops
+/// reading (backpressure): the kernel's socket buffer fills and drops what a flood sends,
+/// before the agent has seen it; every datagram the agent reads is answered and recorded.
+pub const MAX_UDP_TASKS: usize = 2048;
+
 /// Serves the UDP DNS listeners until they fail: each datagram is answered in its own
-/// task (at most [`MAX_IN_FLIGHT`] forwarded at once).
+/// task (at most [`MAX_UDP_TASKS`] at once, at most [`MAX_IN_FLIGHT`] forwarded).
 pub async fn serve_udp(env: Arc<dyn DnsEnv>, socket: UdpSocket, callers: Arc<dyn UdpCallers>) {
     let socket = Arc::new(socket);
     let Ok(listener) = socket.local_addr() else {
         return;
     };
+    let tasks = Arc::new(Semaphore::new(MAX_UDP_TASKS));
     let mut buf = vec![0u8; MAX_TCP_MESSAGE];
     loop {
+        let Ok(task) = tasks.clone().acquire_owned().await else {
+            return; // never: the semaphore is not closed
+        };
         let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(got) => got,
             Err(e) => {
@@ -439,6 +448,7 @@ pub async fn serve_udp(env: Arc<dyn DnsEnv>, socket: UdpSocket, callers: Arc<dyn
         let wire = buf[..n].to_vec();
         let (env, socket, callers) = (env.clone(), socket.clone(), callers.clone());
         tokio::spawn(async move {
+            let _task = task;
             // sock_diag is a blocking netlink round trip: off the runtime's workers.
             let peer_addr = crate::identify::normalize(peer);
             let caller = tokio::task::spawn_blocking(move || callers.caller(listener, peer_addr))
