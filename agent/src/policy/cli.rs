@@ -343,17 +343,7 @@ pub fn run(command: PolicyCommand) -> Result<Verdict, PolicyCliError> {
                 })
                 .transpose()?;
             let records = read_allows(&from, since)?;
-            let report = usage::unused(
-                &snapshot,
-                records
-                    .allows
-                    .iter()
-                    .map(|(workload, rule, method)| usage::Use {
-                        workload,
-                        rule,
-                        method,
-                    }),
-            );
+            let report = usage::unused(&snapshot, records.uses());
             for warning in &records.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -632,6 +622,19 @@ struct Allows {
     files: usize,
     /// Lines that are not records, and other findings worth a warning.
     warnings: Vec<String>,
+}
+
+impl Allows {
+    /// The allows as [`usage::unused`] takes them.
+    fn uses(&self) -> impl Iterator<Item = usage::Use<'_>> {
+        self.allows
+            .iter()
+            .map(|(workload, rule, method)| usage::Use {
+                workload,
+                rule,
+                method,
+            })
+    }
 }
 
 /// Reads the allow decision records (at or after `since`) of each audit file of `from` and
@@ -1472,17 +1475,7 @@ egress:
             )
             .unwrap();
             let snapshot = Snapshot::load_dir(&policies).unwrap();
-            let report = usage::unused(
-                &snapshot,
-                records
-                    .allows
-                    .iter()
-                    .map(|(workload, rule, method)| usage::Use {
-                        workload,
-                        rule,
-                        method,
-                    }),
-            );
+            let report = usage::unused(&snapshot, records.uses());
             let text = if json {
                 serde_json::to_string(&report).unwrap()
             } else {
