@@ -76,7 +76,9 @@ fn bypass_attempts_are_denied_or_proxied() {
     privileged_test("bypass_attempts_are_denied_or_proxied");
     let f = Fixture::new();
     let other_port = TcpSink::start("127.0.0.2");
-    let other_port6 = TcpSink::start("::1");
+    // Not the upstream's port (granted on ::1 too) nor the proxy's: the probe must be one
+    // that the hooks refuse.
+    let other_port6 = TcpSink::start_avoiding("::1", &[f.upstream.addr.port(), f.agent.port]);
     let udp = UdpSink::start("127.0.0.2");
     let udp6 = UdpSink::start("::1");
     let dns = UdpSink::start("127.0.0.53");
@@ -565,10 +567,13 @@ fn l4_exceptions_pass_straight_through_and_dns_goes_to_the_dns_proxy() {
     let managed = tree.child("managed");
     let upstream = Upstream::start("127.0.0.2");
     let database = TcpSink::start("127.0.0.4");
-    let other_on_db_host = TcpSink::start("127.0.0.4");
+    // The probes that must be refused avoid the upstream's (granted) port: the hooks manage
+    // ports per workload, whatever the address.
+    let granted = [upstream.addr.port()];
+    let other_on_db_host = TcpSink::start_avoiding("127.0.0.4", &granted);
     let resolver = UdpSink::start_on("127.0.0.54:53");
     let rogue_resolver = UdpSink::start_on("127.0.0.55:53");
-    let syslog = UdpSink::start("127.0.0.4");
+    let syslog = UdpSink::start_avoiding("127.0.0.4", &granted);
     let text = format!(
         "{}  - cidr: 127.0.0.4/32\n    ports: [{}]\n  - cidr: 127.0.0.4/30\n    ports: [{}]\n    protocol: udp\ndns: [127.0.0.54]\n",
         policy(&managed, &upstream),

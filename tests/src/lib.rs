@@ -758,9 +758,22 @@ impl UdpSink {
         Self::start_on(&format!("{ip}:0"))
     }
 
+    /// Binds `ip:0` on a port not in `avoid` (see [`TcpSink::start_avoiding`]).
+    pub fn start_avoiding(ip: &str, avoid: &[u16]) -> Self {
+        loop {
+            let socket = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
+            if !avoid.contains(&socket.local_addr().expect("addr").port()) {
+                break Self::serve(socket);
+            }
+        }
+    }
+
     /// Binds an exact address, e.g. `127.0.0.54:53`.
     pub fn start_on(addr: &str) -> Self {
-        let socket = std::net::UdpSocket::bind(addr).expect("bind udp");
+        Self::serve(std::net::UdpSocket::bind(addr).expect("bind udp"))
+    }
+
+    fn serve(socket: std::net::UdpSocket) -> Self {
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
@@ -804,7 +817,20 @@ pub struct TcpSink {
 impl TcpSink {
     /// Binds `ip:0`.
     pub fn start(ip: &str) -> Self {
-        let listener = TcpListener::bind((ip, 0)).expect("bind tcp");
+        Self::start_avoiding(ip, &[])
+    }
+
+    /// Binds `ip:0` on a port not in `avoid`. The hooks manage ports per workload, not per
+    /// address: a sink on another address that drew a port the policy grants (or the
+    /// proxy's own) would be proxied, not refused, and a bypass probe would "succeed".
+    pub fn start_avoiding(ip: &str, avoid: &[u16]) -> Self {
+        let listener = loop {
+            let listener = TcpListener::bind((ip, 0)).expect("bind tcp");
+            let port = listener.local_addr().expect("addr").port();
+            if !avoid.contains(&port) {
+                break listener;
+            }
+        };
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
         let count = Arc::new(AtomicUsize::new(0));
