@@ -46,6 +46,7 @@ pub mod exit;
 pub mod logging;
 pub mod pipeline;
 pub mod release;
+pub mod review;
 pub mod run;
 pub mod service;
 pub mod watch;

@@ -37,7 +37,7 @@ enum Command {
         #[command(subcommand)]
         command: scopegate::policy::cli::PolicyCommand,
     },
-    /// Audit tools: verify, tail, query.
+    /// Audit tools: verify, tail, query, report, keygen.
     Audit {
         #[command(subcommand)]
         command: scopegate::audit::cli::AuditCommand,

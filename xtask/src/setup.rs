@@ -18,8 +18,9 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the end-to-end tests and the demo run (nginx: the TLS origin of the
 /// real-client tests; python3-pip: to install [`PY_PACKAGES`]; bind9-dnsutils: `dig`, the
-/// real DNS client of the DNS tests).
-pub const DEB_PACKAGES: [&str; 12] = [
+/// real DNS client of the DNS tests; chromium-headless-shell: the browser the review
+/// report is rendered in).
+pub const DEB_PACKAGES: [&str; 13] = [
     // The package checks: systemd-analyze, man -l, readelf, gzip.
     "systemd",
     "man-db",
@@ -33,6 +34,7 @@ pub const DEB_PACKAGES: [&str; 12] = [
     "python3-pip",
     "nginx-light",
     "bind9-dnsutils",
+    "chromium-headless-shell",
 ];
 
 /// Python packages the real-client end-to-end tests run, as (import name, pip requirement):

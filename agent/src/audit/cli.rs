@@ -80,6 +80,12 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The access review of a period: per workload its grants and whether each was used,
+    /// decisions over time, top denied requests, connection-level (kernel) denies,
+    /// expiring and unused grants, the chain's state. Prints a plain-text summary; with
+    /// --html, also writes one self-contained HTML file (no scripts, nothing fetched).
+    /// Exit 1 when the hash chain of the files is damaged.
+    Report(crate::review::cli::ReportArgs),
     /// Create a checkpoint signing key (FILE, mode 0600) and its public key (FILE.pub).
     Keygen {
         /// Where to write the private key (must not exist).
@@ -100,6 +106,9 @@ pub enum AuditCliError {
     /// A key could not be read or written.
     #[error(transparent)]
     Key(#[from] CheckpointError),
+    /// The review could not be made.
+    #[error(transparent)]
+    Review(#[from] crate::review::cli::ReviewError),
     /// A bad argument.
     #[error("{0}")]
     Usage(String),
@@ -272,6 +281,11 @@ pub fn run_to(
             }
             Ok(true)
         }
+        AuditCommand::Report(args) => Ok(crate::review::cli::run(
+            args,
+            out,
+            &mut io::stderr().lock(),
+        )?),
         AuditCommand::Keygen { out: path } => {
             let key = checkpoint::generate();
             checkpoint::write_key_pair(&key, &path)?;

@@ -51,6 +51,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod lifecycle;
 pub mod query;
+pub mod read;
 pub mod sink;
 pub mod verify;
 mod writer;
