@@ -12,6 +12,7 @@
 //! * `bench` benchmarks scopegate side by side with direct, nginx and HAProxy.
 //! * `soak` runs the agent for N minutes under mixed load, fd pressure, policy churn and
 //!   kill -9, and reports bypasses and missing audit records (outside CI).
+//! * `fuzz` runs the cargo-fuzz targets of `fuzz/` (outside CI).
 //!
 //! xtask depends on no other workspace crate, so it builds while they are broken.
 
@@ -21,6 +22,7 @@ mod bench;
 mod ci;
 mod ctx;
 mod demo;
+mod fuzz;
 mod package;
 mod setup;
 mod soak;
@@ -89,6 +91,10 @@ enum Cmd {
     /// every 2 min; fails if a forbidden request reached an upstream or a forwarded one has
     /// no audit record. Not part of `test`.
     Soak(soak::SoakArgs),
+    /// Run the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer; installs cargo-fuzz into .tools
+    /// if missing), one or all, each for --time, on the corpus kept in the repository.
+    /// Not part of `test`.
+    Fuzz(fuzz::FuzzArgs),
     /// The benchmark's load clients (started by `bench`, inside cgroups).
     #[command(hide = true)]
     BenchHelper {
@@ -151,6 +157,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Cmd::Fuzz(args) => fuzz::fuzz(&ctx, &args)?,
         Cmd::DemoUpstream { .. } | Cmd::BenchHelper { .. } => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -24,6 +24,22 @@ impl Pos {
     /// Line 1, column 1.
     pub const START: Pos = Pos { line: 1, col: 1 };
 
+    /// This position, moved back inside `src` when it lies past its end: the scanner
+    /// reports an error found at the end of a file without a final newline on the line
+    /// after the last one (found by fuzzing `policy_load`). Then it is the end of the
+    /// last line.
+    fn within(self, src: &str) -> Self {
+        let lines = src.split('\n').count();
+        if self.line <= lines {
+            return self;
+        }
+        let last = src.split('\n').next_back().unwrap_or_default();
+        Pos {
+            line: lines,
+            col: last.chars().count() + 1,
+        }
+    }
+
     fn from_marker(m: Marker) -> Self {
         // yaml-rust2 lines are 1-based, columns 0-based.
         Pos {
@@ -72,7 +88,7 @@ impl PositionIndex {
         Parser::new_from_str(src)
             .load(&mut builder, true)
             .map_err(|e| SyntaxError {
-                pos: Pos::from_marker(*e.marker()),
+                pos: Pos::from_marker(*e.marker()).within(src),
                 message: e.info().to_owned(),
             })?;
         Ok(builder.index)
@@ -323,6 +339,32 @@ egress:
     fn syntax_error_has_position() {
         let e = PositionIndex::build("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(e.pos.line >= 1, "{e:?}");
+    }
+
+    #[test]
+    fn a_syntax_error_at_the_end_of_a_file_without_newline_is_inside_it() {
+        // The fuzz target policy_load found the scanner's line 4 for this three-line text.
+        let src = "a:\n  b: 1\nc d";
+        let raw = Parser::new_from_str(src)
+            .load(&mut Builder::default(), true)
+            .unwrap_err();
+        assert_eq!(
+            Pos::from_marker(*raw.marker()).line,
+            4,
+            "the scanner's own line"
+        );
+        let e = PositionIndex::build(src).unwrap_err();
+        assert_eq!(e.pos, Pos { line: 3, col: 4 }, "{e:?}");
+        let last = src.split('\n').nth(e.pos.line - 1).unwrap();
+        assert!(e.pos.col <= last.chars().count() + 1, "{e:?}");
+        assert_eq!(
+            Pos { line: 9, col: 4 }.within("ab\ncd"),
+            Pos { line: 2, col: 3 }
+        );
+        assert_eq!(
+            Pos { line: 2, col: 1 }.within("ab\ncd"),
+            Pos { line: 2, col: 1 }
+        );
     }
 
     #[test]
