@@ -156,6 +156,7 @@ impl LiveSource for Sources {
             kernel_events_lost: kernel.counter(counters::EVENTS_LOST),
             kernel_origin_store_failed: kernel.counter(counters::ORIGIN_STORE_FAILED),
             kernel_dns_redirected: kernel.counter(counters::DNS_REDIRECTED),
+            kernel_audit_passed: kernel.counter(counters::AUDIT_PASSED),
             cgroup_scan_errors: crate::workloads::scan_errors(),
             cgroup_scan_kept: crate::workloads::kept_unseen(),
             audit_records_written: audit.records_written,

@@ -30,8 +30,8 @@ use aya::{
     },
 };
 use scopegate_common::{
-    Config, DenyEvent, DnsConfig, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH, ManagedCgroup,
-    Origin, PIN_LAYOUT_VERSION, PortKey, SockKey, counters, maps,
+    Config, DENY_EVENT_V1_LEN, DenyEvent, DnsConfig, FAMILY_V4, L4Allow, L4Key, MAX_CGROUP_DEPTH,
+    ManagedCgroup, Origin, PIN_LAYOUT_VERSION, PortKey, SockKey, VERDICT_DENY, counters, maps,
 };
 
 use crate::sys;
@@ -1054,9 +1054,11 @@ pub fn origin_addr(ip: [u32; 4], port: u32, family: u32) -> std::net::SocketAddr
     }
 }
 
-/// Decodes a deny event from the ring buffer.
+/// Decodes a deny event from the ring buffer: the current form, or the older 64-byte
+/// form without `verdict` (a denial) that a pinned buffer may still hold from before an
+/// upgrade. Anything shorter is not an event.
 pub fn parse_deny_event(bytes: &[u8]) -> Option<DenyEvent> {
-    if bytes.len() < std::mem::size_of::<DenyEvent>() {
+    if bytes.len() < DENY_EVENT_V1_LEN {
         return None;
     }
     let word = |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
@@ -1073,6 +1075,12 @@ pub fn parse_deny_event(bytes: &[u8]) -> Option<DenyEvent> {
         reason: word(52),
         sock_type: word(56),
         protocol: word(60),
+        verdict: if bytes.len() >= std::mem::size_of::<DenyEvent>() {
+            word(64)
+        } else {
+            VERDICT_DENY
+        },
+        _reserved: 0,
     })
 }
 
@@ -1119,7 +1127,10 @@ mod tests {
             reason: 1,
             sock_type: 2,
             protocol: 17,
+            verdict: scopegate_common::VERDICT_AUDIT_PASS,
+            _reserved: 0,
         };
+        assert_eq!(std::mem::size_of::<DenyEvent>(), 72);
         let mut bytes = Vec::new();
         for v in [event.ts_ns, event.cgroup_id] {
             bytes.extend_from_slice(&v.to_ne_bytes());
@@ -1133,10 +1144,38 @@ mod tests {
             event.reason,
             event.sock_type,
             event.protocol,
+            event.verdict,
+            0,
         ]) {
             bytes.extend_from_slice(&v.to_ne_bytes());
         }
         assert_eq!(parse_deny_event(&bytes), Some(event));
+        // The older form, still in a pinned buffer after an upgrade: a denial.
+        let old = parse_deny_event(&bytes[..DENY_EVENT_V1_LEN]).unwrap();
+        assert_eq!(old.verdict, VERDICT_DENY);
+        assert_eq!((old.reason, old.dst_port, old.pid), (1, 5432, 42));
+        // Truncated or empty: not an event.
+        assert_eq!(parse_deny_event(&bytes[..DENY_EVENT_V1_LEN - 1]), None);
         assert_eq!(parse_deny_event(&bytes[..10]), None);
+        assert_eq!(parse_deny_event(&[]), None);
+    }
+
+    #[test]
+    fn audit_mode_passes_only_policy_refusals() {
+        use scopegate_common::deny_reasons::*;
+        assert!(audit_passes(NO_DESTINATION_PORT));
+        assert!(audit_passes(UDP_NOT_ALLOWED));
+        for integrity in [
+            PROTOCOL,
+            NOT_CONFIGURED,
+            ORIGIN_STORE_FAILED,
+            RAW_SOCKET,
+            FOREIGN_NETNS,
+            NO_POLICY,
+            0,
+            u32::MAX,
+        ] {
+            assert!(!audit_passes(integrity), "reason {integrity}");
+        }
     }
 }

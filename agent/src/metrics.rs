@@ -148,6 +148,9 @@ pub struct Live {
     pub kernel_origin_store_failed: u64,
     /// Kernel counter: UDP DNS redirected to the DNS proxy.
     pub kernel_dns_redirected: u64,
+    /// Kernel counter: connects and sends of audit-mode workloads that enforce mode would
+    /// deny, let through.
+    pub kernel_audit_passed: u64,
     /// Parts of the cgroup tree scans could not read.
     pub cgroup_scan_errors: u64,
     /// Managed cgroups kept although a scan did not see them.
@@ -524,7 +527,7 @@ impl Collector for LiveCollector {
             return Ok(());
         };
         let live = source.live();
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "scopegate_kernel_redirected",
                 "Managed TCP connects redirected to the proxy.",
@@ -549,6 +552,11 @@ impl Collector for LiveCollector {
                 "scopegate_kernel_dns_redirected",
                 "UDP DNS connects and sends redirected to the DNS proxy.",
                 live.kernel_dns_redirected,
+            ),
+            (
+                "scopegate_kernel_audit_passed",
+                "Connects and sends of audit-mode workloads that enforce mode would deny, let through (each recorded would_deny).",
+                live.kernel_audit_passed,
             ),
             (
                 "scopegate_cgroup_scan_errors",
@@ -975,6 +983,7 @@ mod tests {
         m.attach(Arc::new(Fixed(Live {
             kernel_redirected: 7,
             kernel_denied: 3,
+            kernel_audit_passed: 5,
             audit_queue_depth: 2,
             audit_unavailable: true,
             workloads: 4,
@@ -985,6 +994,7 @@ mod tests {
             "# TYPE scopegate_kernel_redirected_total counter",
             "scopegate_kernel_redirected_total 7",
             "scopegate_kernel_denied_total 3",
+            "scopegate_kernel_audit_passed_total 5",
             "scopegate_kernel_events_lost_total 0",
             "scopegate_kernel_origin_store_failed_total 0",
             "scopegate_cgroup_scan_errors_total 0",

@@ -16,7 +16,9 @@
 //!    (`control::health`) starts here;
 //! 9. `READY=1` (sd_notify) and the `scopegate ready` log line: managed connects are decided
 //!    from here. Then rescan cgroups periodically; reload on SIGHUP; turn kernel deny events
-//!    into audit records; on SIGTERM/SIGINT stop serving and leave the pins in place (fail
+//!    into audit records (`deny`; an audit-mode workload's passes, `VERDICT_AUDIT_PASS`,
+//!    into `would_deny` with the same reason: the cgroup's `MANAGED_AUDIT` flag follows
+//!    its policy's mode on every publish); on SIGTERM/SIGINT stop serving and leave the pins in place (fail
 //!    closed).
 //!
 //! So there is no state in which a managed connect is passed unenforced: before step 8 it
@@ -36,8 +38,9 @@ use std::{
 
 use arc_swap::ArcSwap;
 use scopegate_common::{
-    L4_MAX_PORTS, L4Allow, L4Key, MANAGED_DNS, MANAGED_HELD, MANAGED_RELEASE_REQUESTED,
-    MAX_CGROUP_DEPTH, ManagedCgroup, NO_WORKLOAD, PortKey, deny_reasons,
+    L4_MAX_PORTS, L4Allow, L4Key, MANAGED_AUDIT, MANAGED_DNS, MANAGED_HELD,
+    MANAGED_RELEASE_REQUESTED, MAX_CGROUP_DEPTH, ManagedCgroup, NO_WORKLOAD, PortKey,
+    VERDICT_AUDIT_PASS, deny_reasons,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -47,7 +50,7 @@ use crate::{
     bpf::{self, BpfError, Kernel, KernelOptions},
     forward::Upstream,
     pipeline::{self, Shared},
-    policy::{L4Protocol, PolicyErrors, Snapshot},
+    policy::{L4Protocol, Mode, PolicyErrors, Snapshot},
     resolve::Resolver,
     state::Enforcement,
     workloads::{self, WorkloadsError},
@@ -437,12 +440,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 if let Err(e) = control.publish(current, false) {
                     tracing::error!(error = %e, "cgroup rescan failed");
                 }
-                // Deny events the kernel could not deliver are surfaced, never silent.
+                // Events the kernel could not deliver (denials and audit-mode passes) are
+                // surfaced, never silent.
                 let lost = kernel.counter(scopegate_common::counters::EVENTS_LOST);
                 if lost > events_lost {
                     let mut record = Record::new("kernel");
                     record.count = Some(lost - events_lost);
-                    tracing::error!(lost = lost - events_lost, "kernel deny events lost (ring buffer full)");
+                    tracing::error!(lost = lost - events_lost, "kernel deny and audit-pass events lost (ring buffer full)");
                     shared.auditor.guard(record).finish(
                         Decision::Error,
                         None,
@@ -834,12 +838,12 @@ impl KernelState {
                 continue;
             }
             let workload = info.workload.map_or(NO_WORKLOAD, |w| w.0);
-            let dns = info
-                .workload
-                .and_then(|w| policy.workload(w))
-                .is_some_and(|w| w.dns.is_some());
-            let flags =
-                if info.held { MANAGED_HELD } else { 0 } | if dns { MANAGED_DNS } else { 0 };
+            let policy_of = info.workload.and_then(|w| policy.workload(w));
+            let dns = policy_of.is_some_and(|w| w.dns.is_some());
+            let audit = policy_of.is_some_and(|w| w.mode() == Mode::Audit);
+            let flags = if info.held { MANAGED_HELD } else { 0 }
+                | if dns { MANAGED_DNS } else { 0 }
+                | if audit { MANAGED_AUDIT } else { 0 };
             state.managed.insert(*id, ManagedCgroup { workload, flags });
             let depth = info.path.split('/').filter(|c| !c.is_empty()).count() as u32;
             state.max_depth = state.max_depth.max(depth);
@@ -931,23 +935,20 @@ fn record_deny_event(shared: &Shared, event: &scopegate_common::DenyEvent) {
             .and_then(|w| enforcement.policy.workload(w))
             .map(|w| w.name.clone());
     }
-    let reason = match event.reason {
-        deny_reasons::PROTOCOL => "protocol_not_allowed",
-        deny_reasons::NOT_CONFIGURED => "agent_not_configured",
-        deny_reasons::ORIGIN_STORE_FAILED => "origin_store_failed",
-        deny_reasons::NO_DESTINATION_PORT => "port_not_allowed",
-        deny_reasons::UDP_NOT_ALLOWED => "udp_not_allowed",
-        deny_reasons::RAW_SOCKET => "raw_socket_not_allowed",
-        deny_reasons::FOREIGN_NETNS => "foreign_network_namespace",
-        deny_reasons::NO_POLICY => "no_policy",
-        _ => "kernel_deny",
-    };
+    let reason = deny_reasons::code(event.reason);
     record.kernel_event = true;
-    crate::metrics::global().kernel_deny(reason);
+    // An audit-mode pass: the kernel let it through; the record says what enforce mode
+    // would have done, with the same reason.
+    let decision = if event.verdict == VERDICT_AUDIT_PASS {
+        Decision::WouldDeny
+    } else {
+        crate::metrics::global().kernel_deny(reason);
+        Decision::Deny
+    };
     shared
         .auditor
         .guard(record)
-        .finish(Decision::Deny, None, Some(reason), Some(Fault::Policy));
+        .finish(decision, None, Some(reason), Some(Fault::Policy));
 }
 
 /// Checks the effective capabilities the agent needs.

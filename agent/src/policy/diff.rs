@@ -121,10 +121,10 @@ fn workload(c: &mut Changes<'_>, a: &Workload, b: &Workload) {
     }
     match (a.mode(), b.mode()) {
         (Mode::Enforce, Mode::Audit) => {
-            c.grant("mode enforce → audit: what the rules deny is forwarded (would_deny)".into())
+            c.grant("mode enforce → audit: what the policy refuses passes, recorded would_deny (requests the rules deny, TCP ports without a destination, UDP, DNS without `dns:`)".into())
         }
         (Mode::Audit, Mode::Enforce) => {
-            c.revoke("mode audit → enforce: what the rules deny is refused".into())
+            c.revoke("mode audit → enforce: what the policy refuses is refused (requests, ports, UDP, DNS), from the next connect".into())
         }
         _ => {}
     }
@@ -430,7 +430,7 @@ egress:
             lines,
             [
                 "+ grant   billing: uid condition 1001 removed (any uid)",
-                "+ grant   billing: mode enforce → audit: what the rules deny is forwarded (would_deny)",
+                "+ grant   billing: mode enforce → audit: what the policy refuses passes, recorded would_deny (requests the rules deny, TCP ports without a destination, UDP, DNS without `dns:`)",
                 "+ grant   billing: DNS through the agent's proxy allowed (dns: added)",
                 "- revoke  billing: api.example.com:443: rate limit 10/second added",
                 "+ grant   billing: api.example.com:443: rule charge: methods PUT added",

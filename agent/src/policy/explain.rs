@@ -9,12 +9,13 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use scopegate_common::deny_reasons;
 use serde::Serialize;
 
-use super::addr::{AddrClass, AllowInternal, Verdict};
+use super::addr::{AddrClass, AllowInternal, Cidr, Verdict};
 use super::decide::{Check, Decision, Evaluator, Request, RuleFailure, decide};
 use super::dns::{self as dns_policy, DnsDecision, DnsDeny, DnsUpstream, TYPE_A, TYPE_AAAA};
-use super::model::{Destination, Host, Mode, Workload};
+use super::model::{Destination, Host, L4Protocol, Mode, Workload};
 use super::{Snapshot, matchers};
 
 /// The explanation of one decision. Displays as a short report; serialises to JSON.
@@ -52,6 +53,76 @@ pub struct Explanation {
     /// proxy (A and AAAA), for a name host ([`dns_report`]; `policy explain` sets it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsReport>,
+    /// What the kernel hook does with the TCP connect itself, when it decides it before the
+    /// proxy could ([`kernel_report`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelReport>,
+}
+
+/// The kernel hook's outcome for a TCP connect that never reaches the proxy: a port on
+/// which the workload has no destination, or an L4 exception.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelReport {
+    /// `refused` (EPERM, recorded as `deny`), `audit_pass` (audit mode: passes unchanged,
+    /// not through the proxy, recorded as `would_deny`) or `l4_exception` (passes
+    /// unchanged, no record).
+    pub outcome: &'static str,
+    /// The kernel record's reason (`port_not_allowed`), for `refused` and `audit_pass`.
+    pub code: Option<&'static str>,
+    /// Why, in words.
+    pub why: String,
+}
+
+/// What the connect hook does with a TCP connect of `workload` to `host:port` (`host` as
+/// written: an IP literal is checked against the L4 exceptions, a name cannot be); `None`
+/// when the connect goes to the proxy, which then decides the request. Pure.
+pub fn kernel_report(workload: &Workload, host: &str, port: u16) -> Option<KernelReport> {
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok();
+    let dns_proxied = workload.dns.is_some() && port == 53;
+    let l4 = ip.is_some_and(|ip| {
+        workload.l4.iter().any(|x| {
+            x.protocol == L4Protocol::Tcp
+                && x.ports.contains(&port)
+                && Cidr::new(x.addr, x.prefix).contains(ip)
+        })
+    });
+    if l4 && !dns_proxied {
+        return Some(KernelReport {
+            outcome: "l4_exception",
+            code: None,
+            why: format!(
+                "{host}:{port} is an L4 exception: the hook passes the connect unchanged (no \
+                 proxy, no record)"
+            ),
+        });
+    }
+    if dns_proxied || workload.destinations.iter().any(|d| d.port == port) {
+        return None;
+    }
+    let code = deny_reasons::code(deny_reasons::NO_DESTINATION_PORT);
+    let why = if workload.mode() == Mode::Audit {
+        format!(
+            "no destination on port {port}: audit mode: passes, recorded as would_deny \
+             {code} (the connect goes straight to {host}:{port}, not through the proxy)"
+        )
+    } else {
+        format!(
+            "no destination on port {port}: the hook refuses the connect (EPERM), recorded as deny {code}"
+        )
+    };
+    Some(KernelReport {
+        outcome: if workload.mode() == Mode::Audit {
+            "audit_pass"
+        } else {
+            "refused"
+        },
+        code: Some(code),
+        why,
+    })
 }
 
 /// Destination binding for a name destination: what the name resolves to, each address's
@@ -209,6 +280,17 @@ pub fn dns_report(workload: Option<&Workload>, qname: &str, qtypes: &[u16]) -> D
         }
     };
     let (decision, code, why) = match refusal {
+        Some((_, DnsDeny::NoDns)) if audit_mode => (
+            "refused",
+            Some(DnsDeny::NoDns.reason()),
+            format!(
+                "the policy has no `dns:`: audit mode: the workload's DNS to any resolver \
+                 passes, recorded as would_deny {} (UDP) or {} (TCP, when no destination \
+                 is on port 53)",
+                deny_reasons::code(deny_reasons::UDP_NOT_ALLOWED),
+                deny_reasons::code(deny_reasons::NO_DESTINATION_PORT)
+            ),
+        ),
         Some((_, DnsDeny::NoDns)) => (
             "refused",
             Some(DnsDeny::NoDns.reason()),
@@ -378,6 +460,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         rules: Vec::new(),
         binding: None,
         dns: None,
+        kernel: None,
     };
     let Some(workload) = workload else {
         if let Decision::Deny(reason) = &decision {
@@ -386,6 +469,7 @@ pub fn explain(snapshot: &Snapshot, req: &Request<'_>) -> Explanation {
         }
         return out;
     };
+    out.kernel = kernel_report(workload, req.host, req.port);
     let matched = workload.destination_for(req.host, req.port);
     out.destination = matched.map(|(_, d)| d.label());
     match &decision {
@@ -512,7 +596,7 @@ impl fmt::Display for Explanation {
                     self.code.unwrap_or("?"),
                     self.reason.as_deref().unwrap_or("?")
                 )?;
-                if self.mode == Some(Mode::Audit) {
+                if self.mode == Some(Mode::Audit) && self.kernel.is_none() {
                     writeln!(
                         f,
                         "           (audit mode: the proxy lets it pass and records would_deny)"
@@ -537,6 +621,9 @@ impl fmt::Display for Explanation {
                 }
                 _ => writeln!(f, "  {}: allow", report.rule)?,
             }
+        }
+        if let Some(k) = &self.kernel {
+            writeln!(f, "kernel:    {}", k.why)?;
         }
         if let Some(d) = &self.dns {
             writeln!(f, "dns:       {d}")?;
@@ -655,6 +742,116 @@ egress:
             Some("the path does not match /items/{id:[0-9]+}")
         );
         assert_eq!(e.rules[1].check, Some(Check::Method));
+    }
+
+    fn workload_of(yaml: &str) -> Snapshot {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w.yaml"), yaml).unwrap();
+        Snapshot::load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn the_kernel_outcome_of_a_port_without_destination_follows_the_mode() {
+        let audit = snapshot();
+        let w = audit.workload(WorkloadId(0)).unwrap();
+        // A named port goes to the proxy: no kernel report.
+        assert_eq!(kernel_report(w, "api.example.com", 443), None);
+        let k = kernel_report(w, "api.example.com", 8443).unwrap();
+        assert_eq!(k.outcome, "audit_pass");
+        assert_eq!(k.code, Some("port_not_allowed"));
+        assert_eq!(
+            k.why,
+            "no destination on port 8443: audit mode: passes, recorded as would_deny \
+             port_not_allowed (the connect goes straight to api.example.com:8443, not through \
+             the proxy)"
+        );
+        // In the report: the kernel line replaces the proxy's audit-mode note.
+        let path = normalize("/items/1").unwrap();
+        let headers = HeaderMap::new();
+        let e = explain(
+            &audit,
+            &Request {
+                workload: WorkloadId(0),
+                uid: 7,
+                method: "GET",
+                host: "api.example.com",
+                port: 8443,
+                path: &path,
+                headers: &headers,
+                body: None,
+                at: "2024-06-03T10:00:00Z".parse().unwrap(),
+            },
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "decision:  DENY destination_not_allowed: destination api.example.com:8443 is \
+                 not allowed\nrules of"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kernel:    no destination on port 8443: audit mode: passes"),
+            "{text}"
+        );
+        assert!(!text.contains("the proxy lets it pass"), "{text}");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["kernel"]["outcome"], "audit_pass");
+
+        let enforce = workload_of(&AUDITED.replace("mode: audit", "mode: enforce"));
+        let w = enforce.workload(WorkloadId(0)).unwrap();
+        let k = kernel_report(w, "api.example.com", 8443).unwrap();
+        assert_eq!(k.outcome, "refused");
+        assert_eq!(
+            k.why,
+            "no destination on port 8443: the hook refuses the connect (EPERM), recorded as \
+             deny port_not_allowed"
+        );
+    }
+
+    #[test]
+    fn the_kernel_outcome_of_l4_exceptions_and_dns() {
+        let snap = workload_of(
+            "workload: db\nselect: {cgroup: /db}\nmode: audit\negress:\n  \
+             - {cidr: 192.0.2.8/29, ports: [5432]}\n  \
+             - {cidr: 2001:db8::/32, ports: [5432]}\n  \
+             - {cidr: 192.0.2.8/29, ports: [9000], protocol: udp}\n\
+             dns: system\n",
+        );
+        let w = snap.workload(WorkloadId(0)).unwrap();
+        let l4 = kernel_report(w, "192.0.2.9", 5432).unwrap();
+        assert_eq!((l4.outcome, l4.code), ("l4_exception", None));
+        assert_eq!(
+            kernel_report(w, "[2001:db8::5]", 5432).unwrap().outcome,
+            "l4_exception"
+        );
+        // Outside the range, another port, a UDP-only port, a name: no L4 exception.
+        for (host, port) in [
+            ("192.0.2.16", 5432),
+            ("192.0.2.9", 5433),
+            ("192.0.2.9", 9000),
+            ("db.example.com", 5432),
+        ] {
+            let k = kernel_report(w, host, port).unwrap();
+            assert_eq!(k.outcome, "audit_pass", "{host}:{port}");
+        }
+        // With `dns:`, TCP port 53 goes to the proxy's DNS over TCP.
+        assert_eq!(kernel_report(w, "192.0.2.9", 53), None);
+        assert!(dns_report(Some(w), "x.example", &[TYPE_A]).audit_mode);
+    }
+
+    #[test]
+    fn dns_without_grant_in_audit_mode_says_it_passes() {
+        let snap = snapshot();
+        let w = snap.workload(WorkloadId(0)).unwrap();
+        let r = host_dns_report(Some(w), "api.example.com");
+        assert_eq!(r.code, Some("dns_not_allowed"));
+        assert_eq!(
+            r.to_string(),
+            "A/AAAA api.example.com: REFUSED dns_not_allowed: the policy has no `dns:`: audit \
+             mode: the workload's DNS to any resolver passes, recorded as would_deny \
+             udp_not_allowed (UDP) or port_not_allowed (TCP, when no destination is on port 53)"
+        );
     }
 
     #[test]

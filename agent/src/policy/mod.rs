@@ -88,7 +88,9 @@
 //! extra condition: a request from another uid is denied (`uid_not_allowed`).
 //!
 //! **Mode.** [`decide`] always returns the enforce-mode decision. In `audit` mode the
-//! proxy forwards a denied request and records it as would-deny ([`Workload::mode`]).
+//! proxy forwards a denied request and records it as would-deny ([`Workload::mode`]); the
+//! kernel hooks pass a TCP port without a destination and UDP unchanged and report them
+//! for a would-deny record (`explain::kernel_report` says which).
 //!
 //! **Destinations.** The request's authority host (case-insensitive; IP literals as
 //! addresses) and the ORIGINAL destination port select one destination; none is
@@ -198,8 +200,8 @@ pub use decide::{
 pub use dns::{Dns, DnsDecision, DnsDeny, DnsUpstream, NamePattern};
 pub use error::{PolicyError, PolicyErrors, PolicyWarning};
 pub use explain::{
-    AddressReport, BindingReport, DnsReport, Explanation, Resolution, binding_report, dns_report,
-    explain, host_dns_report,
+    AddressReport, BindingReport, DnsReport, Explanation, KernelReport, Resolution, binding_report,
+    dns_report, explain, host_dns_report, kernel_report,
 };
 pub use matchers::{
     HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,

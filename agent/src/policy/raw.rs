@@ -32,7 +32,10 @@ pub(crate) struct Workload {
     pub workload: String,
     /// How the kernel identifies the workload.
     pub select: Select,
-    /// `enforce` (default) or `audit`.
+    /// `enforce` (default) or `audit`: what enforce mode refuses by policy (HTTP the rules
+    /// do not allow, a TCP port no destination names, UDP, DNS without `dns:`) passes and
+    /// is recorded `would_deny` with the same reason; integrity refusals (no policy, other
+    /// network namespace, raw sockets, malformed requests) stay refusals.
     #[serde(default)]
     pub mode: Option<Mode>,
     /// Largest request body buffered for `json` rules, e.g. `64KiB`.
@@ -204,7 +207,8 @@ pub(crate) struct Credential {
 pub(crate) enum Mode {
     /// Deny what no rule allows.
     Enforce,
-    /// Allow, but record what would have been denied.
+    /// Allow what enforce mode refuses by policy, in the proxy and in the kernel, and
+    /// record it as `would_deny`.
     Audit,
 }
 

@@ -31,6 +31,13 @@ pub const MANAGED_RELEASE_REQUESTED: u32 = 2;
 /// [`ManagedCgroup::flags`] bit: the workload's policy grants DNS, so its UDP and TCP
 /// port-53 traffic (to any resolver) is redirected to the agent's DNS proxy.
 pub const MANAGED_DNS: u32 = 4;
+/// [`ManagedCgroup::flags`] bit: the workload's policy is in `mode: audit`. What the hooks
+/// would refuse *by policy* (a TCP port no destination names, UDP that is no L4 exception
+/// or granted DNS) passes unchanged and is reported with [`VERDICT_AUDIT_PASS`]. Integrity
+/// refusals (no policy, not configured, another network namespace, an origin that could
+/// not be stored, sockets no address hook sees) stay refusals. Ignored for
+/// [`NO_WORKLOAD`].
+pub const MANAGED_AUDIT: u32 = 8;
 
 /// The DNS port, host order.
 pub const DNS_PORT: u32 = 53;
@@ -78,6 +85,9 @@ pub mod counters {
     pub const DNS_REDIRECTED: u32 = 4;
     /// Replies (recvmsg) and peer names (getpeername) rewritten back to the resolver.
     pub const DNS_REWRITTEN: u32 = 5;
+    /// Connects and sends of audit-mode workloads that enforce mode would deny, let
+    /// through (each reported with [`crate::VERDICT_AUDIT_PASS`]).
+    pub const AUDIT_PASSED: u32 = 6;
     /// Number of counters.
     pub const LEN: u32 = 8;
 }
@@ -227,9 +237,43 @@ pub mod deny_reasons {
     pub const FOREIGN_NETNS: u32 = 7;
     /// The cgroup is managed but has no policy (managed subtree default).
     pub const NO_POLICY: u32 = 8;
+
+    /// Whether `reason` is a refusal *by policy* (something the workload's policy could
+    /// grant), which audit mode lets through and reports; every other reason protects the
+    /// agent's integrity (no policy, not configured, another network namespace, an origin
+    /// that could not be stored, a socket no address hook would see) and is refused in
+    /// audit mode too.
+    pub const fn audit_passes(reason: u32) -> bool {
+        matches!(reason, NO_DESTINATION_PORT | UDP_NOT_ALLOWED)
+    }
+
+    /// The audit record's `reason` for a kernel refusal.
+    pub const fn code(reason: u32) -> &'static str {
+        match reason {
+            PROTOCOL => "protocol_not_allowed",
+            NOT_CONFIGURED => "agent_not_configured",
+            ORIGIN_STORE_FAILED => "origin_store_failed",
+            NO_DESTINATION_PORT => "port_not_allowed",
+            UDP_NOT_ALLOWED => "udp_not_allowed",
+            RAW_SOCKET => "raw_socket_not_allowed",
+            FOREIGN_NETNS => "foreign_network_namespace",
+            NO_POLICY => "no_policy",
+            _ => "kernel_deny",
+        }
+    }
 }
 
-/// A connect or send the kernel denied, written to [`maps::EVENTS`].
+/// [`DenyEvent::verdict`]: the operation was refused (EPERM).
+pub const VERDICT_DENY: u32 = 0;
+/// [`DenyEvent::verdict`]: the workload is in audit mode and the operation, which enforce
+/// mode refuses for [`DenyEvent::reason`], was let through unchanged.
+pub const VERDICT_AUDIT_PASS: u32 = 1;
+
+/// A connect or send the kernel denied (or, in audit mode, would have denied and let
+/// through), written to [`maps::EVENTS`].
+///
+/// The ring buffer's definition does not depend on this type, so a pinned buffer is kept
+/// across upgrades; events of the older 64-byte form (without `verdict`) are denials.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DenyEvent {
@@ -255,7 +299,14 @@ pub struct DenyEvent {
     pub sock_type: u32,
     /// IP protocol of the socket.
     pub protocol: u32,
+    /// [`VERDICT_DENY`] or [`VERDICT_AUDIT_PASS`].
+    pub verdict: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
 }
+
+/// Size of a [`DenyEvent`] written before `verdict` existed (always a denial).
+pub const DENY_EVENT_V1_LEN: usize = 64;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -5,6 +5,16 @@
 //! deepest first, down to the configured depth). That closes the race between `mkdir` of a
 //! new child cgroup and the agent noticing it: the child inherits from its first
 //! connect. A cgroup without a managed ancestor is untouched (one hash lookup per level).
+//!
+//! Audit mode (`MANAGED_AUDIT` on the policy cgroup): what enforce mode refuses *by policy*
+//! (`deny_reasons::audit_passes`: a TCP port no destination names, UDP that is neither an L4
+//! exception nor granted DNS) is let through unchanged, not redirected, and reported on
+//! the ring buffer with `VERDICT_AUDIT_PASS` and the reason enforce mode would give, so the
+//! agent records one `would_deny` per connect or send. Passing straight through keeps the
+//! proxy out of traffic it has no policy for and adds no path that enforce mode could
+//! take. Integrity refusals (not configured, another network namespace, no policy, an
+//! origin that could not be stored, sockets no address hook sees) are refusals in both
+//! modes.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -24,8 +34,8 @@ use aya_ebpf::{
 };
 use scopegate_common::{
     Config, DNS_PORT, DenyEvent, DnsConfig, FAMILY_V4, FAMILY_V6, L4_MAX_PORTS, L4Allow, L4Key,
-    MANAGED_DNS, MAX_CGROUP_DEPTH, ManagedCgroup, NO_WORKLOAD, Origin, PortKey, SockKey, counters,
-    deny_reasons, hooks,
+    MANAGED_AUDIT, MANAGED_DNS, MAX_CGROUP_DEPTH, ManagedCgroup, NO_WORKLOAD, Origin, PortKey,
+    SockKey, VERDICT_AUDIT_PASS, VERDICT_DENY, counters, deny_reasons, hooks,
 };
 
 const SOL_SOCKET: i32 = 1;
@@ -133,28 +143,52 @@ struct Caller {
     workload: u32,
     /// The workload's policy grants DNS (redirected to the DNS proxy).
     dns: bool,
+    /// The workload's policy is in audit mode (never for `NO_WORKLOAD`).
+    audit: bool,
 }
 
+/// Reports a refusal (`VERDICT_DENY`) or an audit-mode pass (`VERDICT_AUDIT_PASS`) on the
+/// ring buffer; a full buffer is counted in `EVENTS_LOST` either way.
 #[inline(always)]
-fn emit(cgroup_id: u64, dest: &Dest, hook: u32, reason: u32, sock_type: u32, protocol: u32) {
-    bump(counters::DENIED);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let event = DenyEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id,
-        dst_ip: dest.ip,
-        dst_port: dest.port(),
-        family: dest.family,
-        pid: (pid_tgid >> 32) as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        hook,
-        reason,
-        sock_type,
-        protocol,
-    };
-    if EVENTS.output::<DenyEvent>(&event, 0).is_err() {
+fn emit(
+    cgroup_id: u64,
+    dest: &Dest,
+    hook: u32,
+    reason: u32,
+    sock_type: u32,
+    protocol: u32,
+    verdict: u32,
+) {
+    bump(if verdict == VERDICT_AUDIT_PASS {
+        counters::AUDIT_PASSED
+    } else {
+        counters::DENIED
+    });
+    // Written in place in the ring buffer: no copy of the event on the (512-byte) stack.
+    let Some(mut entry) = EVENTS.reserve::<DenyEvent>(0) else {
         bump(counters::EVENTS_LOST);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, writable DenyEvent in the ring buffer; every field
+    // is a plain integer and is written exactly once before the entry is submitted.
+    unsafe {
+        (*e).ts_ns = bpf_ktime_get_ns();
+        (*e).cgroup_id = cgroup_id;
+        (*e).dst_ip = dest.ip;
+        (*e).dst_port = dest.port();
+        (*e).family = dest.family;
+        (*e).pid = (pid_tgid >> 32) as u32;
+        (*e).uid = bpf_get_current_uid_gid() as u32;
+        (*e).hook = hook;
+        (*e).reason = reason;
+        (*e).sock_type = sock_type;
+        (*e).protocol = protocol;
+        (*e).verdict = verdict;
+        (*e)._reserved = 0;
     }
+    entry.submit(0);
 }
 
 /// Is `dest` an L4 exception of `workload` for this protocol and port?
@@ -202,29 +236,86 @@ enum Verdict {
     Deny,
 }
 
-/// The policy shared by the connect and sendmsg hooks.
+/// What [`decide`] concluded: [`Verdict`] before the refusal is reported.
+enum Outcome {
+    /// [`Verdict::Pass`].
+    Pass,
+    /// [`Verdict::Redirect`].
+    Redirect(u32),
+    /// Refused for this `deny_reasons` reason (in audit mode possibly passed, see
+    /// [`classify`]).
+    Refuse(u32),
+}
+
+/// What [`decide`] learnt about the socket, for the event of a refusal.
+struct Seen {
+    cgroup_id: u64,
+    sock_type: u32,
+    protocol: u32,
+    /// The policy cgroup is in audit mode (and has a policy).
+    audit: bool,
+}
+
+/// The policy shared by the connect and sendmsg hooks. A refusal is reported once, here:
+/// denied (EPERM) in enforce mode, passed in audit mode when it is a refusal by policy.
 #[inline(always)]
 fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) -> Verdict {
+    let mut seen = Seen {
+        cgroup_id: 0,
+        sock_type: 0,
+        protocol: 0,
+        audit: false,
+    };
+    match decide(ctx, dest, to_proxy_ip, &mut seen) {
+        Outcome::Pass => Verdict::Pass,
+        Outcome::Redirect(port_be) => Verdict::Redirect(port_be),
+        Outcome::Refuse(reason) => {
+            let audit_pass = seen.audit && deny_reasons::audit_passes(reason);
+            let verdict = if audit_pass {
+                VERDICT_AUDIT_PASS
+            } else {
+                VERDICT_DENY
+            };
+            emit(
+                seen.cgroup_id,
+                dest,
+                hook,
+                reason,
+                seen.sock_type,
+                seen.protocol,
+                verdict,
+            );
+            if audit_pass {
+                Verdict::Pass
+            } else {
+                Verdict::Deny
+            }
+        }
+    }
+}
+
+/// The decision of [`classify`], before a refusal is reported.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, dest: &Dest, to_proxy_ip: bool, seen: &mut Seen) -> Outcome {
     let Some(config) = CONFIG.get(0) else {
-        return Verdict::Pass;
+        return Outcome::Pass;
     };
     // Fast path: a task without a managed cgroup costs the lookups of policy_cgroup().
     let Some((policy_cgroup, managed)) = policy_cgroup(config.max_depth) else {
-        return Verdict::Pass;
+        return Outcome::Pass;
     };
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if unsafe { EXEMPT.get(&cgroup_id) }.is_some() {
-        return Verdict::Pass;
+        return Outcome::Pass;
     }
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let sock_type = unsafe { (*sa).type_ };
     let protocol = unsafe { (*sa).protocol };
-    let deny = |reason: u32| {
-        emit(cgroup_id, dest, hook, reason, sock_type, protocol);
-        Verdict::Deny
-    };
+    seen.cgroup_id = cgroup_id;
+    seen.sock_type = sock_type;
+    seen.protocol = protocol;
     if config.enabled == 0 {
-        return deny(deny_reasons::NOT_CONFIGURED);
+        return Outcome::Refuse(deny_reasons::NOT_CONFIGURED);
     }
     // A socket in another network namespace cannot reach the proxy on the host's loopback.
     // Checked before the SO_MARK: inside its own user and network namespace
@@ -232,7 +323,7 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
     if config.netns_cookie != 0
         && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie
     {
-        return deny(deny_reasons::FOREIGN_NETNS);
+        return Outcome::Refuse(deny_reasons::FOREIGN_NETNS);
     }
     // The agent's own upstream sockets carry its SO_MARK (setting a mark needs
     // CAP_NET_ADMIN over the socket's network namespace, which managed workloads must not
@@ -249,7 +340,7 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
             )
         };
         if rc == 0 && mark == config.agent_mark {
-            return Verdict::Pass;
+            return Outcome::Pass;
         }
     }
     let caller = Caller {
@@ -257,7 +348,9 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         policy_cgroup,
         workload: managed.workload,
         dns: managed.workload != NO_WORKLOAD && managed.flags & MANAGED_DNS != 0,
+        audit: managed.workload != NO_WORKLOAD && managed.flags & MANAGED_AUDIT != 0,
     };
+    seen.audit = caller.audit;
     // DNS of a workload that may resolve names goes to the DNS proxy, whatever resolver it
     // names and whatever L4 exception would match: names are decided there.
     let dns = caller.dns && dest.port() == DNS_PORT;
@@ -265,20 +358,20 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         if to_proxy_ip && dest.port_be == config.proxy_port_be {
             // Already addressed to the proxy: nothing to record or rewrite. The proxy finds
             // no origin for it and closes it, with an audit record.
-            return Verdict::Pass;
+            return Outcome::Pass;
         }
         if caller.workload == NO_WORKLOAD {
-            return deny(deny_reasons::NO_POLICY);
+            return Outcome::Refuse(deny_reasons::NO_POLICY);
         }
         if !dns && l4_allowed(caller.workload, dest, false) {
-            return Verdict::Pass;
+            return Outcome::Pass;
         }
         let port_key = PortKey {
             workload: caller.workload,
             port: dest.port(),
         };
         if !dns && unsafe { PORTS.get(&port_key) }.is_none() {
-            return deny(deny_reasons::NO_DESTINATION_PORT);
+            return Outcome::Refuse(deny_reasons::NO_DESTINATION_PORT);
         }
         let pid_tgid = bpf_get_current_pid_tgid();
         let origin = Origin {
@@ -295,17 +388,17 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if PENDING.insert(&cookie, &origin, 0).is_err() {
             bump(counters::ORIGIN_STORE_FAILED);
-            return deny(deny_reasons::ORIGIN_STORE_FAILED);
+            return Outcome::Refuse(deny_reasons::ORIGIN_STORE_FAILED);
         }
         bump(counters::REDIRECTED);
-        return Verdict::Redirect(config.proxy_port_be);
+        return Outcome::Redirect(config.proxy_port_be);
     }
     if sock_type == SOCK_DGRAM && protocol == IPPROTO_UDP {
         if dns {
             // Not configured yet: nothing to redirect to, so nothing leaves.
             let port_be = DNS_CONFIG.get(0).map_or(0, |c| c.port_be);
             if port_be == 0 {
-                return deny(deny_reasons::NOT_CONFIGURED);
+                return Outcome::Refuse(deny_reasons::NOT_CONFIGURED);
             }
             // The resolver this socket addressed, for the reply's source address.
             let peer = SockKey {
@@ -316,17 +409,17 @@ fn classify(ctx: &SockAddrContext, dest: &Dest, hook: u32, to_proxy_ip: bool) ->
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             if DNS_PEERS.insert(&cookie, &peer, 0).is_err() {
                 bump(counters::ORIGIN_STORE_FAILED);
-                return deny(deny_reasons::ORIGIN_STORE_FAILED);
+                return Outcome::Refuse(deny_reasons::ORIGIN_STORE_FAILED);
             }
             bump(counters::DNS_REDIRECTED);
-            return Verdict::Redirect(port_be);
+            return Outcome::Redirect(port_be);
         }
         if caller.workload != NO_WORKLOAD && l4_allowed(caller.workload, dest, true) {
-            return Verdict::Pass;
+            return Outcome::Pass;
         }
-        return deny(deny_reasons::UDP_NOT_ALLOWED);
+        return Outcome::Refuse(deny_reasons::UDP_NOT_ALLOWED);
     }
-    deny(deny_reasons::PROTOCOL)
+    Outcome::Refuse(deny_reasons::PROTOCOL)
 }
 
 #[inline(always)]
@@ -528,7 +621,8 @@ pub fn sg_getpeername6(ctx: SockAddrContext) -> i32 {
 /// `IPPROTO_TCP`) and UDP (`SOCK_DGRAM`, `IPPROTO_UDP`) sockets. Raw and ICMP ("ping")
 /// sockets would be seen by no address hook; MPTCP connects through kernel-made TCP
 /// subflows that the proxy cannot identify; SCTP, UDP-Lite and the like are not proxied.
-/// All of them get EPERM at `socket()`. The kernel resolves protocol 0 to TCP or UDP before
+/// All of them get EPERM at `socket()`, in audit mode too: no address hook would see what
+/// they send, so nothing could be recorded per connect or send. The kernel resolves protocol 0 to TCP or UDP before
 /// this hook runs, and its own sockets (MPTCP subflows) never reach it.
 #[cgroup_sock(sock_create)]
 pub fn sg_sock_create(ctx: SockContext) -> i32 {
@@ -570,6 +664,7 @@ pub fn sg_sock_create(ctx: SockContext) -> i32 {
         reason,
         sock_type,
         protocol,
+        VERDICT_DENY,
     );
     DENY
 }
