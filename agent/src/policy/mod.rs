@@ -535,11 +535,11 @@ fn load_file(
                 .enumerate()
                 .map(|(i, w)| (format!("[{i}]"), w))
                 .collect(),
-            Err(e) => return errors.push(schema_error(file, &e)),
+            Err(e) => return errors.push(schema_error(file, &text, &e)),
         },
         RootKind::Mapping | RootKind::Scalar => match serde_yaml::from_str(&text) {
             Ok(w) => vec![(String::new(), w)],
-            Err(e) => return errors.push(schema_error(file, &e)),
+            Err(e) => return errors.push(schema_error(file, &text, &e)),
         },
     };
 
@@ -632,7 +632,7 @@ fn check_unique(documents: &[Document], errors: &mut Vec<PolicyError>) {
 
 /// A serde_yaml error (unknown field, missing field, wrong type, or a YAML problem the
 /// indexer accepted) with its own position, and without the position in the message.
-fn schema_error(file: &Path, e: &serde_yaml::Error) -> PolicyError {
+fn schema_error(file: &Path, text: &str, e: &serde_yaml::Error) -> PolicyError {
     let mut message = e.to_string();
     let (line, col) = match e.location() {
         Some(loc) => {
@@ -640,7 +640,13 @@ fn schema_error(file: &Path, e: &serde_yaml::Error) -> PolicyError {
             if let Some(at) = message.find(&suffix) {
                 message.replace_range(at..at + suffix.len(), "");
             }
-            (loc.line(), loc.column())
+            // Kept inside the file (serde_yaml, too, can point past the end).
+            let pos = position::Pos {
+                line: loc.line(),
+                col: loc.column(),
+            }
+            .within(text);
+            (pos.line, pos.col)
         }
         None => (1, 1),
     };

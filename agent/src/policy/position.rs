@@ -11,6 +11,12 @@ use std::collections::HashMap;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
+/// The lines of `src` as YAML counts them: a line ends at `\r\n`, `\n` or a lone `\r`.
+fn yaml_lines(src: &str) -> impl DoubleEndedIterator<Item = &str> {
+    src.split('\n')
+        .flat_map(|l| l.strip_suffix('\r').unwrap_or(l).split('\r'))
+}
+
 /// A 1-based line and column in a policy file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Pos {
@@ -28,12 +34,12 @@ impl Pos {
     /// reports an error found at the end of a file without a final newline on the line
     /// after the last one (found by fuzzing `policy_load`). Then it is the end of the
     /// last line.
-    fn within(self, src: &str) -> Self {
-        let lines = src.split('\n').count();
+    pub(crate) fn within(self, src: &str) -> Self {
+        let lines = yaml_lines(src).count();
         if self.line <= lines {
             return self;
         }
-        let last = src.split('\n').next_back().unwrap_or_default();
+        let last = yaml_lines(src).next_back().unwrap_or_default();
         Pos {
             line: lines,
             col: last.chars().count() + 1,
@@ -364,6 +370,15 @@ egress:
         assert_eq!(
             Pos { line: 2, col: 1 }.within("ab\ncd"),
             Pos { line: 2, col: 1 }
+        );
+        // A lone CR ends a line for YAML (and for the positions serde_yaml reports).
+        assert_eq!(
+            Pos { line: 3, col: 1 }.within("a\rb\r\nc"),
+            Pos { line: 3, col: 1 }
+        );
+        assert_eq!(
+            Pos { line: 4, col: 1 }.within("a\rb\r\nc"),
+            Pos { line: 3, col: 2 }
         );
     }
 
