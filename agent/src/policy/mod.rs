@@ -181,6 +181,8 @@ mod rate;
 mod raw;
 mod routes;
 pub mod schema;
+pub mod suggest;
+pub mod trail;
 pub mod usage;
 mod when;
 
