@@ -419,9 +419,16 @@ pub fn run(command: PolicyCommand) -> Result<Verdict, PolicyCliError> {
             match out {
                 None => print!("{text}"),
                 Some(path) => {
-                    write_atomically(&path, text.as_bytes())
-                        .map_err(|source| PolicyCliError::WriteOut { path: path.clone(), source })?;
-                    eprintln!("scopegate: wrote the suggested policy to {}", path.display());
+                    write_atomically(&path, text.as_bytes()).map_err(|source| {
+                        PolicyCliError::WriteOut {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
+                    eprintln!(
+                        "scopegate: wrote the suggested policy to {}",
+                        path.display()
+                    );
                 }
             }
             Ok(Verdict::Ok)
@@ -783,7 +790,8 @@ pub fn suggest_policy(
         path: file.clone(),
         source,
     })?;
-    Snapshot::load_dir(dir.path()).map_err(|errors| PolicyCliError::SuggestionInvalid { errors })?;
+    Snapshot::load_dir(dir.path())
+        .map_err(|errors| PolicyCliError::SuggestionInvalid { errors })?;
     Ok((text, warnings))
 }
 

@@ -82,7 +82,9 @@ pub enum SuggestError {
         skipped: String,
     },
     /// The recorded cgroup cannot be a selector.
-    #[error("--workload {workload:?}: recorded cgroup {cgroup:?} cannot be selected exactly: {reason}")]
+    #[error(
+        "--workload {workload:?}: recorded cgroup {cgroup:?} cannot be selected exactly: {reason}"
+    )]
     Cgroup {
         /// The workload.
         workload: String,
@@ -416,8 +418,7 @@ impl Observer {
             Decision::Allow => "allow",
             Decision::WouldDeny => "would_deny",
             Decision::Deny
-                if self.options.include_denied
-                    && r.origin == Some(crate::audit::Fault::Policy) =>
+                if self.options.include_denied && r.origin == Some(crate::audit::Fault::Policy) =>
             {
                 "deny"
             }
@@ -456,10 +457,16 @@ impl Observer {
     /// The destination of an HTTP or TLS record.
     fn destination(&mut self, r: &StoredRecord, at: Timestamp) -> Result<&mut Http, &'static str> {
         let host = r.dst.host.as_deref().ok_or("no destination host")?;
-        let port = r.dst.port.filter(|p| *p != 0).ok_or("no destination port")?;
+        let port = r
+            .dst
+            .port
+            .filter(|p| *p != 0)
+            .ok_or("no destination port")?;
         let parsed = parse_host(host).map_err(|_| "destination host not a DNS name or IP")?;
         let internal = match (&parsed, &r.dst.ip, r.dst.class.as_deref()) {
-            (Host::Name(_), Some(ip), Some(class)) if !matches!(class, "global" | "documentation") => {
+            (Host::Name(_), Some(ip), Some(class))
+                if !matches!(class, "global" | "documentation") =>
+            {
                 Some(
                     ip.parse::<IpAddr>()
                         .map_err(|_| "destination address not an IP")?
@@ -470,17 +477,29 @@ impl Observer {
         };
         let http = self.http.entry((parsed.to_string(), port)).or_default();
         http.internal.extend(internal);
-        *http.minutes.entry(at.as_second().div_euclid(60)).or_default() += 1;
+        *http
+            .minutes
+            .entry(at.as_second().div_euclid(60))
+            .or_default() += 1;
         Ok(http)
     }
 
-    fn add_http(&mut self, r: &StoredRecord, method: &str, at: Timestamp) -> Result<(), &'static str> {
+    fn add_http(
+        &mut self,
+        r: &StoredRecord,
+        method: &str,
+        at: Timestamp,
+    ) -> Result<(), &'static str> {
         if !is_uppercase_method(method) {
             return Err("method not an uppercase token");
         }
         let template = Template::of(r.path.as_deref().ok_or("http record without a path")?)?;
         let http = self.destination(r, at)?;
-        bump(http.routes.entry(template).or_default(), method.to_owned(), at);
+        bump(
+            http.routes.entry(template).or_default(),
+            method.to_owned(),
+            at,
+        );
         Ok(())
     }
 
@@ -502,7 +521,11 @@ impl Observer {
             .parse::<IpAddr>()
             .map_err(|_| "destination address not an IP")?
             .to_canonical();
-        let port = r.dst.port.filter(|p| *p != 0).ok_or("no destination port")?;
+        let port = r
+            .dst
+            .port
+            .filter(|p| *p != 0)
+            .ok_or("no destination port")?;
         if port == 53 {
             match &mut self.dns_kernel {
                 Some(s) => s.add(at),
@@ -606,14 +629,23 @@ impl Observer {
             out.push('\n');
         };
         // Header: one-line comments, untrusted text escaped.
-        line(&mut out, "# Suggested by `scopegate policy suggest`: review it, then `policy check`.");
+        line(
+            &mut out,
+            "# Suggested by `scopegate policy suggest`: review it, then `policy check`.",
+        );
         let files: Vec<String> = sources.files.iter().map(|f| escape(f)).collect();
-        line(&mut out, &format!("# from {} file(s): {}", files.len(), files.join(", ")));
+        line(
+            &mut out,
+            &format!("# from {} file(s): {}", files.len(), files.join(", ")),
+        );
         let span = self
             .span
             .map(|s| s.describe("demand record(s)"))
             .unwrap_or_default();
-        line(&mut out, &format!("# window: {}; {span}", escape(&sources.window)));
+        line(
+            &mut out,
+            &format!("# window: {}; {span}", escape(&sources.window)),
+        );
         let counted: Vec<String> = self
             .counted
             .iter()
@@ -628,7 +660,13 @@ impl Observer {
             .map(|(w, n)| format!("{} ({n})", escape(w)))
             .collect();
         if !others.is_empty() {
-            line(&mut out, &format!("# other workloads in the files (not used): {}", others.join(", ")));
+            line(
+                &mut out,
+                &format!(
+                    "# other workloads in the files (not used): {}",
+                    others.join(", ")
+                ),
+            );
         }
         if self.cgroups.len() > 1 {
             let list: Vec<String> = self
@@ -636,17 +674,38 @@ impl Observer {
                 .iter()
                 .map(|(c, n)| format!("{} ({n})", escape(c)))
                 .collect();
-            line(&mut out, &format!("# several cgroups seen, selecting the most frequent: {}", list.join(", ")));
+            line(
+                &mut out,
+                &format!(
+                    "# several cgroups seen, selecting the most frequent: {}",
+                    list.join(", ")
+                ),
+            );
         }
         for note in &sources.notes {
             line(&mut out, &format!("# note: {}", escape(note)));
         }
-        line(&mut out, "# not in the records, so not suggested: query parameters, headers and JSON body");
-        line(&mut out, "#   fields (rules allow any query: add `query:` to narrow them), and whether an HTTP");
-        line(&mut out, "#   destination was reached through TLS interception (add `tls: intercept`).");
-        line(&mut out, &format!("# rates: the busiest minute x {HEADROOM}, at least {MIN_RATE}/minute."));
+        line(
+            &mut out,
+            "# not in the records, so not suggested: query parameters, headers and JSON body",
+        );
+        line(
+            &mut out,
+            "#   fields (rules allow any query: add `query:` to narrow them), and whether an HTTP",
+        );
+        line(
+            &mut out,
+            "#   destination was reached through TLS interception (add `tls: intercept`).",
+        );
+        line(
+            &mut out,
+            &format!("# rates: the busiest minute x {HEADROOM}, at least {MIN_RATE}/minute."),
+        );
 
-        line(&mut out, &format!("workload: {}", scalar(&self.options.workload)));
+        line(
+            &mut out,
+            &format!("workload: {}", scalar(&self.options.workload)),
+        );
         line(&mut out, "select:");
         line(&mut out, &format!("  cgroup: {}", scalar(cgroup)));
         if let [(uid, _)] = self.uids.iter().collect::<Vec<_>>()[..] {
@@ -708,7 +767,10 @@ impl Observer {
                 continue;
             }
             if http.passthrough.is_some() {
-                line(&mut out, "    tls: intercept    # TLS seen, and requests decided in it");
+                line(
+                    &mut out,
+                    "    tls: intercept    # TLS seen, and requests decided in it",
+                );
             }
             line(&mut out, "    rules:");
             for (template, methods) in &http.routes {
@@ -726,7 +788,11 @@ impl Observer {
                 if let Some(s) = seen {
                     line(
                         &mut out,
-                        &format!("      # {} ({})", s.describe("request(s)"), per_method.join(", ")),
+                        &format!(
+                            "      # {} ({})",
+                            s.describe("request(s)"),
+                            per_method.join(", ")
+                        ),
                     );
                 }
                 let slug = template.slug();
@@ -740,7 +806,10 @@ impl Observer {
                 line(&mut out, &format!("      - id: {}", scalar(&id)));
                 let list: Vec<String> = methods.keys().map(|m| scalar(m)).collect();
                 line(&mut out, &format!("        methods: [{}]", list.join(", ")));
-                line(&mut out, &format!("        path: {}", scalar(&template.pattern())));
+                line(
+                    &mut out,
+                    &format!("        path: {}", scalar(&template.pattern())),
+                );
             }
         }
         for ((proto, ip, port), s) in &self.l4 {
@@ -818,3 +887,7 @@ fn escape(s: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "suggest_tests.rs"]
+mod tests;
