@@ -870,3 +870,68 @@ fn hostile_records_give_a_valid_policy_that_grants_no_more_than_seen() {
         "{text}"
     );
 }
+
+#[test]
+fn the_command_writes_the_file_and_honours_since() {
+    use crate::policy::cli::{PolicyCommand, Verdict, run};
+    let dir = tempfile::tempdir().unwrap();
+    let file = audit_file(dir.path(), "audit.jsonl", &observed(), b"");
+    let out = dir.path().join("out/billing.yaml");
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let command = |since: Option<&str>| PolicyCommand::Suggest {
+        from: vec![file.clone()],
+        workload: "billing".to_owned(),
+        out: Some(out.clone()),
+        since: since.map(str::to_owned),
+        mode: SuggestMode::Enforce,
+        include_denied: false,
+    };
+    assert_eq!(run(command(None)).unwrap(), Verdict::Ok);
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        written,
+        suggest_from(std::slice::from_ref(&file), options("billing"))
+            .unwrap()
+            .0
+    );
+    // Only what happened from 10:40 on: the legacy host, the internal one, L4 and DNS.
+    assert_eq!(
+        run(command(Some("2026-11-30T10:40:00Z"))).unwrap(),
+        Verdict::Ok
+    );
+    let recent = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        !recent.contains("api.example.com\n    port: 443"),
+        "{recent}"
+    );
+    assert!(
+        recent.contains("  - host: legacy.example.com\n"),
+        "{recent}"
+    );
+    assert!(
+        recent.contains("# window: since 2026-11-30T10:40:00Z;"),
+        "{recent}"
+    );
+    assert!(
+        recent.contains("# note: 7 record(s) before the window not read\n"),
+        "{recent}"
+    );
+    load(&recent);
+    // A bad --since names the value.
+    let e = run(command(Some("yesterday"))).unwrap_err().to_string();
+    assert!(e.starts_with("--since \"yesterday\": "), "{e}");
+    // Nowhere to write: an error naming the file, and nothing half-written.
+    let bad = PolicyCommand::Suggest {
+        from: vec![file.clone()],
+        workload: "billing".to_owned(),
+        out: Some(dir.path().join("missing-dir/billing.yaml")),
+        since: None,
+        mode: SuggestMode::Enforce,
+        include_denied: false,
+    };
+    let e = run(bad).unwrap_err().to_string();
+    assert!(
+        e.contains("missing-dir/billing.yaml: cannot write the policy"),
+        "{e}"
+    );
+}
