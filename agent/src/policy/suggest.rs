@@ -403,15 +403,13 @@ impl Observer {
         let Some(workload) = &r.workload else {
             return;
         };
-        if r.proto == "audit" {
+        // Outcome records complete a decision record; records of the audit subsystem
+        // decide nothing.
+        if r.proto == "audit" || !r.is_decision() {
             return;
         }
         *self.workloads.entry(workload.clone()).or_default() += 1;
         if *workload != self.options.workload {
-            return;
-        }
-        if !r.is_decision() {
-            *self.workloads.entry(workload.clone()).or_default() -= 1;
             return;
         }
         let decision = match r.decision {

@@ -688,6 +688,15 @@ fn broken_and_foreign_audit_files_are_clear_errors() {
         e.contains("workloads with records: \"billing\" (16)"),
         "{e}"
     );
+    // Outcome records are not counted as records of their own.
+    let both = audit_file(dir.path(), "both.jsonl", &noise(), b"");
+    let e = suggest_from(std::slice::from_ref(&both), options("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with("(workloads with records: \"billing\" (3), \"payroll\" (1))"),
+        "{e}"
+    );
     // A garbage line in the middle: an error with file:line.
     let mut bytes = std::fs::read(&mixed).unwrap();
     let at = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
