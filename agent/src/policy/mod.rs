@@ -204,7 +204,8 @@ pub use explain::{
     explain, host_dns_report,
 };
 pub use matchers::{
-    HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
+    HeaderConstraint, HeaderRules, JsonRule, MAX_RECORDED_QUERY_NAME, MAX_RECORDED_QUERY_NAMES,
+    Pattern, QueryConstraint, QueryRules, ValueMatch, recorded_query_names,
 };
 pub use model::{
     Binding, Credential, Destination, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode,

@@ -28,8 +28,13 @@
 //! - A rate per destination: the busiest minute seen × [`HEADROOM`], at least
 //!   [`MIN_RATE`] per minute.
 //!
-//! The records carry neither query strings, nor headers, nor bodies: query parameter,
-//! header and JSON field constraints are not suggested (the header says so). Every rule
+//! Query parameters: an HTTP record carries the names of its query's parameters
+//! (`query_names`, never values; see [`super::recorded_query_names`]). A rule lists
+//! exactly the names seen, each `any`, with `query_repeat` for names seen repeated in one
+//! request, and `query: {}` when no request of the rule had a query; when some request's
+//! names were not all recorded (`query_names_clipped`) the rule has no `query:` (any
+//! query) and a comment says why. Records carry neither headers nor bodies: header and
+//! JSON field constraints are not suggested (the header says so). Every rule
 //! and destination carries a comment with its count and first/last seen. The output is
 //! sorted (deterministic). Untrusted text (hosts, paths, cgroups, names) is written only as
 //! YAML scalars by the YAML serializer; comments hold only numbers, times and validated
@@ -156,6 +161,16 @@ impl Seen {
         self.last = self.last.max(at);
     }
 
+    /// All of `seen` together.
+    fn total<'a>(seen: impl IntoIterator<Item = &'a Seen>) -> Option<Seen> {
+        seen.into_iter().fold(None, |acc: Option<Seen>, s| {
+            Some(acc.map_or(*s, |mut t| {
+                t.merge(*s);
+                t
+            }))
+        })
+    }
+
     fn merge(&mut self, other: Seen) {
         self.count += other.count;
         self.first = self.first.min(other.first);
@@ -169,6 +184,14 @@ impl Seen {
             self.first.strftime("%Y-%m-%dT%H:%M:%SZ"),
             self.last.strftime("%Y-%m-%dT%H:%M:%SZ")
         )
+    }
+}
+
+/// Counts one more sighting at `at` in `slot`.
+fn see(slot: &mut Option<Seen>, at: Timestamp) {
+    match slot {
+        Some(s) => s.add(at),
+        None => *slot = Some(Seen::new(at)),
     }
 }
 
@@ -341,11 +364,31 @@ impl Template {
     }
 }
 
+/// The query parameters seen on one route.
+#[derive(Debug, Default)]
+struct Query {
+    /// Names seen.
+    names: BTreeSet<String>,
+    /// Names seen more than once in one request.
+    repeated: BTreeSet<String>,
+    /// Some request's names are not all known (clipped in the record, or empty).
+    incomplete: bool,
+}
+
+/// One path template as observed.
+#[derive(Debug, Default)]
+struct Route {
+    /// Requests per method.
+    methods: BTreeMap<String, Seen>,
+    /// Query parameter names.
+    query: Query,
+}
+
 /// One HTTP destination as observed.
 #[derive(Debug, Default)]
 struct Http {
-    /// Requests per template and method.
-    routes: BTreeMap<Template, BTreeMap<String, Seen>>,
+    /// Requests per template.
+    routes: BTreeMap<Template, Route>,
     /// TLS passthrough connections.
     passthrough: Option<Seen>,
     /// Internal addresses a name was bound to.
@@ -446,10 +489,7 @@ impl Observer {
         if let Some(uid) = r.uid {
             *self.uids.entry(uid).or_default() += 1;
         }
-        match &mut self.span {
-            Some(s) => s.add(at),
-            None => self.span = Some(Seen::new(at)),
-        }
+        see(&mut self.span, at);
     }
 
     /// The destination of an HTTP or TLS record.
@@ -493,20 +533,29 @@ impl Observer {
         }
         let template = Template::of(r.path.as_deref().ok_or("http record without a path")?)?;
         let http = self.destination(r, at)?;
-        bump(
-            http.routes.entry(template).or_default(),
-            method.to_owned(),
-            at,
-        );
+        let route = http.routes.entry(template).or_default();
+        bump(&mut route.methods, method.to_owned(), at);
+        if let Some(names) = &r.query_names {
+            let q = &mut route.query;
+            q.incomplete |= r.query_names_clipped == Some(true);
+            let mut once = BTreeSet::new();
+            for name in names {
+                if name.is_empty() {
+                    q.incomplete = true;
+                    continue;
+                }
+                if !once.insert(name) {
+                    q.repeated.insert(name.clone());
+                }
+                q.names.insert(name.clone());
+            }
+        }
         Ok(())
     }
 
     fn add_tls(&mut self, r: &StoredRecord, at: Timestamp) -> Result<(), &'static str> {
         let http = self.destination(r, at)?;
-        match &mut http.passthrough {
-            Some(s) => s.add(at),
-            None => http.passthrough = Some(Seen::new(at)),
-        }
+        see(&mut http.passthrough, at);
         Ok(())
     }
 
@@ -525,10 +574,7 @@ impl Observer {
             .filter(|p| *p != 0)
             .ok_or("no destination port")?;
         if port == 53 {
-            match &mut self.dns_kernel {
-                Some(s) => s.add(at),
-                None => self.dns_kernel = Some(Seen::new(at)),
-            }
+            see(&mut self.dns_kernel, at);
             return Ok(());
         }
         let proto = if r.proto == "udp" { "udp" } else { "tcp" };
@@ -683,18 +729,13 @@ impl Observer {
         for note in &sources.notes {
             line(&mut out, &format!("# note: {}", escape(note)));
         }
-        line(
-            &mut out,
-            "# not in the records, so not suggested: query parameters, headers and JSON body",
-        );
-        line(
-            &mut out,
-            "#   fields (rules allow any query: add `query:` to narrow them), and whether an HTTP",
-        );
-        line(
-            &mut out,
-            "#   destination was reached through TLS interception (add `tls: intercept`).",
-        );
+        for text in [
+            "# query: the parameter names seen, any value (`query: {}`: no query seen).",
+            "# not in the records, so not suggested: headers, JSON body fields, and whether an",
+            "#   HTTP destination was reached through TLS interception (add `tls: intercept`).",
+        ] {
+            line(&mut out, text);
+        }
         line(
             &mut out,
             &format!("# rates: the busiest minute x {HEADROOM}, at least {MIN_RATE}/minute."),
@@ -723,15 +764,11 @@ impl Observer {
         }
         let mut ids: BTreeSet<String> = BTreeSet::new();
         for ((host, port), http) in &self.http {
-            let mut total: Option<Seen> = http.passthrough;
-            for methods in http.routes.values() {
-                for s in methods.values() {
-                    match &mut total {
-                        Some(t) => t.merge(*s),
-                        None => total = Some(*s),
-                    }
-                }
-            }
+            let total = Seen::total(
+                http.passthrough
+                    .iter()
+                    .chain(http.routes.values().flat_map(|r| r.methods.values())),
+            );
             let peak = http.minutes.values().copied().max().unwrap_or(0);
             if let Some(t) = total {
                 line(
@@ -771,14 +808,9 @@ impl Observer {
                 );
             }
             line(&mut out, "    rules:");
-            for (template, methods) in &http.routes {
-                let mut seen: Option<Seen> = None;
-                for s in methods.values() {
-                    match &mut seen {
-                        Some(t) => t.merge(*s),
-                        None => seen = Some(*s),
-                    }
-                }
+            for (template, route) in &http.routes {
+                let methods = &route.methods;
+                let seen = Seen::total(methods.values());
                 let per_method: Vec<String> = methods
                     .iter()
                     .map(|(m, s)| format!("{m} {}", s.count))
@@ -808,6 +840,7 @@ impl Observer {
                     &mut out,
                     &format!("        path: {}", scalar(&template.pattern())),
                 );
+                render_query(&mut out, &route.query);
             }
         }
         for ((proto, ip, port), s) in &self.l4 {
@@ -825,14 +858,10 @@ impl Observer {
         if self.dns.is_empty() && self.dns_kernel.is_none() {
             return;
         }
-        let mut all: Option<Seen> = self.dns_kernel;
+        let all = Seen::total(self.dns_kernel.iter().chain(self.dns.values()));
         let mut names: BTreeSet<&str> = BTreeSet::new();
         let mut types: BTreeSet<&str> = BTreeSet::new();
-        for ((name, qtype), s) in &self.dns {
-            match &mut all {
-                Some(t) => t.merge(*s),
-                None => all = Some(*s),
-            }
+        for (name, qtype) in self.dns.keys() {
             if !self.http.keys().any(|(host, _)| host == name) {
                 names.insert(name);
             }
@@ -856,6 +885,30 @@ impl Observer {
             let list: Vec<String> = types.iter().map(|t| scalar(t)).collect();
             let _ = writeln!(out, "  types: [{}]", list.join(", "));
         }
+    }
+}
+
+/// A rule's `query:` (and `query_repeat:`): exactly the names seen, each `any` (absent, or
+/// any value); `query: {}` when no request of the route had a query; nothing (any query)
+/// when some request's names were not all recorded.
+fn render_query(out: &mut String, q: &Query) {
+    if q.incomplete {
+        out.push_str(
+            "        # query: not every parameter name was recorded, so any query is allowed\n",
+        );
+        return;
+    }
+    if q.names.is_empty() {
+        out.push_str("        query: {}\n");
+        return;
+    }
+    out.push_str("        query:\n");
+    for name in &q.names {
+        let _ = writeln!(out, "          {}: any", scalar(name));
+    }
+    if !q.repeated.is_empty() {
+        let list: Vec<String> = q.repeated.iter().map(|n| scalar(n)).collect();
+        let _ = writeln!(out, "        query_repeat: [{}]", list.join(", "));
     }
 }
 

@@ -144,6 +144,8 @@ struct Rec {
     ts: &'static str,
     outcome_of: Option<u64>,
     dns: Option<(&'static str, &'static str)>,
+    /// The raw query of an HTTP request, recorded as the proxy records it.
+    query: Option<&'static str>,
 }
 
 fn http(
@@ -168,6 +170,7 @@ fn http(
         ts,
         outcome_of: None,
         dns: None,
+        query: None,
     }
 }
 
@@ -206,6 +209,11 @@ fn audit_file(dir: &Path, name: &str, recs: &[Rec], tail: &[u8]) -> PathBuf {
         };
         r.rule = (x.decision == Decision::Allow && x.proto == "http").then(|| "old".to_owned());
         r.outcome_of = x.outcome_of;
+        if let Some(query) = x.query {
+            let (names, clipped) = crate::policy::recorded_query_names(query);
+            r.query_names = Some(names);
+            r.query_names_clipped = clipped.then_some(true);
+        }
         r.dns = x.dns.map(|(qname, qtype)| crate::audit::DnsQuery {
             qname: Some(qname.to_owned()),
             qtype: Some(qtype.to_owned()),
@@ -242,14 +250,17 @@ fn observed() -> Vec<Rec> {
             "/v1/customers/123",
             "2026-11-30T10:00:05Z",
         ),
-        http(
-            Allow,
-            "GET",
-            API,
-            443,
-            "/v1/customers/456",
-            "2026-11-30T10:00:35Z",
-        ),
+        Rec {
+            query: Some("expand=card&expand=owner&limit=10"),
+            ..http(
+                Allow,
+                "GET",
+                API,
+                443,
+                "/v1/customers/456",
+                "2026-11-30T10:00:35Z",
+            )
+        },
         http(
             WouldDeny,
             "HEAD",
@@ -494,11 +505,12 @@ fn suggests_a_policy_that_validates_replays_and_denies_the_rest() {
     // Replay: every observed request is allowed by the pure decision.
     for r in observed().iter().filter(|r| r.proto == "http") {
         let request = format!(
-            "{} http://{}:{}{}",
+            "{} http://{}:{}{}{}",
             r.method.unwrap(),
             r.host.unwrap(),
             r.port,
-            r.path.unwrap()
+            r.path.unwrap(),
+            r.query.map(|q| format!("?{q}")).unwrap_or_default()
         );
         assert_eq!(decide(&snapshot, &request), "allow", "{request}\n{text}");
     }
@@ -594,8 +606,15 @@ fn suggests_a_policy_that_validates_replays_and_denies_the_rest() {
         "GET http://internal.example.com:8080/admin",
         "POST http://internal.example.com:8080/health",
         "GET http://other.example.com:443/v1/customers/123",
-        // allowed, and rightly: the template's other values, the same methods
+        "GET http://api.example.com:443/v1/customers/123?admin=true",
+        "GET http://api.example.com:443/v1/customers/123?expand=card&debug=1",
+        "GET http://api.example.com:443/v1/customers/123?limit=1&limit=2",
+        "POST http://api.example.com:443/v1/charges?amount=1",
+        "GET http://legacy.example.com:80/?x=1",
+        // allowed, and rightly: the template's other values, the same methods and query
+        // parameters (`expand` was seen repeated)
         "GET http://api.example.com:443/v1/customers/999999",
+        "GET http://api.example.com:443/v1/customers/7?expand=card&expand=x",
         "HEAD http://api.example.com:443/v1/customers/1",
     ];
     let denied = held_out
@@ -607,7 +626,11 @@ fn suggests_a_policy_that_validates_replays_and_denies_the_rest() {
         held_out.len(),
         100.0 * denied as f64 / held_out.len() as f64
     );
-    assert_eq!(denied, held_out.len() - 2, "only the last two are allowed");
+    assert_eq!(
+        denied,
+        held_out.len() - 3,
+        "only the last three are allowed"
+    );
 
     // Deterministic: the same records in another order give the same text.
     let mut shuffled = observed();
@@ -943,4 +966,102 @@ fn the_command_writes_the_file_and_honours_since() {
         e.contains("missing-dir/billing.yaml: cannot write the policy"),
         "{e}"
     );
+}
+
+#[test]
+fn records_carry_query_names_never_values_and_bounded() {
+    use crate::policy::{MAX_RECORDED_QUERY_NAME, MAX_RECORDED_QUERY_NAMES, recorded_query_names};
+    let names = |q: &str| recorded_query_names(q);
+    assert_eq!(
+        names("b=secret&a=1&b=2"),
+        (vec!["b".into(), "a".into(), "b".into()], false)
+    );
+    assert_eq!(
+        names("a%20b=1&c+d=2&flag"),
+        (vec!["a b".into(), "c d".into(), "flag".into()], false)
+    );
+    assert_eq!(names(""), (vec![], false));
+    assert_eq!(names("&&"), (vec![], false));
+    // Unprintable, too long, too many, unparseable: clipped.
+    assert_eq!(names("%0Aevil=1&ok=2"), (vec!["ok".into()], true));
+    let long = format!("{}=1", "n".repeat(MAX_RECORDED_QUERY_NAME + 1));
+    assert_eq!(names(&long), (vec![], true));
+    let many: Vec<String> = (0..=MAX_RECORDED_QUERY_NAMES)
+        .map(|i| format!("p{i}=1"))
+        .collect();
+    let (got, clipped) = names(&many.join("&"));
+    assert_eq!((got.len(), clipped), (MAX_RECORDED_QUERY_NAMES, true));
+    assert_eq!(names("a=%zz"), (vec![], true));
+    assert_eq!(names("a=1;b=2"), (vec![], true));
+}
+
+#[test]
+fn hostile_and_clipped_query_names() {
+    use Decision::Allow;
+    let dir = tempfile::tempdir().unwrap();
+    let recs = vec![
+        Rec {
+            query: Some("a%3A%20b=1&%23x=2&it's=3&%22q%22=4&-%20item=5&%7B%7D=6&%3C%3C=7&=8"),
+            ..http(
+                Allow,
+                "GET",
+                "api.example.com",
+                443,
+                "/hostile",
+                "2026-11-30T10:00:00Z",
+            )
+        },
+        Rec {
+            query: Some("a%3A%20b=1&%23x=2&it's=3&%22q%22=4&-%20item=5&%7B%7D=6&%3C%3C=7"),
+            ..http(
+                Allow,
+                "GET",
+                "api.example.com",
+                443,
+                "/named",
+                "2026-11-30T10:00:01Z",
+            )
+        },
+        Rec {
+            query: Some("ok=1&%0Aevil%3A%20x=2"),
+            ..http(
+                Allow,
+                "GET",
+                "api.example.com",
+                443,
+                "/clipped",
+                "2026-11-30T10:00:02Z",
+            )
+        },
+    ];
+    let file = audit_file(dir.path(), "audit.jsonl", &recs, b"");
+    let (text, _) = suggest_from(std::slice::from_ref(&file), options("billing")).unwrap();
+    println!("{text}");
+    let snapshot = load(&text);
+    // The empty name cannot be listed: that rule allows any query, and says so.
+    assert!(
+        text.contains(
+            "        path: /clipped\n        # query: not every parameter name was recorded, \
+             so any query is allowed\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "        path: /hostile\n        # query: not every parameter name was recorded"
+        ),
+        "{text}"
+    );
+    let q = "a%3A%20b=1&%23x=2&it's=3&%22q%22=4&-%20item=5&%7B%7D=6&%3C%3C=7";
+    assert_eq!(
+        decide(
+            &snapshot,
+            &format!("GET http://api.example.com:443/named?{q}")
+        ),
+        "allow"
+    );
+    for denied in ["a=1", "a%3A=1", "q=1", "x=1", "%23x=1&admin=1", "item=1"] {
+        let r = format!("GET http://api.example.com:443/named?{denied}");
+        assert_eq!(decide(&snapshot, &r), "deny", "{r}\n{text}");
+    }
 }
