@@ -444,6 +444,13 @@ fn suggest_from(files: &[PathBuf], opts: Options) -> Result<(String, Vec<String>
     suggest_policy(files, None, opts)
 }
 
+/// The error message of suggesting for `workload` from `files`.
+fn suggest_err(files: &[PathBuf], workload: &str) -> String {
+    suggest_from(files, options(workload))
+        .unwrap_err()
+        .to_string()
+}
+
 fn load(text: &str) -> Snapshot {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("suggested.yaml"), text).unwrap();
@@ -649,9 +656,7 @@ fn suggests_a_policy_that_validates_replays_and_denies_the_rest() {
 fn include_denied_and_audit_mode() {
     let dir = tempfile::tempdir().unwrap();
     let file = audit_file(dir.path(), "audit.jsonl", &noise(), b"");
-    let e = suggest_from(std::slice::from_ref(&file), options("billing"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(std::slice::from_ref(&file), "billing");
     assert_eq!(
         e,
         "--workload \"billing\": 3 record(s), none of them observed demand (allow or \
@@ -682,9 +687,7 @@ fn broken_and_foreign_audit_files_are_clear_errors() {
     // Empty.
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, b"").unwrap();
-    let e = suggest_from(std::slice::from_ref(&empty), options("billing"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(std::slice::from_ref(&empty), "billing");
     assert_eq!(
         e,
         "--workload \"billing\": no records of this workload in the audit files (the files hold \
@@ -694,9 +697,7 @@ fn broken_and_foreign_audit_files_are_clear_errors() {
     let payroll = dir.path().join("payroll");
     std::fs::create_dir(&payroll).unwrap();
     let other = audit_file(&payroll, "audit.jsonl", &noise()[4..], b"");
-    let e = suggest_from(std::slice::from_ref(&other), options("billing"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(std::slice::from_ref(&other), "billing");
     assert_eq!(
         e,
         "--workload \"billing\": no records of this workload in the audit files (workloads \
@@ -704,18 +705,14 @@ fn broken_and_foreign_audit_files_are_clear_errors() {
     );
     // Unknown workload next to a known one.
     let mixed = audit_file(dir.path(), "mixed.jsonl", &observed(), b"");
-    let e = suggest_from(std::slice::from_ref(&mixed), options("nope"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(std::slice::from_ref(&mixed), "nope");
     assert!(
         e.contains("workloads with records: \"billing\" (16)"),
         "{e}"
     );
     // Outcome records are not counted as records of their own.
     let both = audit_file(dir.path(), "both.jsonl", &noise(), b"");
-    let e = suggest_from(std::slice::from_ref(&both), options("nope"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(std::slice::from_ref(&both), "nope");
     assert!(
         e.ends_with("(workloads with records: \"billing\" (3), \"payroll\" (1))"),
         "{e}"
@@ -725,9 +722,7 @@ fn broken_and_foreign_audit_files_are_clear_errors() {
     let at = bytes.iter().position(|b| *b == b'\n').unwrap() + 1;
     bytes.splice(at..at, b"not json at all\n".iter().copied());
     std::fs::write(&mixed, &bytes).unwrap();
-    let e = suggest_from(std::slice::from_ref(&mixed), options("billing"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(std::slice::from_ref(&mixed), "billing");
     assert!(
         e.starts_with(&format!("{}:2: not an audit record (", mixed.display())),
         "{e}"
@@ -737,9 +732,7 @@ fn broken_and_foreign_audit_files_are_clear_errors() {
         "{e}"
     );
     // A missing file.
-    let e = suggest_from(&[dir.path().join("nope.jsonl")], options("billing"))
-        .unwrap_err()
-        .to_string();
+    let e = suggest_err(&[dir.path().join("nope.jsonl")], "billing");
     assert!(e.contains("nope.jsonl: cannot read audit records"), "{e}");
 }
 
