@@ -146,6 +146,8 @@ struct Rec {
     dns: Option<(&'static str, &'static str)>,
     /// The raw query of an HTTP request, recorded as the proxy records it.
     query: Option<&'static str>,
+    /// The caller's cgroup (default: `/system.slice/WORKLOAD.service`).
+    cgroup: Option<&'static str>,
 }
 
 fn http(
@@ -171,6 +173,7 @@ fn http(
         outcome_of: None,
         dns: None,
         query: None,
+        cgroup: None,
     }
 }
 
@@ -194,7 +197,10 @@ fn audit_file(dir: &Path, name: &str, recs: &[Rec], tail: &[u8]) -> PathBuf {
     for (i, x) in recs.iter().enumerate() {
         let mut r = Record::new(x.proto);
         r.workload = Some(x.workload.to_owned());
-        r.cgroup = Some(format!("/system.slice/{}.service", x.workload));
+        r.cgroup = Some(x.cgroup.map_or_else(
+            || format!("/system.slice/{}.service", x.workload),
+            str::to_owned,
+        ));
         r.uid = Some(1001);
         r.pid = Some(4242);
         r.decision = x.decision;
@@ -1057,4 +1063,59 @@ fn hostile_and_clipped_query_names() {
         let r = format!("GET http://api.example.com:443/named?{denied}");
         assert_eq!(decide(&snapshot, &r), "deny", "{r}\n{text}");
     }
+}
+
+#[test]
+fn the_selector_is_the_recorded_cgroup_exactly_or_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = |cgroup: &'static str| Rec {
+        cgroup: Some(cgroup),
+        ..http(
+            Decision::Allow,
+            "GET",
+            "api.example.com",
+            443,
+            "/",
+            "2026-11-30T10:00:00Z",
+        )
+    };
+    // YAML-special characters: quoted, and the selector is exactly the path.
+    let odd = "/system.slice/a: b #c 'd' \"e\" - &x !y %z";
+    let file = audit_file(dir.path(), "odd.jsonl", &[rec(odd)], b"");
+    let (text, _) = suggest_from(std::slice::from_ref(&file), options("billing"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snapshot = load(&text);
+    let (_, w) = offline::workload(&snapshot, "billing").unwrap();
+    assert_eq!(
+        w.selector,
+        crate::policy::Selector::Cgroup(odd.to_owned()),
+        "{text}"
+    );
+    // A '*' would be read as a glob (selecting more than the workload): an error.
+    let file = audit_file(
+        dir.path(),
+        "glob.jsonl",
+        &[rec("/system.slice/app-*.service")],
+        b"",
+    );
+    assert_eq!(
+        suggest_err(std::slice::from_ref(&file), "billing"),
+        "--workload \"billing\": recorded cgroup \"/system.slice/app-*.service\" cannot be \
+         selected exactly: it contains '*', which the policy reads as a glob"
+    );
+    // Several cgroups: the most frequent is selected, the header lists them all.
+    let file = audit_file(
+        dir.path(),
+        "two.jsonl",
+        &[rec("/a.service"), rec("/b.service"), rec("/b.service")],
+        b"",
+    );
+    let (text, _) = suggest_from(std::slice::from_ref(&file), options("billing")).unwrap();
+    assert!(text.contains("  cgroup: /b.service\n"), "{text}");
+    assert!(
+        text.contains(
+            "# several cgroups seen, selecting the most frequent: /a.service (1), /b.service (2)\n"
+        ),
+        "{text}"
+    );
 }
