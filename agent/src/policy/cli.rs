@@ -211,8 +211,8 @@ pub enum PolicyCommand {
     },
     /// A least-privilege policy for what one workload's audit records show: its HTTP
     /// destinations (host, port, TLS passthrough), one rule per path template with the
-    /// methods seen (numeric, UUID, hex and long opaque segments become constrained
-    /// parameters), a rate from the busiest minute, L4 exceptions for kernel-recorded
+    /// methods and query parameter names seen (numeric, UUID, hex and long opaque segments
+    /// become constrained parameters), a rate from the busiest minute, L4 exceptions for kernel-recorded
     /// TCP/UDP, `dns:` for its DNS queries. Demand is `allow` and `would_deny` decisions
     /// (plus `deny` by policy with --include-denied). Each rule has a comment with its
     /// count and first/last seen; the output is checked with the policy validator before
