@@ -270,6 +270,11 @@ fn head(
         Refused::client(e.code(), e.to_string())
     })?;
     record.path = Some(path.path().to_owned());
+    if let Some(query) = path.query() {
+        let (names, clipped) = policy::recorded_query_names(query);
+        record.query_names = Some(names);
+        record.query_names_clipped = clipped.then_some(true);
+    }
     let mut headers = parts.headers;
     hop_by_hop(&mut headers, found.map(|(_, d)| d))?;
     check_names(&headers, found.map(|(_, d)| d))?;

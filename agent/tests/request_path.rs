@@ -1241,3 +1241,68 @@ fn connections_over_the_workload_limit_are_refused_and_recorded() {
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(recorder.seen().len(), 2);
 }
+
+/// The record of a request with a query carries the parameter names (never the values),
+/// and `policy suggest` turns the real writer's file into a policy that lists exactly them.
+#[test]
+fn records_carry_query_names_and_suggest_lists_them() {
+    let (recorder, proxy) = setup();
+    let up = recorder.addr;
+    for target in [
+        "/reports/q?token=s3cr3t-value&limit=1&limit=2",
+        "/reports/plain",
+        "/reports/7?expand=card",
+    ] {
+        let answer = exchange(&proxy, &get(target, up, ""));
+        assert_eq!(answer.status, 200, "{target}: {answer:?}");
+    }
+    let answer = exchange(&proxy, &get("/nope?z=1", up, ""));
+    assert_eq!(answer.status, 403, "{answer:?}");
+    let records = proxy.wait_records(4);
+    let names: Vec<&serde_json::Value> = records.iter().map(|r| &r["query_names"]).collect();
+    assert_eq!(
+        names,
+        [
+            &serde_json::json!(["token", "limit", "limit"]),
+            &serde_json::Value::Null,
+            &serde_json::json!(["expand"]),
+            &serde_json::json!(["z"]),
+        ]
+    );
+    let text = std::fs::read_to_string(&proxy.audit).unwrap();
+    assert!(
+        !text.contains("s3cr3t"),
+        "a query value reached the audit file"
+    );
+
+    let (policy_text, _) = scopegate::policy::cli::suggest_policy(
+        std::slice::from_ref(&proxy.audit),
+        None,
+        scopegate::policy::suggest::Options {
+            workload: "app".to_owned(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        policy_text.contains(
+            "        path: /reports/q\n        query:\n          limit: any\n          token: \
+             any\n        query_repeat: [limit]\n"
+        ),
+        "{policy_text}"
+    );
+    assert!(
+        policy_text.contains("        path: /reports/plain\n        query: {}\n"),
+        "{policy_text}"
+    );
+    assert!(
+        policy_text.contains(
+            "        path: /reports/{id:[0-9]+}\n        query:\n          expand: any\n"
+        ),
+        "{policy_text}"
+    );
+    assert!(
+        !policy_text.contains("/nope"),
+        "a denial is not demand: {policy_text}"
+    );
+}

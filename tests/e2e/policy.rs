@@ -480,3 +480,128 @@ egress:
         "one record per decision"
     );
 }
+
+/// The least-privilege loop through the real redirect: a workload in audit mode runs a
+/// script (nothing is refused, refusals are recorded as `would_deny`); the real `scopegate
+/// policy suggest` turns the agent's audit file into a policy, which passes `policy check`;
+/// put in place of the audit-mode policy, the agent enforces it: the same script is
+/// allowed, other requests to the same upstream are denied.
+#[test]
+fn audit_records_become_a_suggested_policy_that_enforces_the_same_script() {
+    privileged_test("audit_records_become_a_suggested_policy_that_enforces_the_same_script");
+    let tree = CgroupTree::new();
+    let app = tree.child("app");
+    let upstream = Upstream::start("127.0.0.2");
+    let (ip, port) = (upstream.addr.ip(), upstream.addr.port());
+    let observe = format!(
+        "workload: app\nmode: audit\nselect:\n  cgroup: {app}\negress:\n  - host: {ip}\n    port: {port}\n    rules:\n      - id: nothing-yet\n        methods: [GET]\n        path: /never\n"
+    );
+    let policies = policy_dir(&[("app.yaml", observe)]);
+    let pins = PinDir::new();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.jsonl");
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit.clone(),
+    ));
+    let url = |p: &str| upstream.url(p);
+    let status = |args: &[String]| {
+        let mut all = vec!["-w".to_owned(), STATUS.to_owned()];
+        all.extend_from_slice(args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        status_and_body(&curl_in(&app, &all)).0
+    };
+    let script: Vec<Vec<String>> = vec![
+        vec![url("/v1/items/42?fields=name")],
+        vec![url("/v1/items/1337?fields=price")],
+        vec![
+            "-X".into(),
+            "POST".into(),
+            "-d".into(),
+            "x=1".into(),
+            url("/v1/orders"),
+        ],
+        vec!["-I".into(), url("/status/")],
+        vec![url("/v1/blobs/3f2a9c1e-0b4d-4e5f-8a6b-7c8d9e0f1a2b")],
+    ];
+    for args in &script {
+        assert_eq!(status(args), 200, "audit mode refused {args:?}");
+    }
+    let records = agent.wait_audit(script.len());
+    let decisions: Vec<&str> = records
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(decisions, vec!["would_deny"; script.len()], "{records:?}");
+
+    // Suggest, with the real binary, from the agent's own audit file.
+    let suggested = audit_dir.path().join("app.yaml");
+    let out = std::process::Command::new(bin())
+        .args(["policy", "suggest", "--workload", "app", "--from"])
+        .arg(&audit)
+        .arg("--out")
+        .arg(&suggested)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = fs::read_to_string(&suggested).unwrap();
+    println!("{text}");
+    assert!(text.contains("\nmode: enforce\n"), "{text}");
+    assert!(
+        text.contains("path: /v1/items/{id:[0-9]+}\n        query:\n          fields: any\n"),
+        "{text}"
+    );
+    let check = std::process::Command::new(bin())
+        .args(["policy", "check"])
+        .arg(&suggested)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    // Enforce it: replace the audit-mode policy and wait for the reload record.
+    let before = agent.all_audit_records().len();
+    atomic_write(policies.path(), "app.yaml", &text);
+    let mut reloaded = false;
+    for _ in 0..250 {
+        reloaded = agent.all_audit_records()[before..]
+            .iter()
+            .any(|r| r["reason"] == "policy_reloaded");
+        if reloaded {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(reloaded, "the agent did not reload the suggested policy");
+    for args in &script {
+        assert_eq!(status(args), 200, "the suggested policy refused {args:?}");
+    }
+    let others: Vec<Vec<String>> = vec![
+        vec!["-X".into(), "DELETE".into(), url("/v1/items/42")],
+        vec![url("/v1/items/42/secrets")],
+        vec![url("/v1/items/abc")],
+        vec![url("/v1/items/42?debug=1")],
+        vec![url("/admin")],
+        vec![url("/v1/orders")],
+        vec!["--path-as-is".into(), url("/v1/items/../admin")],
+        vec![url("/status")],
+        vec![url("/v1/blobs/not-a-uuid")],
+    ];
+    for args in &others {
+        assert_eq!(status(args), 403, "the suggested policy allowed {args:?}");
+    }
+    let records = agent.wait_audit(2 * script.len() + others.len());
+    let tail = &records[script.len()..];
+    let allowed = tail.iter().filter(|r| r["decision"] == "allow").count();
+    let denied = tail.iter().filter(|r| r["decision"] == "deny").count();
+    assert_eq!((allowed, denied), (script.len(), others.len()), "{tail:?}");
+}

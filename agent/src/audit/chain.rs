@@ -226,6 +226,12 @@ pub struct StoredRecord {
     /// The nearest rule, on denials by a rule's check.
     #[serde(default)]
     pub nearest_rule: Option<String>,
+    /// The query's parameter names, on HTTP decision records of a request with a query.
+    #[serde(default)]
+    pub query_names: Option<Vec<String>>,
+    /// Whether `query_names` is incomplete.
+    #[serde(default)]
+    pub query_names_clipped: Option<bool>,
     /// Hash of the previous record.
     pub prev: ChainHash,
     /// Hash of this record.

@@ -51,7 +51,6 @@ pub mod checkpoint;
 pub mod cli;
 pub mod lifecycle;
 pub mod query;
-pub mod read;
 pub mod sink;
 pub mod verify;
 mod writer;
@@ -298,6 +297,17 @@ pub struct Record {
     /// ever the rule that allowed the request, so usage analysis can count `rule` alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nearest_rule: Option<String>,
+    /// On HTTP decision records of a request with a query only: the query's parameter
+    /// names, decoded, in request order (a repeated name repeats), never their values; at
+    /// most [`crate::policy::MAX_RECORDED_QUERY_NAMES`] names of at most
+    /// [`crate::policy::MAX_RECORDED_QUERY_NAME`] printable bytes each, so that `policy
+    /// suggest` can list them (see [`crate::policy::recorded_query_names`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_names: Option<Vec<String>>,
+    /// With `query_names` only: `true` when the names could not all be recorded (more of
+    /// them, a longer or unprintable one, a query that does not parse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_names_clipped: Option<bool>,
     /// Hash of the previous record; set by the writer.
     pub(crate) prev: ChainHash,
     /// Not serialised: the record of a kernel deny event (counted by
@@ -345,6 +355,8 @@ impl Record {
             cgroup_id: None,
             dns: None,
             nearest_rule: None,
+            query_names: None,
+            query_names_clipped: None,
             prev: chain::GENESIS,
             kernel_event: false,
         }

@@ -12,7 +12,7 @@ use super::{
     DnsReport, Mode, PolicyErrors, Resolution, Snapshot, binding_report, dns, dns_report, explain,
     host_dns_report,
 };
-use super::{diff, usage};
+use super::{diff, suggest, trail, usage};
 use crate::resolve::{DnsLookup, Lookup as _, ResolveError, TtlBounds};
 
 /// How `explain` resolves a destination name.
@@ -209,6 +209,35 @@ pub enum PolicyCommand {
         #[arg(long)]
         fail_on_unused: bool,
     },
+    /// A least-privilege policy for what one workload's audit records show: its HTTP
+    /// destinations (host, port, TLS passthrough), one rule per path template with the
+    /// methods and query parameter names seen (numeric, UUID, hex and long opaque segments
+    /// become constrained parameters), a rate from the busiest minute, L4 exceptions for kernel-recorded
+    /// TCP/UDP, `dns:` for its DNS queries. Demand is `allow` and `would_deny` decisions
+    /// (plus `deny` by policy with --include-denied). Each rule has a comment with its
+    /// count and first/last seen; the output is checked with the policy validator before
+    /// it is written. A line of an audit file that is not a record is an error (a torn
+    /// last line is a warning).
+    Suggest {
+        /// An audit file (its rotated files are read too); repeatable.
+        #[arg(long = "from", required = true, value_name = "AUDIT")]
+        from: Vec<PathBuf>,
+        /// The workload whose records are read.
+        #[arg(long)]
+        workload: String,
+        /// Write the policy here (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Only records at or after this time: RFC 3339, or a duration before now (30d, 12h).
+        #[arg(long)]
+        since: Option<String>,
+        /// The policy's mode.
+        #[arg(long, value_enum, default_value_t)]
+        mode: suggest::SuggestMode,
+        /// Also count `deny` decisions refused by policy as demand.
+        #[arg(long)]
+        include_denied: bool,
+    },
     /// What a policy change grants and revokes, per workload (conservative: a change that is
     /// not simply narrower counts as a grant). Exits 0, or 1 with --fail-on-grant when the
     /// change grants anything.
@@ -253,9 +282,30 @@ pub enum PolicyCliError {
     /// The test cases cannot be run.
     #[error(transparent)]
     Cases(#[from] CasesError),
-    /// An audit file cannot be read.
-    #[error("{}: cannot read audit records: {source}", path.display())]
-    ReadAudit {
+    /// The audit files cannot be read.
+    #[error(transparent)]
+    Trail(#[from] trail::TrailError),
+    /// A policy cannot be suggested from the records.
+    #[error(transparent)]
+    Suggest(#[from] suggest::SuggestError),
+    /// An audit file has a line that is not a record (and is not a torn last line).
+    #[error(
+        "{finding}: the file is damaged or not an audit file (`scopegate audit verify` it); \
+         a policy suggested without that line could miss what it recorded"
+    )]
+    DamagedAudit {
+        /// The line, with file and line number.
+        finding: String,
+    },
+    /// The suggested policy does not pass the validator (a bug of `suggest`).
+    #[error("the suggested policy does not validate (please report this): {errors}")]
+    SuggestionInvalid {
+        /// The validator's errors.
+        errors: PolicyErrors,
+    },
+    /// The suggested policy cannot be written.
+    #[error("{}: cannot write the policy: {source}", path.display())]
+    WriteOut {
         /// The file.
         path: PathBuf,
         /// The I/O error.
@@ -336,12 +386,7 @@ pub fn run(command: PolicyCommand) -> Result<Verdict, PolicyCliError> {
             fail_on_unused,
         } => {
             let snapshot = Snapshot::load_dir(&dir)?;
-            let since = since
-                .map(|value| {
-                    crate::audit::query::parse_time(&value, jiff::Timestamp::now())
-                        .map_err(|reason| PolicyCliError::InvalidSince { value, reason })
-                })
-                .transpose()?;
+            let since = parse_since(since)?;
             let records = read_allows(&from, since)?;
             let report = usage::unused(&snapshot, records.uses());
             for warning in &records.warnings {
@@ -353,6 +398,40 @@ pub fn run(command: PolicyCommand) -> Result<Verdict, PolicyCliError> {
                 print!("{}", unused_text(&report, records.files, since));
             }
             Ok(Verdict::of(!fail_on_unused || report.unused.is_empty()))
+        }
+        PolicyCommand::Suggest {
+            from,
+            workload,
+            out,
+            since,
+            mode,
+            include_denied,
+        } => {
+            let options = suggest::Options {
+                workload,
+                mode,
+                include_denied,
+            };
+            let (text, warnings) = suggest_policy(&from, parse_since(since)?, options)?;
+            for warning in &warnings {
+                eprintln!("scopegate: warning: {warning}");
+            }
+            match out {
+                None => print!("{text}"),
+                Some(path) => {
+                    write_atomically(&path, text.as_bytes()).map_err(|source| {
+                        PolicyCliError::WriteOut {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
+                    eprintln!(
+                        "scopegate: wrote the suggested policy to {}",
+                        path.display()
+                    );
+                }
+            }
+            Ok(Verdict::Ok)
         }
         PolicyCommand::Diff {
             old,
@@ -638,66 +717,97 @@ impl Allows {
 }
 
 /// Reads the allow decision records (at or after `since`) of each audit file of `from` and
-/// its rotated files. A line that is not a record (a torn tail, garbage) is a warning
-/// naming file and line, never silently skipped; the hash chain is `audit verify`'s job.
+/// its rotated files ([`trail::read`]). A line that is not a record (a torn tail, garbage)
+/// is a warning naming file and line, never silently skipped.
 fn read_allows(from: &[PathBuf], since: Option<jiff::Timestamp>) -> Result<Allows, PolicyCliError> {
-    use crate::audit::{Decision, chain, sink};
-    let mut out = Allows {
-        allows: Vec::new(),
-        files: 0,
-        warnings: Vec::new(),
-    };
-    for base in from {
-        if !base.exists() {
-            return Err(PolicyCliError::ReadAudit {
-                path: base.clone(),
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
+    use crate::audit::Decision;
+    let mut allows = Vec::new();
+    let summary = trail::read(from, since, |r| {
+        if r.decision != Decision::Allow || !r.is_decision() {
+            return;
         }
-        let files = sink::rotated_set(base).map_err(|source| PolicyCliError::ReadAudit {
-            path: base.clone(),
-            source,
-        })?;
-        for file in files {
-            let bytes = std::fs::read(&file).map_err(|source| PolicyCliError::ReadAudit {
-                path: file.clone(),
-                source,
-            })?;
-            out.files += 1;
-            let mut records = 0usize;
-            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-                if line.is_empty() {
-                    continue;
-                }
-                let Ok(parsed) = chain::parse_line(line) else {
-                    out.warnings.push(format!(
-                        "{}:{}: not an audit record, skipped",
-                        file.display(),
-                        i + 1
-                    ));
-                    continue;
-                };
-                records += 1;
-                let r = parsed.record;
-                if r.decision != Decision::Allow || !r.is_decision() {
-                    continue;
-                }
-                if let Some(since) = since
-                    && r.ts.parse::<jiff::Timestamp>().is_ok_and(|ts| ts < since)
-                {
-                    continue;
-                }
-                if let (Some(w), Some(rule)) = (r.workload, r.rule) {
-                    out.allows.push((w, rule, r.method.unwrap_or_default()));
-                }
-            }
-            if records == 0 {
-                out.warnings
-                    .push(format!("{}: no audit records", file.display()));
-            }
+        if let (Some(w), Some(rule)) = (r.workload, r.rule) {
+            allows.push((w, rule, r.method.unwrap_or_default()));
         }
+    })?;
+    Ok(Allows {
+        allows,
+        files: summary.files.len(),
+        warnings: summary.findings.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// `--since`: RFC 3339, or a duration before now.
+fn parse_since(since: Option<String>) -> Result<Option<jiff::Timestamp>, PolicyCliError> {
+    since
+        .map(|value| {
+            crate::audit::query::parse_time(&value, jiff::Timestamp::now())
+                .map_err(|reason| PolicyCliError::InvalidSince { value, reason })
+        })
+        .transpose()
+}
+
+/// `suggest`: the policy text for the records of `from` (at or after `since`), checked by
+/// the policy validator, and the warnings (torn last lines, files without records).
+pub fn suggest_policy(
+    from: &[PathBuf],
+    since: Option<jiff::Timestamp>,
+    options: suggest::Options,
+) -> Result<(String, Vec<String>), PolicyCliError> {
+    let workload = options.workload.clone();
+    let mut observer = suggest::Observer::new(options);
+    let summary = trail::read(from, since, |r| observer.add(&r))?;
+    if let Some(garbage) = summary.garbage() {
+        return Err(PolicyCliError::DamagedAudit {
+            finding: garbage.to_string(),
+        });
     }
-    Ok(out)
+    let warnings: Vec<String> = summary.findings.iter().map(ToString::to_string).collect();
+    let mut notes = warnings.clone();
+    if summary.before_since > 0 {
+        notes.push(format!(
+            "{} record(s) before the window not read",
+            summary.before_since
+        ));
+    }
+    let sources = suggest::Sources {
+        files: summary
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect(),
+        window: since.map_or_else(|| "all records".to_owned(), |t| format!("since {t}")),
+        notes,
+    };
+    let text = observer.finish(&sources)?;
+    // The validator has the last word: never hand out a policy it would reject.
+    let dir = tempfile::tempdir().map_err(|source| PolicyCliError::WriteOut {
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let file = dir.path().join(format!("{workload}.yaml"));
+    std::fs::write(&file, &text).map_err(|source| PolicyCliError::WriteOut {
+        path: file.clone(),
+        source,
+    })?;
+    Snapshot::load_dir(dir.path())
+        .map_err(|errors| PolicyCliError::SuggestionInvalid { errors })?;
+    Ok((text, warnings))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
+/// so that a reader never sees half a policy.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// The text form of the unused-grants report.
@@ -1488,7 +1598,8 @@ egress:
         assert_eq!(
             warnings,
             [format!(
-                "{}:6: not an audit record, skipped",
+                "{}:6: not an audit record (a torn last line: the agent stopped mid-write), \
+                 skipped",
                 file.display()
             )]
         );

@@ -378,6 +378,34 @@ pub(crate) fn parse_query(query: &str) -> Result<QueryPairs<'_>, String> {
     Ok(pairs)
 }
 
+/// The most query parameter names an audit record carries.
+pub const MAX_RECORDED_QUERY_NAMES: usize = 32;
+/// The longest query parameter name an audit record carries, in bytes.
+pub const MAX_RECORDED_QUERY_NAME: usize = 64;
+
+/// The parameter names of a raw query as an audit record carries them (decoded as
+/// [`parse_query`] decodes them, in order, repeats kept, never values), and whether some
+/// could not be recorded: more than [`MAX_RECORDED_QUERY_NAMES`], one longer than
+/// [`MAX_RECORDED_QUERY_NAME`] or not printable ASCII (it is left out), or a query that
+/// does not parse (no names).
+pub fn recorded_query_names(query: &str) -> (Vec<String>, bool) {
+    let Ok(pairs) = parse_query(query) else {
+        return (Vec::new(), true);
+    };
+    let mut clipped = pairs.len() > MAX_RECORDED_QUERY_NAMES;
+    let mut names = Vec::with_capacity(pairs.len().min(MAX_RECORDED_QUERY_NAMES));
+    for (name, _) in pairs.iter().take(MAX_RECORDED_QUERY_NAMES) {
+        if name.len() > MAX_RECORDED_QUERY_NAME
+            || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            clipped = true;
+            continue;
+        }
+        names.push(name.clone().into_owned());
+    }
+    (names, clipped)
+}
+
 /// Decodes one form-urlencoded component.
 fn form_decode(s: &str) -> Result<Cow<'_, str>, String> {
     if !s.contains(['%', '+']) {

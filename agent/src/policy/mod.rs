@@ -183,6 +183,8 @@ mod rate;
 mod raw;
 mod routes;
 pub mod schema;
+pub mod suggest;
+pub mod trail;
 pub mod usage;
 mod when;
 
@@ -204,7 +206,8 @@ pub use explain::{
     dns_report, explain, host_dns_report, kernel_report,
 };
 pub use matchers::{
-    HeaderConstraint, HeaderRules, JsonRule, Pattern, QueryConstraint, QueryRules, ValueMatch,
+    HeaderConstraint, HeaderRules, JsonRule, MAX_RECORDED_QUERY_NAME, MAX_RECORDED_QUERY_NAMES,
+    Pattern, QueryConstraint, QueryRules, ValueMatch, recorded_query_names,
 };
 pub use model::{
     Binding, Credential, Destination, Host, L4Exception, L4Protocol, MAX_L4_PORTS, Mode,

@@ -1611,7 +1611,7 @@ fn is_param_name(s: &str) -> bool {
 }
 
 /// An RFC 9110 token without lowercase letters.
-fn is_uppercase_method(s: &str) -> bool {
+pub(crate) fn is_uppercase_method(s: &str) -> bool {
     !s.is_empty()
         && s.bytes().all(|b| {
             b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -1619,7 +1619,7 @@ fn is_uppercase_method(s: &str) -> bool {
 }
 
 /// Validates `select.cgroup`: an exact path, or a glob if it contains `*`.
-fn cgroup_selector(p: &str) -> Result<Selector, &'static str> {
+pub(crate) fn cgroup_selector(p: &str) -> Result<Selector, &'static str> {
     if !p.starts_with('/') {
         Err("must be an absolute path starting with '/'")
     } else if p == "/" {

@@ -14,10 +14,12 @@ use jiff::{SignedDuration, Timestamp};
 use super::{ChainState, Period, Review};
 use crate::audit::{
     query,
-    read::{self, ReadError},
     verify::{self, VerifyError, VerifyOptions},
 };
-use crate::policy::{PolicyErrors, Snapshot};
+use crate::policy::{
+    PolicyErrors, Snapshot,
+    trail::{self, TrailError},
+};
 
 /// Arguments of `audit report`.
 #[derive(Debug, clap::Args)]
@@ -57,7 +59,7 @@ pub enum ReviewError {
     Policy(#[from] PolicyErrors),
     /// An audit file cannot be read.
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(#[from] TrailError),
     /// The chain walk could not run.
     #[error(transparent)]
     Verify(#[from] VerifyError),
@@ -114,21 +116,19 @@ pub fn run(
         buckets: usize::from(args.buckets),
     };
     let snapshot = Snapshot::load_dir(&args.policies)?;
-    let loaded = read::read_sets(&args.from)?;
-    for warning in &loaded.warnings {
-        writeln!(err, "warning: {warning}")?;
+    // The whole trail is read; the period (it has an end too) is the review's business.
+    let mut records = Vec::new();
+    let read = trail::read(&args.from, None, |r| records.push(r))?;
+    for finding in &read.findings {
+        writeln!(err, "warning: {finding}")?;
     }
     let walk = verify::verify(&VerifyOptions {
         files: args.from.clone(),
         pubkey: None,
         anchors: Vec::new(),
     })?;
-    let mut review = Review::build(&loaded.records, &snapshot, &period);
-    review.files = loaded
-        .files
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect();
+    let mut review = Review::build(&records, &snapshot, &period);
+    review.files = read.files.iter().map(|f| f.display().to_string()).collect();
     review.chain = Some(ChainState {
         intact: walk.ok(),
         records: walk.records,
