@@ -147,13 +147,13 @@ fn workload(c: &mut Changes<'_>, a: &Workload, b: &Workload) {
     for l in &b.l4 {
         if !a.l4.contains(l) {
             c.grant(format!(
-                "new L4 exception {l:?} (passed in the kernel, no proxy)"
+                "new L4 exception `{l}` (passed in the kernel, no proxy)"
             ));
         }
     }
     for l in &a.l4 {
         if !b.l4.contains(l) {
-            c.revoke(format!("L4 exception {l:?} removed"));
+            c.revoke(format!("L4 exception `{l}` removed"));
         }
     }
 }

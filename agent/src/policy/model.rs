@@ -68,6 +68,24 @@ pub struct L4Exception {
     pub protocol: L4Protocol,
 }
 
+impl fmt::Display for L4Exception {
+    /// As written in a policy: `cidr: 127.0.0.4/32 ports: [5432] protocol: tcp`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let protocol = match self.protocol {
+            L4Protocol::Tcp => "tcp",
+            L4Protocol::Udp => "udp",
+        };
+        write!(
+            f,
+            "cidr: {}/{} ports: [{}] protocol: {protocol}",
+            self.addr,
+            self.prefix,
+            ports.join(", ")
+        )
+    }
+}
+
 /// Protocol of an [`L4Exception`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4Protocol {
