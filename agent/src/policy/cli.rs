@@ -796,8 +796,9 @@ pub fn suggest_policy(
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
-/// so that a reader never sees half a policy.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+/// so that a reader never sees half a file and a failed write leaves the old one (the
+/// suggested policy, the review report).
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write as _;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

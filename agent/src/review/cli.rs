@@ -138,12 +138,11 @@ pub fn run(
             .map(|d| format!("{}:{}: {} ({})", d.file.display(), d.line, d.kind, d.detail)),
     });
     if let Some(path) = &args.html {
-        write_atomically(path, super::html::render(&review).as_bytes()).map_err(|source| {
-            ReviewError::Write {
+        crate::policy::cli::write_atomically(path, super::html::render(&review).as_bytes())
+            .map_err(|source| ReviewError::Write {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
     }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&review)?)?;
@@ -154,18 +153,4 @@ pub fn run(
         }
     }
     Ok(walk.ok())
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: a
-/// reader never sees half a report, and a failed write leaves the old one.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
