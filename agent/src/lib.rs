@@ -43,6 +43,8 @@ pub mod config;
 pub mod control;
 pub mod exec;
 pub mod exit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub mod pipeline;
 pub mod release;
