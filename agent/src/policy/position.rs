@@ -97,7 +97,15 @@ impl PositionIndex {
                 pos: Pos::from_marker(*e.marker()).within(src),
                 message: e.info().to_owned(),
             })?;
-        Ok(builder.index)
+        // The parser also places a node that ends the file without a final newline (an
+        // empty `-` item, say) on the line after the last one (the third finding of the
+        // `policy_load` fuzz target): every position is kept inside the text.
+        let mut index = builder.index;
+        for pos in index.values.values_mut().chain(index.keys.values_mut()) {
+            *pos = pos.within(src);
+        }
+        index.second_document = index.second_document.map(|p| p.within(src));
+        Ok(index)
     }
 
     /// The kind of the top-level node.
@@ -380,6 +388,22 @@ egress:
             Pos { line: 4, col: 1 }.within("a\rb\r\nc"),
             Pos { line: 3, col: 2 }
         );
+    }
+
+    #[test]
+    fn a_node_at_the_end_of_a_file_without_newline_is_inside_it() {
+        // From the fuzz target policy_load: an empty last list item, no final newline.
+        let src = "egress:\n  -";
+        let mut raw = Builder::default();
+        Parser::new_from_str(src).load(&mut raw, true).unwrap();
+        assert_eq!(
+            raw.index.values["egress[0]"].line, 3,
+            "the parser's own line"
+        );
+        let idx = PositionIndex::build(src).unwrap();
+        let pos = idx.value("egress[0]").unwrap();
+        assert!(pos.line <= 2, "{pos:?}");
+        assert!(pos.col <= 4, "{pos:?}");
     }
 
     #[test]
