@@ -249,6 +249,7 @@ pub struct Agent {
 }
 
 /// What to start an agent with.
+#[derive(Clone)]
 pub struct AgentConfig<'a> {
     /// Policy directory.
     pub policies: &'a Path,
@@ -300,9 +301,22 @@ impl<'a> AgentConfig<'a> {
 impl Agent {
     /// Starts the agent and waits until it prints `scopegate ready` (or fails).
     pub fn start(cfg: AgentConfig<'_>) -> Self {
-        let mut agent = Self::spawn(cfg);
-        agent.wait_ready();
-        agent
+        // A port the harness picked can be taken by another test between the pick and the
+        // agent's bind (tests run two at a time): the agent then refuses to start with
+        // EADDRINUSE, and it is started again on other free ports. Ports a test chose are
+        // not retried.
+        let retry = cfg.port.is_none() && cfg.dns_port.is_none();
+        for _ in 0..3 {
+            let mut agent = Self::spawn(cfg.clone());
+            match agent.ready_or_exit() {
+                Ok(()) => return agent,
+                Err(stderr) if retry && stderr.contains("Address already in use") => {
+                    eprintln!("harness: a picked port was taken meanwhile; starting again");
+                }
+                Err(stderr) => panic!("{stderr}"),
+            }
+        }
+        panic!("scopegate could not get free ports in 3 attempts");
     }
 
     /// Starts the agent without waiting for it to be ready.
@@ -393,14 +407,23 @@ impl Agent {
     /// Waits until the agent prints `scopegate ready` (fails if it exits first or takes
     /// more than 20 s).
     pub fn wait_ready(&mut self) {
+        if let Err(message) = self.ready_or_exit() {
+            panic!("{message}");
+        }
+    }
+
+    /// [`Agent::wait_ready`], with an early exit returned as its message (and the agent
+    /// reaped) instead of a panic.
+    fn ready_or_exit(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.ready.load(Ordering::SeqCst) {
             if let Ok(Some(status)) = self.child.try_wait() {
+                self.reaped = true;
                 thread::sleep(Duration::from_millis(100));
-                panic!(
+                return Err(format!(
                     "scopegate exited with {status} before it was ready:\n{}",
                     self.stderr().join("\n")
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -409,6 +432,7 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Waits for the agent to exit (at most 20 s) and returns its exit code.
