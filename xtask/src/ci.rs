@@ -9,6 +9,7 @@ use std::{
     process::{Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     thread,
+    time::Instant,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -62,7 +63,13 @@ fn has_policies_flag(args: &[OsString]) -> bool {
 /// One tier of `cargo xtask test`: prints a header, runs `f`, names the step on failure.
 fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     eprintln!("\n==> xtask test: {name}");
-    f().with_context(|| format!("xtask test: step `{name}` failed"))
+    let start = Instant::now();
+    let result = f().with_context(|| format!("xtask test: step `{name}` failed"));
+    eprintln!(
+        "==> xtask test: {name}: {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    result
 }
 
 /// `cargo xtask test`: everything CI checks (the package included), in order; the first failing step stops it.
@@ -166,8 +173,9 @@ fn run_tee(cmd: &mut Command, log: &Path, echo: bool) -> Result<ExitStatus> {
     let stdout = child.stdout.take().context("child stdout")?;
     let stderr = child.stderr.take().context("child stderr")?;
     let out_file = Arc::clone(&file);
-    let out = thread::spawn(move || pump(stdout, echo.then(io::stdout), &out_file));
-    let err = thread::spawn(move || pump(stderr, echo.then(io::stderr), &file));
+    let start = Instant::now();
+    let out = thread::spawn(move || pump(stdout, echo.then(io::stdout), &out_file, start));
+    let err = thread::spawn(move || pump(stderr, echo.then(io::stderr), &file, start));
     let status = child
         .wait()
         .with_context(|| format!("waiting for `{}`", ctx::describe(cmd)))?;
@@ -180,14 +188,26 @@ fn run_tee(cmd: &mut Command, log: &Path, echo: bool) -> Result<ExitStatus> {
     Ok(status)
 }
 
-/// Copies `from` line by line to `term` (if any; best effort) and to `file`.
-fn pump(from: impl Read, mut term: Option<impl Write>, file: &Mutex<File>) -> io::Result<()> {
+/// Copies `from` line by line to `term` (if any; best effort) and to `file`. Lines that
+/// start or end a test binary are stamped with the time since `start`, so a slow run
+/// shows which binary took the time.
+fn pump(
+    from: impl Read,
+    mut term: Option<impl Write>,
+    file: &Mutex<File>,
+    start: Instant,
+) -> io::Result<()> {
     let mut from = BufReader::new(from);
     let mut line = Vec::new();
     loop {
         line.clear();
         if from.read_until(b'\n', &mut line)? == 0 {
             return Ok(());
+        }
+        if is_binary_boundary(&line) {
+            let mut stamped = format!("[+{:.0} s] ", start.elapsed().as_secs_f64()).into_bytes();
+            stamped.extend_from_slice(&line);
+            line = stamped;
         }
         // A closed terminal must not stop the log or the tests.
         if let Some(term) = term.as_mut() {
@@ -197,6 +217,13 @@ fn pump(from: impl Read, mut term: Option<impl Write>, file: &Mutex<File>) -> io
             .map_err(|_| io::Error::other("log file lock poisoned"))?
             .write_all(&line)?;
     }
+}
+
+/// True for cargo's `Running <binary>` line and libtest's `test result:` line.
+fn is_binary_boundary(line: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_start();
+    text.starts_with("Running ") || text.starts_with("test result:")
 }
 
 #[cfg(test)]
@@ -235,6 +262,36 @@ mod tests {
         let text = fs::read_to_string(&log)?;
         assert!(text.contains("out\n"));
         assert_eq!(count_marker(&text), 1);
+        fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn binary_boundaries_are_stamped() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("xtask-stamp-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let log = dir.join("log");
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo '     Running tests/e2e/a.rs' >&2; echo 'test x ... ok'; echo 'test result: ok.'",
+        ]);
+        run_tee(&mut cmd, &log, false)?;
+        let text = fs::read_to_string(&log)?;
+        let stamped: Vec<&str> = text.lines().filter(|l| l.starts_with("[+")).collect();
+        assert_eq!(stamped.len(), 2, "{text}");
+        // stdout and stderr are copied by two threads: their order is not fixed.
+        assert!(
+            stamped
+                .iter()
+                .any(|l| l.ends_with(" s]      Running tests/e2e/a.rs")),
+            "{text}"
+        );
+        assert!(
+            stamped.iter().any(|l| l.ends_with(" s] test result: ok.")),
+            "{text}"
+        );
+        assert!(text.contains("\ntest x ... ok\n"), "{text}");
         fs::remove_dir_all(&dir)?;
         Ok(())
     }
