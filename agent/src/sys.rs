@@ -1,9 +1,11 @@
 //! The few raw system calls the agent needs that aya 0.14, socket2 and nix do not offer:
 //! `BPF_OBJ_GET` and `BPF_LINK_UPDATE` (to swap the program behind a pinned link without a
-//! gap), `BPF_PROG_QUERY` (which programs are attached to a cgroup, for the health check), `SO_NETNS_COOKIE` and `RLIMIT_NOFILE`. Each is a thin, checked wrapper.
+//! gap), `BPF_PROG_QUERY` (which programs are attached to a cgroup, for the health
+//! check), `SO_NETNS_COOKIE`, `RLIMIT_NOFILE`, and `SCHED_BATCH` for the audit writer
+//! thread. Each is a thin, checked wrapper.
 #![allow(
     unsafe_code,
-    reason = "raw bpf(2) and getsockopt(2); every call is wrapped and checked"
+    reason = "raw bpf(2), getsockopt(2), rlimits and sched_setscheduler(2); every call is wrapped and checked"
 )]
 
 use std::{
@@ -157,10 +159,42 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     Ok((old, limit.rlim_cur))
 }
 
+/// Puts the calling thread under `SCHED_BATCH`: the same CPU share as any other thread
+/// (same nice value), but its wake-ups never preempt the thread running on that CPU.
+///
+/// For the audit writer: every request hands it a record, and each hand-off wakes it. Under
+/// the default policy each wake-up preempted the tokio worker at once (when both share a
+/// CPU), so a batch held one record and every request paid two context switches per
+/// record. A batch thread runs when the worker waits (for those very records) or at the
+/// next tick, and then writes everything queued in one go: group commit.
+pub fn batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a valid sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_can_take_batch_scheduling() {
+        let policy = std::thread::spawn(|| {
+            batch_scheduling().unwrap();
+            // SAFETY: no arguments; pid 0 is the calling thread.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH);
+        // The test thread itself keeps its policy.
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+    }
 
     #[test]
     fn nofile_soft_limit_is_raised_to_the_hard_limit() {

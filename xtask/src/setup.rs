@@ -363,11 +363,16 @@ fn ensure_deb_packages() -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing packages: {}", missing.join(" "));
+    // Packages start no services (nginx on :80, say): the tests start their own.
+    let _no_services = crate::bench::procs::NoServiceStart::new()?;
     ctx::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Without recommends: what the tests run needs only the packages' dependencies, and
+    // chromium's recommends (udev, upower, avahi, a terminal, …) would upgrade systemd
+    // and start daemons on the host.
     ctx::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq"])
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing),
     )?;
     eprintln!("setup: packages installed ({})", missing.join(", "));

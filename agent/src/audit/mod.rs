@@ -639,7 +639,14 @@ impl Auditor {
         )?;
         let handle = thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                // Group commit: see `sys::batch_scheduling`. Without it (a seccomp filter
+                // that refuses it, say) records are still written, one wake-up each.
+                if let Err(e) = crate::sys::batch_scheduling() {
+                    tracing::debug!(error = %e, "the audit writer keeps the default scheduling policy");
+                }
+                writer.run();
+            })
             .map_err(|source| AuditError::Spawn { source })?;
         Ok((Self { tx, host, shared }, handle))
     }
@@ -770,9 +777,9 @@ impl AuditGuard {
         Some(record)
     }
 
-    /// The guard of the outcome record of a decision written as `seq` (None: not written).
-    fn outcome(&self, decision: &Record, seq: Option<u64>) -> Self {
-        let mut outcome = decision.clone();
+    /// The guard of the outcome record of a decision written as `seq` (None: not written),
+    /// made from a copy of the decision record.
+    fn outcome(&self, mut outcome: Record, seq: Option<u64>) -> Self {
         outcome.outcome_of = seq;
         outcome.latency_us = None;
         Self {
@@ -808,9 +815,9 @@ impl AuditGuard {
         let outcome_template = record.clone();
         self.auditor.send(record, Some(Ack::Forward(tx)));
         match rx.await {
-            Ok(Ok(seq)) => Ok((Recorded { seq }, self.outcome(&outcome_template, Some(seq)))),
-            Ok(Err(seq)) => Err(self.outcome(&outcome_template, Some(seq))),
-            Err(_) => Err(self.outcome(&outcome_template, None)),
+            Ok(Ok(seq)) => Ok((Recorded { seq }, self.outcome(outcome_template, Some(seq)))),
+            Ok(Err(seq)) => Err(self.outcome(outcome_template, Some(seq))),
+            Err(_) => Err(self.outcome(outcome_template, None)),
         }
     }
 

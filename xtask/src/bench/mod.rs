@@ -16,6 +16,7 @@
 
 mod client;
 pub(crate) mod procs;
+mod profile;
 mod report;
 mod tls;
 mod workload;
@@ -212,6 +213,11 @@ pub struct BenchArgs {
     /// Directory with rules.txt, requests.txt and denied.txt [default: <root>/../shared/bench].
     #[arg(long, value_name = "DIR")]
     workload: Option<PathBuf>,
+    /// After the timed runs, one more keep-alive run through the agent under `perf
+    /// record`: flame graph, collapsed stacks and PROFILE.md (top 20 functions) next to
+    /// REPORT.md.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Parses `10s`, `1500ms`, `1m` or a bare number of seconds.
@@ -402,6 +408,9 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", bin.display()))?;
     ensure_packages(&settings)?;
+    if args.profile {
+        profile::ensure_tools(ctx)?;
+    }
 
     let out = ctx.target_dir.join("bench");
     let work = out.join("work");
@@ -539,7 +548,7 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
             for live in &mut lives {
                 let sample = measure(&env, &settings, kind, rep, live, &wrk_script)?;
                 eprintln!(
-                    "bench: {} rep {rep} {:<9} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  CPU/req {:>6}  errors {}",
+                    "bench: {} rep {rep} {:<9} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  CPU/req {:>6}  switches/req {:>5}  errors {}",
                     kind.key(),
                     live.target.name(),
                     sample.rps,
@@ -548,6 +557,9 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
                     sample
                         .cpu_us_per_req
                         .map_or_else(|| "–".to_owned(), |v| format!("{v:.1}")),
+                    sample
+                        .switches_per_req
+                        .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}")),
                     sample.non2xx + sample.socket_errors
                 );
                 results.samples.push(sample);
@@ -557,6 +569,21 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
         }
     }
 
+    if args.profile {
+        let live = lives
+            .iter_mut()
+            .find(|l| l.target == Target::Scopegate)
+            .context("--profile needs the scopegate target")?;
+        results.profile = Some(profile_agent(
+            ctx,
+            &env,
+            &settings,
+            live,
+            &wrk_script,
+            &out,
+        )?);
+        fleet.check()?;
+    }
     if settings.scenarios.contains(&Scenario::Tls) {
         results.tls = Some(tls::run(&env, &settings, &host.cgroup2, &name)?);
     }
@@ -595,6 +622,40 @@ pub fn bench(ctx: &Ctx, args: &BenchArgs) -> Result<()> {
         elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// One keep-alive run through the agent under `perf record` (not a timed sample);
+/// returns the report's section.
+fn profile_agent(
+    ctx: &Ctx,
+    env: &Env,
+    settings: &Settings,
+    live: &mut Live,
+    wrk_script: &Path,
+    out: &Path,
+) -> Result<String> {
+    let pid = live.pid.context("the agent's pid")?;
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let outputs = profile::Outputs::under(out);
+    eprintln!("\n==> bench: profiling the agent (pid {pid}) under keep-alive load");
+    let recording = profile::start(pid, settings.wrk_secs() + 1, settings.loadgen_cpu, &outputs)?;
+    let sample = measure(env, settings, Kind::Keepalive, 0, live, wrk_script)?;
+    let title = format!(
+        "scopegate agent, keep-alive wrk -t1 -c{}, {:.0} req/s under the profiler",
+        settings.connections, sample.rps
+    );
+    let md = recording.finish(ctx, &title)?;
+    eprintln!("bench: profile in {}", outputs.markdown.display());
+    // The report carries the per-crate table; PROFILE.md has the function tables.
+    let per_crate = md
+        .split("\n## ")
+        .find(|s| s.starts_with("Self time per crate"))
+        .unwrap_or_default();
+    Ok(format!(
+        "\n## Profile (`--profile`)\n\n{title}: flame graph `flamegraph.svg`, top 20 \
+         functions in `PROFILE.md`.\n\n### {}\n",
+        per_crate.trim_end()
+    ))
 }
 
 /// The header lines of the report.
@@ -1201,6 +1262,7 @@ fn measure(
         None => None,
     };
     let cpu_before = live.pid.map(procs::tree_cpu_ticks).transpose()?;
+    let switches_before = live.pid.map(procs::tree_context_switches).transpose()?;
     let (raw, requests, rps, p50, p99, p999, non2xx, socket_errors) = if kind.paced() {
         let mut cmd = client_command(
             env,
@@ -1281,6 +1343,7 @@ fn measure(
         )
     };
     let cpu_after = live.pid.map(procs::tree_cpu_ticks).transpose()?;
+    let switches_after = live.pid.map(procs::tree_context_switches).transpose()?;
     let lines_after = match live.log.as_mut() {
         Some(c) => Some(c.settled()?),
         None => None,
@@ -1288,6 +1351,10 @@ fn measure(
     let per_req = |delta: f64| (requests > 0).then(|| delta / requests as f64);
     let cpu_us_per_req = match (cpu_before, cpu_after) {
         (Some(b), Some(a)) => per_req(a.saturating_sub(b) as f64 * 1e6 / env.clk_tck),
+        _ => None,
+    };
+    let switches_per_req = match (switches_before, switches_after) {
+        (Some(b), Some(a)) => per_req(a.saturating_sub(b) as f64),
         _ => None,
     };
     let log_lines_per_req = match (lines_before, lines_after) {
@@ -1306,6 +1373,7 @@ fn measure(
         non2xx,
         socket_errors,
         cpu_us_per_req,
+        switches_per_req,
         log_lines_per_req,
         raw,
     })
@@ -1642,6 +1710,7 @@ mod tests {
             rate: 1000,
             no_build: true,
             workload: None,
+            profile: false,
         };
         let s = Settings::new(&args);
         assert_eq!(

@@ -530,6 +530,40 @@ pub fn tree_cpu_ticks(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
+/// Context switches (voluntary + involuntary) of every thread of `pid` and of its live
+/// descendants, from `/proc/<pid>/task/<tid>/status`.
+pub fn tree_context_switches(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for p in std::iter::once(pid).chain(descendants(pid).into_iter().map(|(p, _)| p)) {
+        let dir = format!("/proc/{p}/task");
+        let Ok(tasks) = fs::read_dir(&dir) else {
+            if p == pid {
+                bail!("reading {dir}: the process is gone");
+            }
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(text) = fs::read_to_string(task.path().join("status")) else {
+                continue; // the thread ended meanwhile
+            };
+            total += context_switches(&text);
+        }
+    }
+    Ok(total)
+}
+
+/// The sum of the `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` lines.
+fn context_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        })
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// A `Key:  value` line of `/proc/<pid>/status`.
 pub fn status_field(pid: u32, key: &str) -> Result<String> {
     let path = format!("/proc/{pid}/status");
@@ -683,6 +717,17 @@ impl Drop for NoServiceStart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_context_switches() -> Result<()> {
+        let status =
+            "Name:\tscopegate\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(context_switches(status), 127);
+        assert_eq!(context_switches("Name:\tx\n"), 0);
+        let me = std::process::id();
+        assert!(tree_context_switches(me)? > 0);
+        Ok(())
+    }
 
     #[test]
     fn parses_proc_stat() {

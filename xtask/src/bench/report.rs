@@ -31,6 +31,8 @@ pub struct Sample {
     pub socket_errors: u64,
     /// Proxy CPU time (utime + stime) per completed request, µs.
     pub cpu_us_per_req: Option<f64>,
+    /// Context switches (voluntary and not) of the proxy's threads per completed request.
+    pub switches_per_req: Option<f64>,
     /// Audit or access-log lines written per completed request.
     pub log_lines_per_req: Option<f64>,
     /// The load generator's own summary.
@@ -107,6 +109,9 @@ pub struct Results {
     pub tls: Option<String>,
     /// How each kind was run (shown under its heading).
     pub kind_notes: Vec<(Kind, String)>,
+    /// The `--profile` section (where PROFILE.md and the flame graph are, self time per
+    /// crate), if profiled.
+    pub profile: Option<String>,
 }
 
 /// Median; `None` if empty.
@@ -137,6 +142,8 @@ pub struct Medians {
     pub p999_us: f64,
     /// Proxy CPU µs per request.
     pub cpu_us_per_req: Option<f64>,
+    /// Proxy context switches per request.
+    pub switches_per_req: Option<f64>,
     /// Log lines per request.
     pub log_lines_per_req: Option<f64>,
     /// Sum of non-2xx over the repetitions.
@@ -166,6 +173,7 @@ impl Results {
             p99_us: m(&|s| s.p99_us)?,
             p999_us: m(&|s| s.p999_us)?,
             cpu_us_per_req: opt(&|s| s.cpu_us_per_req),
+            switches_per_req: opt(&|s| s.switches_per_req),
             log_lines_per_req: opt(&|s| s.log_lines_per_req),
             non2xx: runs.iter().map(|s| s.non2xx).sum(),
             socket_errors: runs.iter().map(|s| s.socket_errors).sum(),
@@ -221,6 +229,9 @@ impl Results {
         }
         self.micro_section(&mut md);
         self.targets_section(&mut md);
+        if let Some(profile) = &self.profile {
+            md.push_str(profile);
+        }
         md.push_str(NOTES);
         md
     }
@@ -228,8 +239,8 @@ impl Results {
     /// Table of a saturated kind.
     fn saturated_table(&self, md: &mut String, kind: Kind) {
         md.push_str(
-            "| target | req/s | × direct | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/req | non-2xx | socket errors | log lines/req |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| target | req/s | × direct | p50 µs | p99 µs | p99.9 µs | proxy CPU µs/req | proxy context switches/req | non-2xx | socket errors | log lines/req |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         let direct = self.medians(kind, Target::Direct);
         for target in self.targets() {
@@ -242,13 +253,14 @@ impl Results {
                 .map_or_else(dash, |d| format!("{:.2}", m.rps / d.rps));
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {ratio} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                "| {} | {:.0} | {ratio} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
                 target.name(),
                 m.rps,
                 m.p50_us,
                 m.p99_us,
                 m.p999_us,
                 opt1(m.cpu_us_per_req),
+                opt2(m.switches_per_req),
                 m.non2xx,
                 m.socket_errors,
                 opt2(m.log_lines_per_req),
@@ -463,6 +475,7 @@ impl Results {
                     "non2xx": s.non2xx,
                     "socket_errors": s.socket_errors,
                     "proxy_cpu_us_per_req": s.cpu_us_per_req,
+                    "proxy_context_switches_per_req": s.switches_per_req,
                     "log_lines_per_req": s.log_lines_per_req,
                     "raw": s.raw,
                 })
@@ -481,6 +494,7 @@ impl Results {
                         "p99_us": m.p99_us,
                         "p999_us": m.p999_us,
                         "proxy_cpu_us_per_req": m.cpu_us_per_req,
+                        "proxy_context_switches_per_req": m.switches_per_req,
                         "log_lines_per_req": m.log_lines_per_req,
                         "non2xx_total": m.non2xx,
                         "socket_errors_total": m.socket_errors,
@@ -530,6 +544,7 @@ impl Results {
             "connect": connect,
             "memory": memory,
             "decide": self.decide,
+            "profile": self.profile,
         })
     }
 }
@@ -595,6 +610,7 @@ mod tests {
             non2xx: 1,
             socket_errors: 0,
             cpu_us_per_req: cpu,
+            switches_per_req: cpu.map(|_| 0.5),
             log_lines_per_req: cpu.map(|_| 1.0),
             raw: Value::Null,
         }
