@@ -1057,6 +1057,9 @@ fn start_agent(
         .arg("--admin-socket")
         .arg(env.work.join("scopegate-admin.sock"))
         .env("TOKIO_WORKER_THREADS", "1")
+        // The allocator settings of packaging/scopegate.service.
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+        .env("MIMALLOC_PURGE_DELAY", "100")
         .env("NO_COLOR", "1");
     let mut proc = Proc::spawn(
         "scopegate agent",
@@ -1076,7 +1079,7 @@ fn start_agent(
     results.meta.push((
         "scopegate agent".into(),
         format!(
-            "proxy port {port}, TOKIO_WORKER_THREADS=1, prlimit {nofile}, audit {} ({})",
+            "proxy port {port}, TOKIO_WORKER_THREADS=1, MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=100 (as the unit), prlimit {nofile}, audit {} ({})",
             audit.display(),
             match style {
                 PathStyle::Plain => "fallback policy",
