@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: host checks and the tools the build and the tests need.
 
 use std::{
-    fs,
+    fs::{self, File},
+    io::Write as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -348,23 +349,29 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Installs whichever of [`DEB_PACKAGES`] are missing.
 fn ensure_deb_packages() -> Result<()> {
+    install_missing_debs("setup", &DEB_PACKAGES)
+}
+
+/// Installs whichever of `wanted` dpkg does not list as installed (`who` prefixes the
+/// messages): without recommends and with no services started.
+pub fn install_missing_debs(who: &str, wanted: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for pkg in DEB_PACKAGES {
+    for pkg in wanted {
         let out = Command::new("dpkg-query")
             .args(["-W", "-f=${Status}", pkg])
             .output()
             .context("could not run dpkg-query (is this Debian/Ubuntu?)")?;
         if !String::from_utf8_lossy(&out.stdout).contains("install ok installed") {
-            missing.push(pkg);
+            missing.push(*pkg);
         }
     }
     if missing.is_empty() {
-        eprintln!("setup: packages ok ({})", DEB_PACKAGES.join(", "));
+        eprintln!("{who}: packages ok ({})", wanted.join(", "));
         return Ok(());
     }
-    eprintln!("setup: installing packages: {}", missing.join(" "));
+    eprintln!("{who}: installing packages: {}", missing.join(" "));
     // Packages start no services (nginx on :80, say): the tests start their own.
-    let _no_services = crate::bench::procs::NoServiceStart::new()?;
+    let _no_services = NoServiceStart::new()?;
     ctx::run(Command::new("apt-get").args(["update", "-qq"]))?;
     // Without recommends: what the tests run needs only the packages' dependencies, and
     // chromium's recommends (udev, upower, avahi, a terminal, …) would upgrade systemd
@@ -375,8 +382,45 @@ fn ensure_deb_packages() -> Result<()> {
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing),
     )?;
-    eprintln!("setup: packages installed ({})", missing.join(", "));
+    eprintln!("{who}: packages installed ({})", missing.join(", "));
     Ok(())
+}
+
+/// Creates `/usr/sbin/policy-rc.d` (`exit 101`: packages start no services) if there is
+/// none, and removes it again when dropped.
+#[derive(Debug)]
+pub struct NoServiceStart {
+    /// The file we created, if we did.
+    created: Option<PathBuf>,
+}
+
+impl NoServiceStart {
+    /// Installs the guard file unless one exists.
+    pub fn new() -> Result<Self> {
+        let path = PathBuf::from("/usr/sbin/policy-rc.d");
+        if path.exists() {
+            return Ok(Self { created: None });
+        }
+        let mut file =
+            File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(b"#!/bin/sh\n# Temporary, by cargo xtask: start no services.\nexit 101\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        drop(file);
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", path.display()))?;
+        Ok(Self {
+            created: Some(path),
+        })
+    }
+}
+
+impl Drop for NoServiceStart {
+    fn drop(&mut self) {
+        if let Some(path) = self.created.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
 }
 
 /// Installs whichever of [`PY_PACKAGES`] the `python3` on PATH cannot import, with that

@@ -813,30 +813,7 @@ fn ensure_packages(settings: &Settings) -> Result<()> {
     if settings.runs(Target::Haproxy) {
         wanted.push("haproxy");
     }
-    let mut missing = Vec::new();
-    for pkg in &wanted {
-        let out = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", pkg])
-            .output()
-            .context("could not run dpkg-query (is this Debian/Ubuntu?)")?;
-        if !String::from_utf8_lossy(&out.stdout).contains("install ok installed") {
-            missing.push(*pkg);
-        }
-    }
-    if missing.is_empty() {
-        eprintln!("bench: packages ok ({})", wanted.join(", "));
-        return Ok(());
-    }
-    eprintln!("bench: installing packages: {}", missing.join(" "));
-    let _no_services = procs::NoServiceStart::new()?;
-    ctx::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    ctx::run(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing),
-    )?;
-    Ok(())
+    setup::install_missing_debs("bench", &wanted)
 }
 
 /// `taskset -c CPU PROGRAM`.

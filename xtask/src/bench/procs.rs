@@ -3,7 +3,7 @@
 
 use std::{
     fs::{self, File},
-    io::{Read, Write as _},
+    io::Read,
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -675,47 +675,10 @@ pub fn free_port(ip: &str, also: Option<&str>) -> Result<u16> {
     )
 }
 
-/// Creates `/usr/sbin/policy-rc.d` (`exit 101`: packages start no services) if there is
-/// none, and removes it again when dropped.
-#[derive(Debug)]
-pub struct NoServiceStart {
-    /// The file we created, if we did.
-    created: Option<PathBuf>,
-}
-
-impl NoServiceStart {
-    /// Installs the guard file unless one exists.
-    pub fn new() -> Result<Self> {
-        let path = PathBuf::from("/usr/sbin/policy-rc.d");
-        if path.exists() {
-            return Ok(Self { created: None });
-        }
-        let mut file =
-            File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        file.write_all(
-            b"#!/bin/sh\n# Temporary, by cargo xtask bench: start no services.\nexit 101\n",
-        )
-        .with_context(|| format!("writing {}", path.display()))?;
-        drop(file);
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("chmod {}", path.display()))?;
-        Ok(Self {
-            created: Some(path),
-        })
-    }
-}
-
-impl Drop for NoServiceStart {
-    fn drop(&mut self) {
-        if let Some(path) = self.created.take() {
-            let _ = fs::remove_file(path);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
 
     #[test]
