@@ -276,7 +276,7 @@ impl Auditor {
         if self
             .tx
             .send(Entry {
-                record,
+                record: Box::new(record),
                 written: Some(Ack::Written(tx)),
                 stop: true,
             })

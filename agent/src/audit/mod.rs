@@ -508,7 +508,9 @@ impl Shared {
 /// One record on its way to the writer, with whom to tell once it is written.
 #[derive(Debug)]
 pub(crate) struct Entry {
-    pub(crate) record: Record,
+    /// Boxed: a record is about a kilobyte, and it moves from the request's future
+    /// through the queue to the writer; a box moves as one pointer.
+    pub(crate) record: Box<Record>,
     pub(crate) written: Option<Ack>,
     /// The `agent_stopping` record of [`Auditor::stop`]: checkpoint and anchor after it.
     pub(crate) stop: bool,
@@ -653,19 +655,23 @@ impl Auditor {
 
     /// Queues a finished record. Blocks when the queue is full.
     pub fn record(&self, record: Record) {
-        self.send(record, None);
+        self.send(Box::new(record), None);
     }
 
     /// Queues a finished record and returns what resolves once it is written. Blocks
     /// when the queue is full.
     pub fn record_written(&self, record: Record) -> Written {
+        self.record_written_boxed(Box::new(record))
+    }
+
+    fn record_written_boxed(&self, record: Box<Record>) -> Written {
         let (tx, rx) = oneshot::channel();
         // If the writer is gone, the sender is dropped with the entry and `wait` says so.
         self.send(record, Some(Ack::Written(tx)));
         Written { rx: Some(rx) }
     }
 
-    fn send(&self, mut record: Record, written: Option<Ack>) {
+    fn send(&self, mut record: Box<Record>, written: Option<Ack>) {
         record.host = self.host.to_string();
         observe(&record);
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
@@ -689,7 +695,11 @@ impl Auditor {
     /// the refusal is counted and the writer records one summary record (`count` = how
     /// many) as soon as it has room. Use it for the 503 the proxy answers while
     /// [`Auditor::healthy`] is false; nothing was forwarded for these requests.
-    pub fn record_unavailable(&self, mut record: Record) {
+    pub fn record_unavailable(&self, record: Record) {
+        self.record_unavailable_boxed(Box::new(record));
+    }
+
+    fn record_unavailable_boxed(&self, mut record: Box<Record>) {
         record.host = self.host.to_string();
         record.decision = Decision::Deny;
         record.status = Some(503);
@@ -720,7 +730,7 @@ impl Auditor {
     pub fn guard(&self, record: Record) -> AuditGuard {
         AuditGuard {
             auditor: self.clone(),
-            record: Some(record),
+            record: Some(Box::new(record)),
             started: Instant::now(),
         }
     }
@@ -751,7 +761,8 @@ impl Auditor {
 #[derive(Debug)]
 pub struct AuditGuard {
     auditor: Auditor,
-    record: Option<Record>,
+    /// Boxed, so that moving the guard through the request's awaits moves a pointer.
+    record: Option<Box<Record>>,
     started: Instant,
 }
 
@@ -759,7 +770,8 @@ impl AuditGuard {
     /// The record being built.
     pub fn record_mut(&mut self) -> &mut Record {
         // The record is only taken by finish (which consumes self) or Drop.
-        self.record.get_or_insert_with(|| Record::new("http"))
+        self.record
+            .get_or_insert_with(|| Box::new(Record::new("http")))
     }
 
     fn elapsed_us(&self) -> u64 {
@@ -767,7 +779,7 @@ impl AuditGuard {
     }
 
     /// Takes the record to finish it: latency set, and an outcome record stamped now.
-    fn take(&mut self) -> Option<Record> {
+    fn take(&mut self) -> Option<Box<Record>> {
         let latency = self.elapsed_us();
         let mut record = self.record.take()?;
         record.latency_us = Some(latency);
@@ -779,7 +791,7 @@ impl AuditGuard {
 
     /// The guard of the outcome record of a decision written as `seq` (None: not written),
     /// made from a copy of the decision record.
-    fn outcome(&self, mut outcome: Record, seq: Option<u64>) -> Self {
+    fn outcome(&self, mut outcome: Box<Record>, seq: Option<u64>) -> Self {
         outcome.outcome_of = seq;
         outcome.latency_us = None;
         Self {
@@ -834,7 +846,7 @@ impl AuditGuard {
             record.status = status;
             record.reason = reason.map(str::to_owned);
             record.origin = origin;
-            self.auditor.record(record);
+            self.auditor.send(record, None);
         }
     }
 
@@ -853,7 +865,7 @@ impl AuditGuard {
                 record.status = status;
                 record.reason = reason.map(str::to_owned);
                 record.origin = origin;
-                self.auditor.record_written(record)
+                self.auditor.record_written_boxed(record)
             }
             None => Written::done(),
         }
@@ -863,7 +875,7 @@ impl AuditGuard {
     /// [`Auditor::record_unavailable`]).
     pub fn finish_unavailable(mut self) {
         if let Some(record) = self.take() {
-            self.auditor.record_unavailable(record);
+            self.auditor.record_unavailable_boxed(record);
         }
     }
 }
@@ -874,7 +886,7 @@ impl Drop for AuditGuard {
             record.decision = Decision::Error;
             record.reason = Some("aborted".into());
             record.origin = Some(Fault::Agent);
-            self.auditor.record(record);
+            self.auditor.send(record, None);
         }
     }
 }

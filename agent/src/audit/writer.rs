@@ -285,7 +285,7 @@ impl Writer {
     /// A record from the queue.
     fn push(&mut self, entry: Entry) {
         self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-        let mut record = entry.record;
+        let mut record = *entry.record;
         if record.clean.is_none()
             && record.proto == "audit"
             && record.reason.as_deref() == Some(AGENT_STARTED)
