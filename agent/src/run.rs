@@ -414,15 +414,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         cgroup_root = %control.root.display(),
         "scopegate ready"
     );
-    if let Some(interval) = crate::service::watchdog_interval() {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval / 2);
-            loop {
-                tick.tick().await;
-                crate::service::watchdog_ping();
-            }
-        });
-    }
+    // WATCHDOG=1 from the control loop itself (below), not from a task of its own: a
+    // control loop wedged in a scan or a reload stops the pings, and systemd restarts the
+    // agent (the pinned hooks refuse managed connects meanwhile).
+    let watchdog_every = crate::service::watchdog_interval().map(|i| i / 2);
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescan = tokio::time::interval(opts.rescan);
     let mut events_lost = kernel.counter(scopegate_common::counters::EVENTS_LOST);
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
@@ -456,6 +453,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                     events_lost = lost;
                 }
             }
+            _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::watchdog_ping(),
             _ = hup.recv() => {
                 crate::service::reloading();
                 agent_state.reloaded(&control.reload("SIGHUP"));

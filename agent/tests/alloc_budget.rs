@@ -27,10 +27,13 @@ mod support;
 use support::Proxy;
 
 /// Allocations (alloc and realloc calls) per forwarded request: 62.1 on 2026-12-01 (the
-/// same in every run; see the test's output), plus a little headroom.
-const FORWARDED_BUDGET: f64 = 64.0;
-/// Allocations per request refused by policy (403, one record): 58.1 on 2026-12-01.
-const REFUSED_BUDGET: f64 = 60.0;
+/// same in every run; see the test's output), 64.1 since the record travels boxed
+/// (2026-12-02: one box for the decision record, one for its outcome's copy, instead of
+/// ~1 KiB moved through every await), plus a little headroom.
+const FORWARDED_BUDGET: f64 = 66.0;
+/// Allocations per request refused by policy (403, one record): 58.1 on 2026-12-01, 59.1
+/// with the boxed record.
+const REFUSED_BUDGET: f64 = 61.0;
 
 /// Requests timed after the warm-up.
 const REQUESTS: u64 = 1_000;

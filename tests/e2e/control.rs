@@ -533,3 +533,101 @@ fn uninstall_while_running_is_refused_or_restored() {
     let out = cli(&["uninstall", "--pin-dir", missing.to_str().unwrap()]);
     assert!(!out.status.success(), "{out:?}");
 }
+
+/// When the health check cannot put the pins back (here: the pin directory was moved away
+/// and a symlink into nowhere took its place, so re-pinning fails), the agent records
+/// `enforcement_lost` once, logs at error level, and `/healthz` and `status` say unhealthy
+/// while it keeps retrying; once the obstacle is gone the next check restores the pins and
+/// records `enforcement_restored`.
+#[test]
+fn enforcement_that_cannot_be_restored_is_recorded_lost_and_turns_health_red() {
+    privileged_test("enforcement_that_cannot_be_restored_is_recorded_lost_and_turns_health_red");
+    let f = Fixture::new();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let agent = f.start(&[
+        "--health-interval-secs",
+        "1",
+        "--metrics-addr",
+        &metrics_addr,
+    ]);
+    let healthz = || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-w", STATUS])
+            .arg(format!("http://{metrics_addr}/healthz"))
+            .output()
+            .unwrap();
+        status_and_body(&out)
+    };
+    assert_eq!(healthz().0, 200);
+    let pin_dir = f.pins.0.to_str().unwrap().to_owned();
+    // The pins go (uninstall --force) and a symlink into nowhere takes the directory's
+    // place before the next check (1 s apart) can re-create it; if a check came in between
+    // and restored the pins already, the symlink finds the path taken: go again.
+    let mut blocked = false;
+    for _ in 0..5 {
+        let out = cli(&["uninstall", "--force", "--pin-dir", &pin_dir]);
+        assert!(out.status.success(), "{out:?}");
+        match std::os::unix::fs::symlink("/nonexistent/scopegate-pins", &f.pins.0) {
+            Ok(()) => {
+                blocked = true;
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("symlink at {pin_dir}: {e}"),
+        }
+    }
+    assert!(blocked, "the health check re-created the pins every time");
+
+    let lost = wait_records(&agent, Duration::from_secs(15), |r| {
+        r["reason"] == "enforcement_lost"
+    });
+    assert_eq!(lost.len(), 1, "{:#?}", agent.all_audit_records());
+    assert_eq!(lost[0]["decision"], "error", "{:#}", lost[0]);
+    assert!(
+        agent
+            .stderr()
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains("enforcement lost")),
+        "logged at error level"
+    );
+    let (code, body) = healthz();
+    assert_eq!(code, 503, "{body}");
+    let out = admin(&agent, "status", &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = admin(&agent, "status", &["--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let s = json(&out);
+    assert_eq!(s["enforcement"]["healthy"], false, "{s:#}");
+    assert_eq!(
+        s["enforcement"]["last_incident"]["outcome"], "enforcement_lost",
+        "{s:#}"
+    );
+    // Retried every check, recorded once per incident.
+    thread::sleep(Duration::from_secs(3));
+    let again = agent
+        .all_audit_records()
+        .into_iter()
+        .filter(|r| r["reason"] == "enforcement_lost")
+        .count();
+    assert_eq!(again, 1, "{:#?}", agent.all_audit_records());
+
+    // The obstacle goes: the next check restores, records it, health is green again.
+    std::fs::remove_file(&f.pins.0).unwrap();
+    // (Restorations of a race above were recorded too: count from here.)
+    let after_lost = |r: &serde_json::Value| {
+        r["reason"] == "enforcement_restored" && r["seq"].as_u64() > lost[0]["seq"].as_u64()
+    };
+    let restored = wait_records(&agent, Duration::from_secs(15), after_lost);
+    assert_eq!(restored.len(), 1, "{:#?}", agent.all_audit_records());
+    let s = status(&agent);
+    assert_eq!(s["enforcement"]["healthy"], true, "{s:#}");
+    assert_eq!(
+        s["enforcement"]["last_incident"]["outcome"], "enforcement_restored",
+        "{s:#}"
+    );
+    assert_eq!(healthz().0, 200);
+    assert_eq!(f.get("/forbidden"), 403);
+    assert_eq!(f.get("/allowed/x"), 200);
+}

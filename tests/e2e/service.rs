@@ -477,3 +477,225 @@ fn exit_codes_tell_configuration_privilege_and_other_failures_apart() {
         .unwrap();
     assert_eq!(out.status.code(), Some(77), "{out:?}");
 }
+
+/// The shipped unit's own sandbox (`packaging/scopegate.service`, emulated by
+/// [`unit_sandbox`] since systemd is not PID 1 here: read-only file system with its
+/// writable directories, its capabilities and securebits, no new privileges, its system
+/// call filter and address families, its file limit, environment and umask) around the
+/// shipped configuration file: the agent starts, says READY=1, enforces in the kernel and
+/// in the proxy, injects the credential, answers on the admin socket, reloads and stops
+/// cleanly. A unit that takes away something the agent needs fails here, not on a host.
+/// The GID the test gives the unit's `scopegate` group (no such group exists on the host;
+/// the sandbox's /etc/group has it).
+const ADMIN_GID: u32 = 64_999;
+
+#[test]
+fn the_shipped_unit_sandbox_runs_an_enforcing_agent() {
+    privileged_test("the_shipped_unit_sandbox_runs_an_enforcing_agent");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let upstream = Upstream::start("127.0.0.2");
+    let dir = tempfile::tempdir().unwrap();
+    let [state, logs, run, config_dir] =
+        ["state", "logs", "run", "etc"].map(|d| dir.path().join(d));
+    for d in [&state, &logs, &run, &config_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let secret = config_dir.join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let policies = policy_dir(&[("items.yaml", items_policy(&managed, &upstream, &secret))]);
+    // The pin directory exists before the start, as tmpfiles.d/scopegate.conf makes it.
+    let pins = PinDir::new();
+    std::fs::create_dir_all(&pins.0).unwrap();
+    // The shipped configuration file, its paths moved into the test's directories.
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/scopegate.yaml"),
+    )
+    .unwrap();
+    let metrics_port = free_port();
+    let config_text = shipped
+        .replace("/etc/scopegate/policies", policies.path().to_str().unwrap())
+        .replace("/sys/fs/bpf/scopegate", pins.0.to_str().unwrap())
+        .replace("/var/lib/scopegate", state.to_str().unwrap())
+        .replace("/var/log/scopegate", logs.to_str().unwrap())
+        .replace("/run/scopegate", run.to_str().unwrap())
+        .replace("127.0.0.1:9464", &format!("127.0.0.1:{metrics_port}"));
+    for unit_path in [
+        "/etc/scopegate/",
+        "/var/lib/scopegate",
+        "/var/log/scopegate",
+        "/run/scopegate",
+    ] {
+        assert!(
+            !config_text.contains(unit_path),
+            "{unit_path} left in\n{config_text}"
+        );
+    }
+    let config = config_dir.join("scopegate.yaml");
+    std::fs::write(&config, config_text).unwrap();
+    let notify_path = run.join("notify.sock");
+    let socket = UnixDatagram::bind(&notify_path).unwrap();
+
+    let mut cfg = AgentConfig::new(policies.path(), &tree, &pins, logs.join("audit.jsonl"));
+    cfg.state_dir = Some(state.clone());
+    cfg.admin_socket = Some(run.join("admin.sock"));
+    cfg.env
+        .push(("NOTIFY_SOCKET".into(), notify_path.display().to_string()));
+    // As systemd sets it for WatchdogSec=2s (the unit's is 30 s).
+    cfg.env.push(("WATCHDOG_USEC".into(), "2000000".into()));
+    cfg.extra = vec!["--config".into(), config.display().to_string()];
+    cfg.wrapper = unit_sandbox(&[
+        ("StateDirectory", &state),
+        ("LogsDirectory", &logs),
+        ("RuntimeDirectory", &run),
+        ("/sys/fs/bpf/scopegate", &pins.0),
+        // The group the package's sysusers.d file creates.
+        (
+            "SupplementaryGroups",
+            Path::new(&format!("scopegate={ADMIN_GID}")),
+        ),
+    ]);
+    let mut agent = Agent::spawn(cfg);
+    let messages = wait_for_ready(&socket, &agent);
+    assert!(
+        messages
+            .last()
+            .unwrap()
+            .contains("STATUS=enforcing 1 workload(s)"),
+        "{messages:?}"
+    );
+
+    // Inside the sandbox, the agent's view: read-only outside its directories, the
+    // unit's capabilities, no new privileges, a seccomp filter.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:\t")))
+            .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+            .to_owned()
+    };
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Seccomp"), "2", "{status}");
+    // CAP_SYS_ADMIN (21), CAP_SYS_PTRACE (19), CAP_NET_ADMIN (12), CAP_BPF (39): nothing else.
+    let want = (1u64 << 21) | (1 << 19) | (1 << 12) | (1 << 39);
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            u64::from_str_radix(&field(set), 16).unwrap(),
+            want,
+            "{set}: {status}"
+        );
+    }
+
+    // Enforced in the proxy: the forbidden DELETE is refused and recorded, the POST
+    // forwarded with the credential the sandboxed agent read.
+    let out = curl_in(
+        &managed,
+        &["-X", "DELETE", "-w", STATUS, &upstream.url("/items/1")],
+    );
+    assert_eq!(status_and_body(&out).0, 403, "{out:?}");
+    let out = curl_in(
+        &managed,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "x",
+            "-w",
+            STATUS,
+            &upstream.url("/items"),
+        ],
+    );
+    assert_eq!(status_and_body(&out).0, 200, "{out:?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0]
+            .headers
+            .contains(&("authorization".into(), "Bearer s3cret".into())),
+        "{seen:?}"
+    );
+    // Enforced in the kernel: a port no destination names is refused at connect.
+    let sink = TcpSink::start_avoiding("127.0.0.3", &[upstream.addr.port(), agent.port]);
+    let probe = python_in(
+        &managed,
+        &format!(
+            "import socket\ns = socket.socket()\ntry:\n    s.connect(('127.0.0.3', {}))\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n",
+            sink.addr.port()
+        ),
+    );
+    assert_eq!(probe.trim(), "1", "EPERM expected: {probe}");
+
+    // The admin socket in the runtime directory has the unit's group (the agent is in
+    // it, without CAP_CHOWN) and mode 0660, and answers.
+    let meta = std::fs::metadata(run.join("admin.sock")).unwrap();
+    {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        assert_eq!(meta.gid(), ADMIN_GID, "{meta:?}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660, "{meta:?}");
+    }
+    let out = Command::new(bin())
+        .args(["status", "--admin-socket"])
+        .arg(run.join("admin.sock"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("): healthy") && text.contains("1 workload(s)"),
+        "{text}"
+    );
+
+    // The control loop pings the watchdog (every WATCHDOG_USEC / 2) while it runs.
+    thread::sleep(Duration::from_millis(2500));
+    // SIGHUP reloads inside the sandbox; SIGTERM stops with the final record anchored in
+    // the logs directory.
+    agent.signal(1);
+    let reload = wait_for_ready(&socket, &agent);
+    assert!(
+        reload.iter().any(|m| m.contains("RELOADING=1")),
+        "{reload:?}"
+    );
+    assert!(
+        reload.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+        "{reload:?}"
+    );
+    agent.signal(15);
+    assert_eq!(agent.wait_exit(), Some(0), "{}", agent.stderr().join("\n"));
+    // The whole run: agent_started … agent_stopping (then the signed checkpoint: the
+    // shipped configuration sets audit_signing_key in the state directory).
+    let records = agent.all_audit_records();
+    let reasons: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(reasons.first(), Some(&"agent_started"), "{reasons:?}");
+    assert!(reasons.contains(&"agent_stopping"), "{reasons:?}");
+    assert!(
+        records.last().is_some_and(|r| r["checkpoint"].is_object()),
+        "{records:#?}"
+    );
+    let verify = Command::new(bin())
+        .args(["audit", "verify"])
+        .arg(logs.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let stderr = agent.stderr().join("\n");
+    for bad in [
+        "Operation not permitted",
+        "Read-only file system",
+        "Permission denied",
+    ] {
+        assert!(!stderr.contains(bad), "{bad} in the agent's log:\n{stderr}");
+    }
+}

@@ -274,8 +274,10 @@ pub struct AgentConfig<'a> {
     /// Extra environment variables for the agent (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
     /// A command the agent is started through, e.g. `prlimit --nofile=1024:1024 --`
-    /// (default: none).
+    /// (default: none; see [`unit_sandbox`] for the shipped unit's sandbox).
     pub wrapper: Vec<String>,
+    /// Admin socket path (default: in a fresh temporary directory).
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -294,6 +296,7 @@ impl<'a> AgentConfig<'a> {
             rescan_secs: "0.2",
             env: Vec::new(),
             wrapper: Vec::new(),
+            admin_socket: None,
         }
     }
 }
@@ -331,7 +334,10 @@ impl Agent {
             }
         };
         let admin_dir = tempfile::tempdir().expect("admin socket dir");
-        let admin_socket = admin_dir.path().join("admin.sock");
+        let admin_socket = cfg
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| admin_dir.path().join("admin.sock"));
         let mut cmd = match cfg.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -885,4 +891,42 @@ impl Drop for TcpSink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
+}
+
+/// The shipped unit file, `packaging/scopegate.service`.
+pub fn shipped_unit() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/scopegate.service")
+        .canonicalize()
+        .expect("packaging/scopegate.service")
+}
+
+/// A wrapper ([`AgentConfig::wrapper`]) that runs the agent inside the sandbox of the
+/// shipped unit, as systemd would set it up (systemd is not PID 1 here): its read-only
+/// file system with the writable directories mapped to the test's (`maps`: directive or
+/// `ReadWritePaths=` path → the test's directory), its capabilities, securebits, no new
+/// privileges, file limit, environment, umask, system call filter and address families
+/// (`tests/src/unit_sandbox.py` says what is and is not emulated). It fails the start
+/// (exit 125) on a directive of the unit it does not know.
+pub fn unit_sandbox(maps: &[(&str, &Path)]) -> Vec<String> {
+    let mut wrapper: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        // Debian's python3: the one python3-seccomp is installed for.
+        "/usr/bin/python3",
+        "-c",
+        include_str!("unit_sandbox.py"),
+        "--unit",
+    ]
+    .map(String::from)
+    .into();
+    wrapper.push(shipped_unit().display().to_string());
+    for (key, path) in maps {
+        wrapper.push("--map".into());
+        wrapper.push(format!("{key}={}", path.display()));
+    }
+    wrapper.push("--".into());
+    wrapper
 }

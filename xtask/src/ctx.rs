@@ -66,6 +66,16 @@ impl Ctx {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         cmd.current_dir(&self.root).env("PATH", &self.path);
+        // `cargo xtask` is `cargo run`, which gives this process the variables of the
+        // xtask package (CARGO_MANIFEST_DIR=…/xtask, CARGO_PKG_NAME=xtask, …). A cargo
+        // child that inherits them fingerprints build scripts and crates that read them
+        // differently from a cargo run from the shell, so the two rebuild each other's
+        // artefacts; children get the shell's environment instead.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(is_cargo_run_variable) {
+                cmd.env_remove(&key);
+            }
+        }
         if self.target_dir_from_env {
             // The child runs from the root; keep a relative CARGO_TARGET_DIR meaning the same.
             cmd.env("CARGO_TARGET_DIR", &self.target_dir);
@@ -154,5 +164,48 @@ mod tests {
         let mut cmd = Command::new("echo");
         cmd.args(["a b", "c"]);
         assert_eq!(describe(&cmd), "echo 'a b' c");
+    }
+}
+
+/// Whether `key` is one of the variables `cargo run` sets for the program it runs
+/// (<https://doc.rust-lang.org/cargo/reference/environment-variables.html>), as opposed to
+/// the user's own (CARGO_HOME, CARGO_TARGET_DIR, …).
+fn is_cargo_run_variable(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+        )
+}
+
+#[cfg(test)]
+mod cargo_run_variable_tests {
+    use super::is_cargo_run_variable;
+
+    #[test]
+    fn only_the_variables_cargo_run_sets_are_dropped() {
+        for key in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+        ] {
+            assert!(is_cargo_run_variable(key), "{key}");
+        }
+        for key in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "PATH",
+        ] {
+            assert!(!is_cargo_run_variable(key), "{key}");
+        }
     }
 }

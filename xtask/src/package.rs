@@ -43,6 +43,7 @@ const EXPECTED: &[&str] = &[
     "lib/systemd/system/scopegate.service",
     "etc/scopegate/scopegate.yaml",
     "usr/lib/tmpfiles.d/scopegate.conf",
+    "usr/lib/sysusers.d/scopegate.conf",
     "usr/share/doc/scopegate/examples/policies/billing.yaml",
     "usr/share/doc/scopegate/examples/policies/tests/billing.yaml",
     "usr/share/scopegate/policy.schema.json",
@@ -142,8 +143,9 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
     );
 
     // Installed, not only extracted: dpkg into a scratch root with its own database (the
-    // root has no libc6 package, hence --force-depends; the package has no maintainer
-    // scripts to run).
+    // root has no libc6 package, hence --force-depends; and no shell to chroot into, hence
+    // --force-script-chrootless: the postinst runs here with DPKG_ROOT set, and its
+    // systemd-sysusers writes the scratch root's /etc/group).
     let root = scratch(ctx, "root")?;
     for dir in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
         fs::create_dir_all(root.join(dir))?;
@@ -153,7 +155,12 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
     ctx::run(
         Command::new("dpkg")
             .arg(&admin)
-            .args(["--force-depends", "--log=/dev/null", "--install"])
+            .args([
+                "--force-depends",
+                "--force-script-chrootless",
+                "--log=/dev/null",
+                "--install",
+            ])
             .arg(deb),
     )?;
     let state = ctx::output(
@@ -176,6 +183,14 @@ pub fn check(ctx: &Ctx, deb: &Path) -> Result<()> {
             "dpkg --root --listfiles lacks /{want}:\n{installed}"
         );
     }
+    // The postinst made the admin socket's group that the unit's SupplementaryGroups=
+    // names (without it, systemd refuses to start the unit).
+    let group =
+        fs::read_to_string(root.join("etc/group")).context("the scratch root's etc/group")?;
+    ensure!(
+        group.lines().any(|l| l.starts_with("scopegate:")),
+        "postinst did not create the group scopegate; etc/group:\n{group}"
+    );
     let bin = root.join("usr/bin/scopegate");
     let sections = ctx::output(Command::new("readelf").arg("-S").arg(&bin))?;
     ensure!(

@@ -18,10 +18,10 @@ use crate::{
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the end-to-end tests and the demo run (nginx: the TLS origin of the
-/// real-client tests; python3-pip: to install [`PY_PACKAGES`]; bind9-dnsutils: `dig`, the
+/// real-client tests; python3-pip: to install [`PY_PACKAGES`]; python3-seccomp: the system call filter of the unit sandbox test; bind9-dnsutils: `dig`, the
 /// real DNS client of the DNS tests; chromium-headless-shell: the browser the review
 /// report is rendered in).
-pub const DEB_PACKAGES: [&str; 13] = [
+pub const DEB_PACKAGES: [&str; 14] = [
     // The package checks: systemd-analyze, man -l, readelf, gzip.
     "systemd",
     "man-db",
@@ -33,6 +33,7 @@ pub const DEB_PACKAGES: [&str; 13] = [
     "ca-certificates",
     "python3",
     "python3-pip",
+    "python3-seccomp",
     "nginx-light",
     "bind9-dnsutils",
     "chromium-headless-shell",
