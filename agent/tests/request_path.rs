@@ -1135,3 +1135,198 @@ fn records_carry_query_names_and_suggest_lists_them() {
         "a denial is not demand: {policy_text}"
     );
 }
+
+fn timeouts(header: u64, idle: u64, body: u64) -> scopegate::state::Timeouts {
+    scopegate::state::Timeouts {
+        header: Duration::from_secs(header),
+        idle: Duration::from_secs(idle),
+        body: Duration::from_secs(body),
+    }
+}
+
+/// The audit file's records as written (outcome records apart), once there are `n`.
+fn raw_records(proxy: &Proxy, n: usize) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&proxy.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for _ in 0..300 {
+        if read().len() >= n {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    read()
+}
+
+/// Reads until EOF or error; whether the proxy closed the connection within `wait`.
+fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The idle timeout (between requests) and the header timeout (a head's first byte to its
+/// end) are separate: a keep-alive connection idle past the header timeout still serves its
+/// next request; a partial head is refused at the header timeout although the idle timeout
+/// is longer; an idle connection is closed at the idle timeout, without a record.
+#[test]
+fn the_idle_timeout_closes_keep_alive_connections_and_differs_from_the_header_timeout() {
+    let recorder = Recorder::start();
+    let up = recorder.addr;
+    let proxy = Proxy::start_timed(
+        up,
+        |secret| policy_text(up.port(), secret),
+        Resolver::new(StaticLookup::new()),
+        timeouts(1, 4, 30),
+    );
+    let mut stream = proxy.connect();
+    stream.write_all(&get("/reports/a", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut stream), 200);
+    // Idle for twice the header timeout: still open, and the next request is served.
+    thread::sleep(Duration::from_secs(2));
+    stream.write_all(&get("/reports/b", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut stream), 200);
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(20)),
+        "an idle keep-alive connection stayed open"
+    );
+    assert_eq!(recorder.seen().len(), 2);
+    let records = proxy.wait_records(2);
+    assert_eq!(
+        records.len(),
+        2,
+        "the idle close is no decision: {records:#?}"
+    );
+    // A partial head is refused at the (shorter) header timeout, recorded.
+    let mut partial = proxy.connect();
+    partial
+        .write_all(format!("GET /reports/c HTTP/1.1\r\nhost: {up}\r\nx-a: 1").as_bytes())
+        .unwrap();
+    assert!(closed_within(&mut partial, Duration::from_secs(20)));
+    let records = proxy.wait_records(3);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert_eq!(records[2]["reason"], "header_timeout");
+    assert_eq!(records[2]["status"], 408);
+    // A partial second head on a keep-alive connection is timed from its own first byte.
+    let mut second = proxy.connect();
+    second.write_all(&get("/reports/d", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut second), 200);
+    second.write_all(b"GET /reports/e HTTP/1.1\r\n").unwrap();
+    assert!(closed_within(&mut second, Duration::from_secs(20)));
+    let records = proxy.wait_records(5);
+    assert_eq!(records.len(), 5, "{records:#?}");
+    assert_eq!(records[4]["reason"], "header_timeout");
+    assert_eq!(recorder.seen().len(), 3);
+}
+
+/// A streamed body (no rule reads it, so it is relayed as it arrives) that stops arriving
+/// is cut at the body timeout: the upstream request is aborted (the upstream never gets
+/// the rest), the client gets 408 `body_timeout`, and the allowed decision's outcome
+/// record says so.
+#[test]
+fn a_streamed_body_that_stalls_is_cut_at_the_body_timeout_and_recorded() {
+    let recorder = Recorder::start();
+    let up = recorder.addr;
+    let proxy = Proxy::start_timed(
+        up,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: \"127.0.0.1\"\n    port: {}\n    rules:\n      - {{id: upload, methods: [POST], path: /upload}}\n",
+                up.port()
+            )
+        },
+        Resolver::new(StaticLookup::new()),
+        timeouts(5, 30, 1),
+    );
+    let mut stream = proxy.connect();
+    stream
+        .write_all(
+            format!("POST /upload HTTP/1.1\r\nhost: {up}\r\ncontent-length: 100\r\n\r\n0123456789")
+                .as_bytes(),
+        )
+        .unwrap();
+    let answer = read_answer(&mut stream);
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert!(answer.body.contains("body_timeout"), "{answer:?}");
+    let raw = raw_records(&proxy, 2);
+    assert_eq!(raw.len(), 2, "a decision and its outcome: {raw:#?}");
+    assert_eq!(raw[0]["decision"], "allow");
+    assert_eq!(raw[0]["rule"], "upload");
+    assert_eq!(raw[1]["outcome_of"], raw[0]["seq"]);
+    assert_eq!(raw[1]["reason"], "body_timeout");
+    assert_eq!(raw[1]["status"], 408);
+    assert_eq!(raw[1]["origin"], "client");
+    // The upstream never received a complete request.
+    thread::sleep(Duration::from_millis(300));
+    assert!(recorder.seen().is_empty(), "{:?}", recorder.seen());
+}
+
+/// A TLS passthrough splice with no byte in either direction for the idle timeout is
+/// closed, and its outcome record says `idle_timeout` with the bytes that moved.
+#[test]
+fn an_idle_passthrough_splice_is_closed_at_the_idle_timeout_and_recorded() {
+    // The upstream takes the connection and stays silent.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(0usize));
+    let g = got.clone();
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            *g.lock().unwrap() += n;
+        }
+    });
+    let proxy = Proxy::start_timed(
+        upstream,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: pt.test\n    port: {}\n    tls: passthrough\n    allow_internal: true\n",
+                upstream.port()
+            )
+        },
+        Resolver::new(StaticLookup::new().with("pt.test", [ip("127.0.0.1")])),
+        timeouts(5, 1, 30),
+    );
+    // A real ClientHello for pt.test, from rustls.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let mut tls =
+        rustls::ClientConnection::new(Arc::new(config), "pt.test".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    let mut stream = proxy.connect();
+    stream.write_all(&hello).unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(20)),
+        "an idle splice stayed open"
+    );
+    let raw = raw_records(&proxy, 2);
+    assert_eq!(raw.len(), 2, "{raw:#?}");
+    assert_eq!(raw[0]["decision"], "allow");
+    assert_eq!(raw[0]["proto"], "tls");
+    assert_eq!(raw[1]["outcome_of"], raw[0]["seq"]);
+    assert_eq!(raw[1]["reason"], "idle_timeout");
+    assert_eq!(raw[1]["bytes_up"], hello.len());
+    assert_eq!(*got.lock().unwrap(), hello.len());
+}

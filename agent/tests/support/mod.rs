@@ -51,6 +51,21 @@ impl Proxy {
         text: impl FnOnce(&Path) -> String,
         resolver: Resolver,
     ) -> Self {
+        let timeouts = Timeouts {
+            header: Duration::from_secs(3),
+            idle: Duration::from_secs(3),
+            body: Duration::from_secs(2),
+        };
+        Self::start_timed(upstream, text, resolver, timeouts)
+    }
+
+    /// Like [`Proxy::start_with`], with the client timeouts `timeouts`.
+    pub fn start_timed(
+        upstream: SocketAddr,
+        text: impl FnOnce(&Path) -> String,
+        resolver: Resolver,
+        timeouts: Timeouts,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
@@ -99,10 +114,7 @@ impl Proxy {
             leaves: None,
             secrets: Secrets::default(),
             framing: framing::Limits::default(),
-            timeouts: Timeouts {
-                header: Duration::from_secs(3),
-                body: Duration::from_secs(2),
-            },
+            timeouts,
             connections: ConnectionCounts::default(),
             dns: scopegate::dns::DnsProxy::default(),
         });
