@@ -624,11 +624,26 @@ impl Control {
             Ok(cut) => cut,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list TCP sockets to cut pre-existing connections of newly managed cgroups");
+                let mut record = lifecycle::cut_failed(&format_args!(
+                    "listing TCP sockets (sock_diag dump) for the cgroup ids {newly:?}: {e}{}",
+                    lifecycle::errno_name(&e)
+                ));
+                record.trigger = Some("sock_diag dump".into());
+                self.shared.auditor.record(record);
                 return;
             }
         };
         for c in cut {
-            let mut record = Record::new("tcp").with_dst_addr(c.sock.remote);
+            let mut record = match &c.failed {
+                None => Record::new("tcp"),
+                Some(e) => lifecycle::cut_failed(&format_args!(
+                    "SOCK_DESTROY of {} -> {}: {e}{}",
+                    c.sock.local,
+                    c.sock.remote,
+                    lifecycle::errno_name(e)
+                )),
+            }
+            .with_dst_addr(c.sock.remote);
             record.pid = c.pid;
             record.uid = Some(c.sock.uid);
             if let Some(info) = c.sock.cgroup.and_then(|id| enforcement.cgroups.lookup(id)) {
@@ -637,6 +652,12 @@ impl Control {
                     .workload
                     .and_then(|w| enforcement.policy.workload(w))
                     .map(|w| w.name.clone());
+            }
+            if c.failed.is_some() {
+                record.cgroup_id = c.sock.cgroup;
+                record.trigger = Some("SOCK_DESTROY".into());
+                self.shared.auditor.record(record);
+                continue;
             }
             tracing::info!(local = %c.sock.local, remote = %c.sock.remote, pid = ?c.pid, "cut a connection opened before its cgroup was managed");
             self.shared.auditor.guard(record).finish(
