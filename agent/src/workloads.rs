@@ -468,8 +468,8 @@ fn walk(
     }
 }
 
-/// Notes of `scopegate policy check` about how a valid policy meets this host: each
-/// workload whose selector matches no cgroup here. They need a complete scan of the cgroup2
+/// Warnings of `scopegate policy check` about how a valid policy meets this host (counted
+/// by `--strict`): each workload whose selector matches no cgroup here. They need a complete scan of the cgroup2
 /// tree: without a cgroup2 mount, or when any part of the tree cannot be read, none is
 /// given. (An empty directory is a policy warning: [`crate::policy::PolicyWarning`].)
 pub fn host_warnings(snapshot: &Snapshot) -> Vec<String> {
