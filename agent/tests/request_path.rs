@@ -1330,3 +1330,74 @@ fn an_idle_passthrough_splice_is_closed_at_the_idle_timeout_and_recorded() {
     assert_eq!(raw[1]["bytes_up"], hello.len());
     assert_eq!(*got.lock().unwrap(), hello.len());
 }
+
+/// An intercepted HTTP/2 connection is served (a refused request gets its 403 and its
+/// record), then, with no stream open for the idle timeout, shut down by the proxy.
+#[test]
+fn an_idle_http2_connection_is_closed_at_the_idle_timeout() {
+    use http_body_util::{BodyExt as _, Empty};
+    let state = tempfile::tempdir().unwrap();
+    let ca = Arc::new(scopegate::tls::HostCa::load_or_create(state.path(), None).unwrap());
+    let leaves = scopegate::tls::LeafCache::new(
+        ca.clone(),
+        16,
+        &[
+            scopegate::tls::upstream::ALPN_H2,
+            scopegate::tls::upstream::ALPN_HTTP1,
+        ],
+    );
+    let upstream: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let proxy = Proxy::start_full(
+        upstream,
+        |_| {
+            "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: h2.test\n    port: 9\n    tls: intercept\n    allow_internal: true\n    rules:\n      - {id: read, methods: [GET], path: /allowed/**}\n".to_owned()
+        },
+        Resolver::new(StaticLookup::new().with("h2.test", [ip("127.0.0.1")])),
+        timeouts(5, 1, 30),
+        Some(leaves),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let stream = proxy.connect();
+    stream.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(stream).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("h2.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = http::Request::get("https://h2.test:9/forbidden")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 403);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("path_not_allowed"));
+        // No stream open from here: the proxy ends the connection (GOAWAY, then close).
+        let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+        assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
+    });
+    let records = proxy.wait_records(1);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["reason"], "path_not_allowed");
+}

@@ -66,6 +66,17 @@ impl Proxy {
         resolver: Resolver,
         timeouts: Timeouts,
     ) -> Self {
+        Self::start_full(upstream, text, resolver, timeouts, None)
+    }
+
+    /// Like [`Proxy::start_timed`], intercepting TLS with leaves from `leaves`.
+    pub fn start_full(
+        upstream: SocketAddr,
+        text: impl FnOnce(&Path) -> String,
+        resolver: Resolver,
+        timeouts: Timeouts,
+        leaves: Option<scopegate::tls::LeafCache>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
@@ -111,7 +122,7 @@ impl Proxy {
             resolver,
             limiter: RateLimiter::new(),
             detect_timeout: Duration::from_secs(5),
-            leaves: None,
+            leaves,
             secrets: Secrets::default(),
             framing: framing::Limits::default(),
             timeouts,
