@@ -49,6 +49,10 @@ pub mod defaults {
     pub const RESCAN_SECS: f64 = 1.0;
     /// Seconds a client may take to send a request head.
     pub const HEADER_TIMEOUT_SECS: f64 = 10.0;
+    /// Seconds a connection may sit with no request in flight (or a splice with no byte).
+    pub const IDLE_TIMEOUT_SECS: f64 = 60.0;
+    /// Seconds a request body may stall (per read; the whole of an inspected body).
+    pub const BODY_TIMEOUT_SECS: f64 = 30.0;
     /// The admin socket (`scopegate status`, `workloads`, `reload`, `policy explain --live`).
     pub const ADMIN_SOCKET: &str = "/run/scopegate/admin.sock";
     /// Seconds between enforcement health checks (links attached, pins present).
@@ -125,6 +129,8 @@ struct Raw {
     managed_subtrees: Option<Vec<String>>,
     allow_empty: Option<bool>,
     header_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
+    body_timeout_secs: Option<f64>,
     dns_min_ttl: Option<u64>,
     dns_max_ttl: Option<u64>,
     ca_name_constraints: Option<Vec<String>>,
@@ -222,6 +228,18 @@ pub struct RunArgs {
     /// [default: 10; clamped to 0.1..=3600].
     #[arg(long, value_name = "SECS")]
     pub header_timeout_secs: Option<f64>,
+    /// Seconds a connection may sit idle: an HTTP/1 keep-alive connection waiting for its
+    /// next request, an HTTP/2 connection with no open stream, a TLS passthrough splice
+    /// with no byte either way (its outcome record says `idle_timeout`); then it is closed
+    /// [default: 60; clamped to 0.1..=86400].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout_secs: Option<f64>,
+    /// Seconds a request body may stall: a body a rule inspects must arrive whole within
+    /// it (408 `body_timeout`), a streamed body may not pause longer between reads (cut,
+    /// the upstream request aborted, the outcome recorded as `body_timeout`)
+    /// [default: 30; clamped to 0.1..=3600].
+    #[arg(long, value_name = "SECS")]
+    pub body_timeout_secs: Option<f64>,
     /// Floor of the DNS TTLs honoured for destination binding, in seconds [default: 5].
     #[arg(long, value_name = "SECS")]
     pub dns_min_ttl: Option<u64>,
@@ -286,6 +304,16 @@ impl RunArgs {
             .or(file.header_timeout_secs)
             .filter(|s| s.is_finite())
             .unwrap_or(defaults::HEADER_TIMEOUT_SECS);
+        let idle_timeout = self
+            .idle_timeout_secs
+            .or(file.idle_timeout_secs)
+            .filter(|s| s.is_finite())
+            .unwrap_or(defaults::IDLE_TIMEOUT_SECS);
+        let body_timeout = self
+            .body_timeout_secs
+            .or(file.body_timeout_secs)
+            .filter(|s| s.is_finite())
+            .unwrap_or(defaults::BODY_TIMEOUT_SECS);
         let health = self
             .health_interval_secs
             .or(file.health_interval_secs)
@@ -353,7 +381,8 @@ impl RunArgs {
             allow_empty: self.allow_empty || file.allow_empty == Some(true),
             timeouts: crate::state::Timeouts {
                 header: Duration::from_secs_f64(header_timeout.clamp(0.1, 3600.0)),
-                ..Default::default()
+                idle: Duration::from_secs_f64(idle_timeout.clamp(0.1, 86_400.0)),
+                body: Duration::from_secs_f64(body_timeout.clamp(0.1, 3600.0)),
             },
             dns_ttl,
             admin_socket: self
@@ -451,14 +480,17 @@ fn validate(
             "must be a positive number of seconds",
         ));
     }
-    if let Some(secs) = raw.health_interval_secs
-        && !(secs.is_finite() && secs > 0.0)
-    {
-        return Err(invalid(
-            "health_interval_secs",
-            &secs,
-            "must be a positive number of seconds",
-        ));
+    for (key, value) in [
+        ("health_interval_secs", raw.health_interval_secs),
+        ("header_timeout_secs", raw.header_timeout_secs),
+        ("idle_timeout_secs", raw.idle_timeout_secs),
+        ("body_timeout_secs", raw.body_timeout_secs),
+    ] {
+        if let Some(secs) = value
+            && !(secs.is_finite() && secs > 0.0)
+        {
+            return Err(invalid(key, &secs, "must be a positive number of seconds"));
+        }
     }
     let allow_non_loopback = allow_non_loopback || raw.metrics_allow_non_loopback == Some(true);
     if let Some(addr) = raw.metrics_addr
@@ -550,6 +582,9 @@ managed_subtrees: [/workloads.slice]
 allow_empty: true
 admin_socket: /run/sg/admin.sock
 health_interval_secs: 2
+header_timeout_secs: 4
+idle_timeout_secs: 45
+body_timeout_secs: 7.5
 ";
         let o = opts(text, RunArgs::default());
         assert_eq!(o.policies, Path::new("/srv/policies"));
@@ -584,6 +619,9 @@ health_interval_secs: 2
         assert!(o.allow_empty);
         assert_eq!(o.admin_socket, Path::new("/run/sg/admin.sock"));
         assert_eq!(o.health_interval, Duration::from_secs(2));
+        assert_eq!(o.timeouts.header, Duration::from_secs(4));
+        assert_eq!(o.timeouts.idle, Duration::from_secs(45));
+        assert_eq!(o.timeouts.body, Duration::from_millis(7500));
     }
 
     #[test]
@@ -606,7 +644,19 @@ health_interval_secs: 2
         assert_eq!(o.state_dir, Path::new(defaults::STATE_DIR));
         assert_eq!(o.admin_socket, Path::new(defaults::ADMIN_SOCKET));
         assert_eq!(o.health_interval, Duration::from_secs(5));
+        assert_eq!(o.timeouts, crate::state::Timeouts::default());
         assert!(o.audit.stdout);
+        let t = opts(
+            "idle_timeout_secs: 20\nbody_timeout_secs: 9\n",
+            RunArgs {
+                idle_timeout_secs: Some(2.0),
+                body_timeout_secs: Some(1e9),
+                ..RunArgs::default()
+            },
+        )
+        .timeouts;
+        assert_eq!(t.idle, Duration::from_secs(2), "the flag wins");
+        assert_eq!(t.body, Duration::from_secs(3600), "clamped");
         let off = opts(
             "audit_stdout: true\n",
             RunArgs {
@@ -719,6 +769,20 @@ health_interval_secs: 2
             err("health_interval_secs: 0\n"),
             "/etc/scopegate/scopegate.yaml:1:23: health_interval_secs: 0: must be a positive number of seconds"
         );
+        assert_eq!(
+            err("proxy_port: 1\nidle_timeout_secs: -5\n"),
+            "/etc/scopegate/scopegate.yaml:2:20: idle_timeout_secs: -5: must be a positive number of seconds"
+        );
+        assert_eq!(
+            err("body_timeout_secs: 0\n"),
+            "/etc/scopegate/scopegate.yaml:1:20: body_timeout_secs: 0: must be a positive number of seconds"
+        );
+        assert_eq!(
+            err("header_timeout_secs: .nan\n"),
+            "/etc/scopegate/scopegate.yaml:1:22: header_timeout_secs: NaN: must be a positive number of seconds"
+        );
+        let e = err("body_timeout_secs: soon\n");
+        assert!(e.starts_with("/etc/scopegate/scopegate.yaml:1:20: "), "{e}");
         let e = err("admin_socket: admin.sock\n");
         assert!(
             e.starts_with("/etc/scopegate/scopegate.yaml:1:15: admin_socket: admin.sock: "),

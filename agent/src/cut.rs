@@ -315,13 +315,15 @@ pub fn destroy(sock: &DiagSock) -> io::Result<()> {
     parse_dump(nl.recv(&mut buf)?, &mut ignored).map(|_| ())
 }
 
-/// A socket that [`cut`] destroyed.
-#[derive(Clone, Debug)]
+/// A socket that [`cut`] destroyed, or failed to.
+#[derive(Debug)]
 pub struct Cut {
     /// The socket.
     pub sock: DiagSock,
     /// The process holding it, if one was found.
     pub pid: Option<u32>,
+    /// Why `SOCK_DESTROY` failed (the connection lives on); None: destroyed.
+    pub failed: Option<io::Error>,
 }
 
 fn is_proxy(remote: SocketAddr, proxy_port: u16) -> bool {
@@ -391,8 +393,9 @@ fn owners(inodes: &HashSet<u32>) -> HashMap<u32, u32> {
 }
 
 /// Destroys every established (or connecting, or half-closed) TCP connection of a task in
-/// `cgroups` that is not to the proxy. Returns what was cut; a socket that could not be
-/// destroyed is logged and skipped.
+/// `cgroups` that is not to the proxy. Returns what was cut, and each socket that could not
+/// be destroyed with its error (the caller records both). One that closed meanwhile
+/// (ENOENT) is neither. `destroy` is [`destroy`] outside tests.
 ///
 /// `passes(sock)` says whether the hooks would let this connection through now (an L4
 /// exception or a DNS resolver of the cgroup's workload); such connections are kept.
@@ -401,6 +404,18 @@ pub fn cut(
     proxy_port: u16,
     agent_mark: u32,
     passes: &dyn Fn(&DiagSock) -> bool,
+) -> io::Result<Vec<Cut>> {
+    cut_with(cgroups, proxy_port, agent_mark, passes, &dump, &destroy)
+}
+
+/// [`cut`] with its kernel calls given (the seam the tests inject errors through).
+fn cut_with(
+    cgroups: &HashSet<u64>,
+    proxy_port: u16,
+    agent_mark: u32,
+    passes: &dyn Fn(&DiagSock) -> bool,
+    dump: &dyn Fn(u32) -> io::Result<Vec<DiagSock>>,
+    destroy: &dyn Fn(&DiagSock) -> io::Result<()>,
 ) -> io::Result<Vec<Cut>> {
     if cgroups.is_empty() {
         return Ok(Vec::new());
@@ -416,20 +431,25 @@ pub fn cut(
     let pids = owners(&doomed.iter().map(|s| s.inode).collect());
     let mut cut = Vec::new();
     for sock in doomed {
-        match destroy(sock) {
-            Ok(()) => cut.push(Cut {
-                sock: sock.clone(),
-                pid: pids.get(&sock.inode).copied(),
-            }),
+        let failed = match destroy(sock) {
+            Ok(()) => None,
             // Closed meanwhile: nothing left to cut.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => tracing::error!(
-                local = %sock.local,
-                remote = %sock.remote,
-                error = %e,
-                "cannot destroy a pre-existing connection of a newly managed cgroup"
-            ),
-        }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => {
+                tracing::error!(
+                    local = %sock.local,
+                    remote = %sock.remote,
+                    error = %e,
+                    "cannot destroy a pre-existing connection of a newly managed cgroup"
+                );
+                Some(e)
+            }
+        };
+        cut.push(Cut {
+            sock: sock.clone(),
+            pid: pids.get(&sock.inode).copied(),
+            failed,
+        });
     }
     Ok(cut)
 }
@@ -522,5 +542,41 @@ mod tests {
         let cut = to_cut(&socks, &HashSet::from([7]), 15001, 1);
         // Not the proxy connection, not the listener, not its accepted side, not cgroup 8.
         assert_eq!(cut, vec![&socks[0]]);
+    }
+
+    /// A dump that fails is an error of the whole cut; a destroy that fails is returned
+    /// with its error (not dropped); one that finds the socket gone is neither.
+    #[test]
+    fn failed_destroys_and_dumps_are_reported_not_dropped() {
+        let v4 = libc::AF_INET as u8;
+        let mut buf = Vec::new();
+        for port in [40000, 40001, 40002] {
+            buf.extend(message(
+                v4,
+                TCP_ESTABLISHED,
+                ([127, 0, 0, 1], port),
+                ([127, 0, 0, 2], 80),
+                7,
+            ));
+        }
+        let mut socks = Vec::new();
+        parse_dump(&buf, &mut socks).unwrap();
+        let dumped = |_states: u32| Ok(socks.clone());
+        let destroy = |sock: &DiagSock| match sock.local.port() {
+            40000 => Ok(()),
+            40001 => Err(io::Error::from_raw_os_error(libc::EPERM)),
+            _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        };
+        let none = |_: &DiagSock| false;
+        let cut = cut_with(&HashSet::from([7]), 15001, 1, &none, &dumped, &destroy).unwrap();
+        assert_eq!(cut.len(), 2, "{cut:?}");
+        assert!(cut[0].failed.is_none());
+        assert_eq!(cut[0].sock.local.port(), 40000);
+        assert_eq!(cut[1].sock.local.port(), 40001);
+        let err = cut[1].failed.as_ref().unwrap();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        let failing = |_states: u32| Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        let err = cut_with(&HashSet::from([7]), 15001, 1, &none, &failing, &destroy).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS));
     }
 }

@@ -17,7 +17,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -255,17 +258,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// How long dialling a passthrough upstream may take.
 const SPLICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a [`splice`] ended: the bytes copied each way, and whether it was cut idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spliced {
+    /// Bytes read from the client (and sent up).
+    pub up: u64,
+    /// Bytes read from the upstream (and sent down).
+    pub down: u64,
+    /// No byte moved either way for the idle timeout: the splice was closed.
+    pub idle: bool,
+}
+
 /// Splices a passthrough TLS connection to `addr` (dialled with SO_MARK `mark`), copying
-/// both ways until both sides are done; returns the bytes sent up and down. Takes the
-/// [`Recorded`] proof of its allow decision: nothing is dialled before that record is
-/// durable. A failure after the splice started ends it with the bytes counted so far
-/// unknown (0, 0).
+/// both ways until both sides are done, or until no byte moved in either direction for
+/// `idle` (checked once per `idle`, so a silent splice closes between one and two idle
+/// timeouts after its last byte). Takes the [`Recorded`] proof of its allow decision:
+/// nothing is dialled before that record is durable. The byte counts are what was read
+/// from each side, also when the splice ends with an error.
 pub async fn splice(
     _recorded: Recorded,
     mut client: TcpStream,
     addr: SocketAddr,
     mark: u32,
-) -> std::io::Result<(u64, u64)> {
+    idle: Duration,
+) -> std::io::Result<Spliced> {
     let mut server = tokio::time::timeout(SPLICE_CONNECT_TIMEOUT, connect_marked(addr, mark))
         .await
         .map_err(|_| {
@@ -274,9 +290,75 @@ pub async fn splice(
                 format!("connecting to {addr} timed out"),
             )
         })??;
-    Ok(tokio::io::copy_bidirectional(&mut client, &mut server)
-        .await
-        .unwrap_or((0, 0)))
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let moved = || up.load(Relaxed) + down.load(Relaxed);
+    let mut from_client = Counted {
+        inner: &mut client,
+        count: &up,
+    };
+    let mut from_server = Counted {
+        inner: &mut server,
+        count: &down,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut from_client, &mut from_server);
+    tokio::pin!(copy);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+    let mut seen = 0;
+    let idle = loop {
+        tokio::select! {
+            _ = &mut copy => break false,
+            _ = ticks.tick() => {
+                let now = moved();
+                if now == seen {
+                    break true;
+                }
+                seen = now;
+            }
+        }
+    };
+    Ok(Spliced {
+        up: up.load(Relaxed),
+        down: down.load(Relaxed),
+        idle,
+    })
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a, S> {
+    inner: S,
+    count: &'a AtomicU64,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        self.count.fetch_add(read as u64, Relaxed);
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Connects to the socket address in the URI (never resolving a name), with SO_MARK set.

@@ -1382,6 +1382,8 @@ struct Slot<S> {
     io: Option<S>,
     framing: Framing,
     eof: bool,
+    /// A head stayed partial past the header timeout.
+    head_timed_out: bool,
 }
 
 struct Shared<S> {
@@ -1399,6 +1401,76 @@ impl<S> Shared<S> {
 pub struct Guarded<S> {
     shared: Arc<Shared<S>>,
     vectored: bool,
+    head: Option<HeadTimer>,
+}
+
+/// The header timeout of one connection: one timer, armed when a read waits while a head
+/// is partial, re-armed (not reallocated) for the next partial head.
+struct HeadTimer {
+    timeout: std::time::Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The head (by the count of heads before it) the timer is armed for.
+    armed_for: Option<u64>,
+}
+
+impl HeadTimer {
+    /// Whether the head `index` has waited past the timeout (arms the timer on first call).
+    fn expired(&mut self, index: u64, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match (&mut self.sleep, self.armed_for) {
+            (Some(sleep), Some(armed)) if armed == index => {
+                return sleep.as_mut().poll(cx).is_ready();
+            }
+            (Some(sleep), _) => sleep.as_mut().reset(deadline),
+            (None, _) => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        self.armed_for = Some(index);
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
+}
+
+/// The error a [`Guarded`] read returns when a request head stayed partial past the header
+/// timeout (see [`Guarded::with_header_timeout`]); [`is_header_timeout`] recognises it, and
+/// [`Watch::head_timed_out`] tells it happened even when hyper ends the connection
+/// quietly (it does, for a read error before any byte of the head reached it).
+#[derive(Debug, thiserror::Error)]
+#[error("the request head was not complete within {timeout:?}")]
+pub struct HeaderTimeout {
+    /// The header timeout.
+    pub timeout: std::time::Duration,
+}
+
+/// Whether `error` (or an error it wraps, such as hyper's) is a [`HeaderTimeout`].
+pub fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<HeaderTimeout>().is_some()
+            || e.downcast_ref::<io::Error>()
+                .and_then(io::Error::get_ref)
+                .is_some_and(|inner| inner.is::<HeaderTimeout>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl<S> Guarded<S> {
+    /// Refuses a request head that stays partial for `timeout` from the first read that
+    /// waited on it: the read fails with a [`HeaderTimeout`] (the caller records
+    /// `header_timeout` and the connection closes). Waiting for the first byte of a head
+    /// is not timed here (that is the idle timeout, hyper's header timer in the pipeline).
+    pub fn with_header_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.head = Some(HeadTimer {
+            timeout,
+            sleep: None,
+            armed_for: None,
+        });
+        self
+    }
 }
 
 /// The caller's side of a [`Guarded`] stream: violations, progress, and the stream itself.
@@ -1448,6 +1520,7 @@ where
             io: Some(io),
             framing: Framing::new(limits),
             eof: false,
+            head_timed_out: false,
         }),
         notify: Notify::new(),
     });
@@ -1455,6 +1528,7 @@ where
         Guarded {
             shared: shared.clone(),
             vectored,
+            head: None,
         },
         Watch { shared },
     )
@@ -1473,8 +1547,14 @@ impl<S: Read + Unpin> Read for Guarded<S> {
         cx: &mut Context<'_>,
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut guard = self.shared.lock();
-        let Slot { io, framing, eof } = &mut *guard;
+        let this = self.get_mut();
+        let mut guard = this.shared.lock();
+        let Slot {
+            io,
+            framing,
+            eof,
+            head_timed_out,
+        } = &mut *guard;
         if framing.violation().is_some() {
             return Poll::Pending;
         }
@@ -1494,7 +1574,20 @@ impl<S: Read + Unpin> Read for Guarded<S> {
             };
             let mut read = ReadBuf::new(framing.read_buf());
             match Pin::new(io).poll_read(cx, read.unfilled()) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(head) = this.head.as_mut()
+                        && framing.phase() == Phase::Head
+                        && head.expired(framing.requests(), cx)
+                    {
+                        let timeout = head.timeout;
+                        *head_timed_out = true;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            HeaderTimeout { timeout },
+                        )));
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
@@ -1505,7 +1598,7 @@ impl<S: Read + Unpin> Read for Guarded<S> {
             }
             if framing.filled(n).is_err() {
                 drop(guard);
-                self.shared.notify.notify_waiters();
+                this.shared.notify.notify_waiters();
                 return Poll::Pending;
             }
         }
@@ -1578,6 +1671,12 @@ impl<S> Watch<S> {
     /// [`Guarded`] stream answers `NotConnected` afterwards. `None` once taken.
     pub fn take_io(&self) -> Option<S> {
         self.shared.lock().io.take()
+    }
+
+    /// Whether a read failed because a head stayed partial past the header timeout (hyper
+    /// may end such a connection as if the client had closed it, so ask here).
+    pub fn head_timed_out(&self) -> bool {
+        self.shared.lock().head_timed_out
     }
 
     /// Request heads validated and handed to hyper so far.

@@ -179,20 +179,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     expiring_within,
                 },
         } => {
-            let (verdict, snapshot) = scopegate::policy::cli::check(
-                &path,
+            // How the valid policy meets this host (a selector matching no cgroup) is a
+            // warning too: `--strict` fails on it.
+            let options = scopegate::policy::cli::CheckOptions {
                 secrets,
                 strict,
-                expiring_within,
+                expiring_within_days: expiring_within,
+                host: &scopegate::workloads::host_warnings,
+            };
+            let (verdict, _) = scopegate::policy::cli::check_with(
+                &path,
+                &options,
                 &mut std::io::stdout().lock(),
                 &mut std::io::stderr().lock(),
             );
-            // Notes only (exit code unchanged): how the valid policy meets this host.
-            if let Some(snapshot) = snapshot {
-                for note in scopegate::workloads::host_warnings(&snapshot) {
-                    eprintln!("scopegate: note: {note}");
-                }
-            }
             Ok(ExitCode::from(verdict.code()))
         }
         Command::Policy {

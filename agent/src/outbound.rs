@@ -192,7 +192,7 @@ pub async fn build(
             })??;
         (Some(json), full_body(bytes))
     } else {
-        (None, body.boxed())
+        (None, Stalling::new(body, arrival.body_timeout).boxed())
     };
     Ok(Outbound {
         workload: head.workload,
@@ -544,6 +544,102 @@ async fn read_json_body(
 /// A body of bytes already in memory.
 pub fn full_body(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// Errors of this stage's bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    /// A streamed request body sent nothing for the body timeout.
+    #[error("the request body stalled: nothing arrived for {timeout:?}")]
+    BodyStalled {
+        /// The body timeout.
+        timeout: std::time::Duration,
+    },
+}
+
+/// Whether `error` (or an error it wraps, such as the upstream client's) is a stalled
+/// request body ([`OutboundError::BodyStalled`]).
+pub fn is_body_stalled(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if matches!(
+            e.downcast_ref::<OutboundError>(),
+            Some(OutboundError::BodyStalled { .. })
+        ) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// A streamed request body (relayed upstream as it arrives) whose reads may not stall:
+/// once no frame arrived for `timeout`, it fails with [`OutboundError::BodyStalled`], which
+/// aborts the upstream request. One timer per body, created on its first wait and re-armed
+/// after each frame.
+struct Stalling<B> {
+    inner: B,
+    timeout: std::time::Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl<B> Stalling<B> {
+    fn new(inner: B, timeout: std::time::Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            sleep: None,
+            waiting: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for Stalling<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::state::BodyError>,
+{
+    type Data = Bytes;
+    type Error = crate::state::BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = tokio::time::Instant::now() + this.timeout;
+        let sleep = match &mut this.sleep {
+            Some(sleep) if this.waiting => sleep,
+            Some(sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => this
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        this.waiting = true;
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(OutboundError::BodyStalled {
+                timeout: this.timeout,
+            }))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]

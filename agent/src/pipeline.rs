@@ -197,9 +197,37 @@ fn connection_slot(
     None
 }
 
+/// Requests of one HTTP/2 connection, for its idle timeout: in flight, and started in all.
+#[derive(Debug, Default)]
+struct Streams {
+    active: std::sync::atomic::AtomicUsize,
+    started: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one request of [`Streams`] in flight until dropped.
+struct InFlight(Arc<Streams>);
+
+impl InFlight {
+    fn new(streams: &Arc<Streams>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        streams.started.fetch_add(1, Relaxed);
+        streams.active.fetch_add(1, Relaxed);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn service(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
+    streams: Option<Arc<Streams>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -209,7 +237,12 @@ fn service(
     service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle_request(&shared, &conn, req).await) }
+        let in_flight = streams.as_ref().map(InFlight::new);
+        async move {
+            let response = handle_request(&shared, &conn, req).await;
+            drop(in_flight);
+            Ok::<_, Infallible>(response)
+        }
     })
 }
 
@@ -220,18 +253,24 @@ where
     S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (io, watch) = framing::guard(io, shared.framing);
+    // Two timers per connection, none per request: hyper's header timer runs whenever
+    // hyper waits for a head (on a new connection and after each response) and is the
+    // idle timeout; the guard's runs from a head's first bytes and is the header timeout.
+    let io = io.with_header_timeout(shared.timeouts.header);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .keep_alive(true)
         .half_close(false)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(shared.timeouts.header);
+        .header_read_timeout(shared.timeouts.idle);
     let violation = {
-        let connection = builder.serve_connection(io, service(shared.clone(), conn.clone()));
+        let connection = builder.serve_connection(io, service(shared.clone(), conn.clone(), None));
         tokio::pin!(connection);
         tokio::select! {
             result = &mut connection => {
-                if let Err(e) = result {
+                if watch.head_timed_out() {
+                    header_timeout(&shared, &conn);
+                } else if let Err(e) = result {
                     connection_error(&shared, &conn, &e, !watch.idle());
                 }
                 return;
@@ -243,16 +282,44 @@ where
     refuse_malformed(&shared, &conn, violation, watch.take_io()).await;
 }
 
-/// HTTP/2 inside intercepted TLS: the h2 framing layer is strict by construction.
+/// HTTP/2 inside intercepted TLS: the h2 framing layer is strict by construction. A
+/// connection with no request in flight and none started for the idle timeout is shut
+/// down gracefully (GOAWAY; a response still streaming finishes), so it closes between
+/// one and two idle timeouts after its last request; a peer that stops answering pings
+/// (sent every idle timeout) for the header timeout is closed by hyper.
 async fn serve_http2<S>(shared: Arc<Shared>, io: S, conn: Arc<Conn>)
 where
     S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection(io, service(shared.clone(), conn.clone()))
-        .await
-    {
+    let idle = shared.timeouts.idle;
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(idle)
+        .keep_alive_timeout(shared.timeouts.header);
+    let streams = Arc::new(Streams::default());
+    let connection = builder.serve_connection(
+        io,
+        service(shared.clone(), conn.clone(), Some(streams.clone())),
+    );
+    tokio::pin!(connection);
+    let mut seen = 0;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+    let result = loop {
+        tokio::select! {
+            result = &mut connection => break result,
+            _ = ticks.tick() => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let started = streams.started.load(Relaxed);
+                if streams.active.load(Relaxed) == 0 && started == seen {
+                    connection.as_mut().graceful_shutdown();
+                    break connection.await;
+                }
+                seen = started;
+            }
+        }
+    };
+    if let Err(e) = result {
         connection_error(&shared, &conn, &e, false);
     }
 }
@@ -318,18 +385,11 @@ async fn write_all<S: hyper::rt::Write + Unpin>(
 /// (the parser's, the size limits) are one `malformed_request` record each; a client that
 /// went away is not a decision.
 fn connection_error(shared: &Shared, conn: &Conn, error: &hyper::Error, mid_request: bool) {
-    if error.is_timeout() {
-        // hyper's header timer: a head still partial is refused; an idle keep-alive
-        // connection simply closes.
+    if error.is_timeout() || framing::is_header_timeout(error) {
+        // hyper's header timer (the idle timeout) or the guard's header timeout: a head
+        // still partial is refused; an idle keep-alive connection simply closes.
         if mid_request {
-            let enforcement = shared.enforcement.load();
-            let record = request_record(&enforcement, &conn.identity, &new_request_id());
-            shared.auditor.guard(record).finish(
-                Decision::Deny,
-                Some(408),
-                Some("header_timeout"),
-                Some(Fault::Client),
-            );
+            header_timeout(shared, conn);
         }
         return;
     }
@@ -345,6 +405,18 @@ fn connection_error(shared: &Shared, conn: &Conn, error: &hyper::Error, mid_requ
         Decision::Deny,
         Some(status),
         Some(crate::state::MALFORMED_REQUEST),
+        Some(Fault::Client),
+    );
+}
+
+/// A request head still partial at the header (or idle) timeout: one record.
+fn header_timeout(shared: &Shared, conn: &Conn) {
+    let enforcement = shared.enforcement.load();
+    let record = request_record(&enforcement, &conn.identity, &new_request_id());
+    shared.auditor.guard(record).finish(
+        Decision::Deny,
+        Some(408),
+        Some("header_timeout"),
         Some(Fault::Client),
     );
 }
@@ -447,7 +519,7 @@ async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, identity: Identity) {
 
 /// Splices a passthrough TLS connection to its original destination: the allow decision
 /// is recorded (durably) before the upstream is dialled, and a linked outcome record with
-/// bytes and duration when the splice ends.
+/// bytes and duration when the splice ends (`idle_timeout` when it was cut idle).
 async fn passthrough(shared: &Shared, client: TcpStream, upstream: SocketAddr, mut record: Record) {
     record.rule = None;
     let guard = shared.auditor.guard(record);
@@ -458,12 +530,18 @@ async fn passthrough(shared: &Shared, client: TcpStream, upstream: SocketAddr, m
         Ok(recorded) => recorded,
         Err(outcome) => return outcome.finish_unavailable(),
     };
-    match crate::forward::splice(recorded, client, upstream, AGENT_MARK).await {
-        Ok((up, down)) => {
+    let idle = shared.timeouts.idle;
+    match crate::forward::splice(recorded, client, upstream, AGENT_MARK, idle).await {
+        Ok(spliced) => {
             let record = outcome.record_mut();
-            record.bytes_up = Some(up);
-            record.bytes_down = Some(down);
-            outcome.finish(Decision::Allow, None, None, None);
+            record.bytes_up = Some(spliced.up);
+            record.bytes_down = Some(spliced.down);
+            // An idle splice was closed: its outcome says so.
+            let (reason, origin) = match spliced.idle {
+                true => (Some("idle_timeout"), Some(Fault::Client)),
+                false => (None, None),
+            };
+            outcome.finish(Decision::Allow, None, reason, origin);
         }
         Err(_) => outcome.finish(
             Decision::Error,

@@ -81,6 +81,13 @@ pub async fn upstream_failed(
 ) -> Response<Body> {
     tracing::warn!(error = %error, "upstream request failed");
     let refused = match forward::bad_certificate(error) {
+        // The client's body stopped arriving: the upstream request was aborted.
+        None if crate::outbound::is_body_stalled(error) => Refused::status(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            error.to_string(),
+            Fault::Client,
+        ),
         Some(reason) => Refused::status(
             StatusCode::BAD_GATEWAY,
             "upstream_certificate_invalid",
@@ -153,7 +160,7 @@ pub async fn relay(
         return when_written(written, response, workload.as_deref(), reply.request_id).await;
     }
     let response = match &forwarded.secret {
-        None => response.map(BodyExt::boxed),
+        None => response.map(|body| body.map_err(Into::into).boxed()),
         Some(secret) => {
             let mut base = guard.record_mut().clone();
             base.status = Some(status);
@@ -212,7 +219,9 @@ fn guard_reflection(
     if needles.redact_headers(&mut parts.headers) {
         report.clone()(0);
     }
-    let body = RedactingBody::new(body, needles, Box::new(report)).boxed();
+    let body = RedactingBody::new(body, needles, Box::new(report))
+        .map_err(Into::into)
+        .boxed();
     Response::from_parts(parts, body)
 }
 

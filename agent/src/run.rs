@@ -227,6 +227,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // 4. the managed set, as early as possible: from here every selected cgroup is refused
     //    (on a first start it was unmanaged until now; its older connections are cut in 7).
     crate::service::status("filling the kernel maps (managed connects refused)");
+    let mut scan_incidents = workloads::ScanIncidents::default();
+    let start_scan_records;
     {
         // Managed until released: what the pins hold stays held; pending release requests
         // stay pending (they are recorded and applied by the first publish, in 7).
@@ -241,7 +243,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             &pinned.held,
             &workloads::Fs,
         );
-        workloads::report_scan_errors(&scan_errors);
+        start_scan_records = scan_incidents.report(&mount, &scan_errors);
         sync_kernel(
             &kernel,
             &snapshot,
@@ -281,6 +283,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     auditor.record(lifecycle::agent_started(policy_hash));
     if let Some(rejected) = start_rejected {
         auditor.record(rejected);
+    }
+    for record in start_scan_records {
+        auditor.record(record);
     }
     // TLS: the host CA (interception) and the upstream trust roots.
     let ca = Arc::new(crate::tls::HostCa::load_or_create(
@@ -345,6 +350,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         proxy_port: port,
         pin_base: opts.pin_dir.clone(),
         state_dir: opts.state_dir.clone(),
+        scan_incidents: std::sync::Mutex::new(scan_incidents),
     };
     crate::service::status("publishing the policy snapshot");
     control.publish(snapshot, true)?;
@@ -515,6 +521,8 @@ struct Control {
     pin_base: PathBuf,
     /// `--state-dir` (release requests).
     state_dir: PathBuf,
+    /// Scan error kinds recorded in the current incident (see [`workloads::ScanIncidents`]).
+    scan_incidents: std::sync::Mutex<workloads::ScanIncidents>,
 }
 
 impl Control {
@@ -537,7 +545,14 @@ impl Control {
             &pinned.held,
             &workloads::Fs,
         );
-        workloads::report_scan_errors(&scan_errors);
+        let scan_records = self
+            .scan_incidents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .report(&self.mount, &scan_errors);
+        for record in scan_records {
+            self.shared.auditor.record(record);
+        }
         if Arc::ptr_eq(&current.policy, &policy)
             && *current.cgroups == resolution
             && pinned.requests.is_empty()
@@ -607,11 +622,26 @@ impl Control {
             Ok(cut) => cut,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list TCP sockets to cut pre-existing connections of newly managed cgroups");
+                let mut record = lifecycle::cut_failed(&format_args!(
+                    "listing TCP sockets (sock_diag dump) for the cgroup ids {newly:?}: {e}{}",
+                    lifecycle::errno_name(&e)
+                ));
+                record.trigger = Some("sock_diag dump".into());
+                self.shared.auditor.record(record);
                 return;
             }
         };
         for c in cut {
-            let mut record = Record::new("tcp").with_dst_addr(c.sock.remote);
+            let mut record = match &c.failed {
+                None => Record::new("tcp"),
+                Some(e) => lifecycle::cut_failed(&format_args!(
+                    "SOCK_DESTROY of {} -> {}: {e}{}",
+                    c.sock.local,
+                    c.sock.remote,
+                    lifecycle::errno_name(e)
+                )),
+            }
+            .with_dst_addr(c.sock.remote);
             record.pid = c.pid;
             record.uid = Some(c.sock.uid);
             if let Some(info) = c.sock.cgroup.and_then(|id| enforcement.cgroups.lookup(id)) {
@@ -620,6 +650,12 @@ impl Control {
                     .workload
                     .and_then(|w| enforcement.policy.workload(w))
                     .map(|w| w.name.clone());
+            }
+            if c.failed.is_some() {
+                record.cgroup_id = c.sock.cgroup;
+                record.trigger = Some("SOCK_DESTROY".into());
+                self.shared.auditor.record(record);
+                continue;
             }
             tracing::info!(local = %c.sock.local, remote = %c.sock.remote, pid = ?c.pid, "cut a connection opened before its cgroup was managed");
             self.shared.auditor.guard(record).finish(

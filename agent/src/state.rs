@@ -19,7 +19,11 @@ use crate::{audit::Fault, policy, workloads::Resolution};
 pub const AGENT_MARK: u32 = 0x5347_0001;
 
 /// The body type of requests and responses through the proxy.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// The error of a [`Body`]: hyper's, or the proxy's own (a streamed request body that
+/// stalled past the body timeout, see [`crate::outbound`]).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything a decision depends on, published as ONE immutable value and swapped
 /// atomically: the policy and the cgroup → workload resolution made from it.
@@ -109,16 +113,23 @@ impl Refused {
 /// The reason of every request the HTTP parser or the framing guard refused.
 pub const MALFORMED_REQUEST: &str = "malformed_request";
 
-/// How long a client may take, per stage of a request.
+/// How long a client may take, per stage of a request. Each is one timer per connection
+/// (or per streamed body), armed only when a read waits, never one per request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// From the moment the proxy waits for a request head (a new connection, or a
-    /// keep-alive connection after its last response) until the head is complete. A
-    /// partial head at expiry is refused (`header_timeout`, recorded); an idle keep-alive
-    /// connection is closed.
+    /// From the first byte of a request head until the head is complete. A partial head
+    /// at expiry is refused (`header_timeout`, 408, recorded) and the connection closed.
     pub header: Duration,
-    /// Reading a body that a rule inspects (buffered before the decision): 408
-    /// `body_timeout`.
+    /// How long a connection may sit with no request in flight: an HTTP/1 keep-alive
+    /// connection waiting for its next head (a new one too), an HTTP/2 connection with no
+    /// open stream, a TLS passthrough splice with no byte in either direction. An idle
+    /// HTTP connection is closed without a record (there is no decision to record); a
+    /// splice's outcome record says `idle_timeout`.
+    pub idle: Duration,
+    /// Reading a request body: the whole of a body a rule inspects (buffered before the
+    /// decision: 408 `body_timeout`), and each read of a streamed body relayed upstream
+    /// (a body that stops arriving for this long is cut, the upstream request aborted,
+    /// and the outcome record says `body_timeout`).
     pub body: Duration,
 }
 
@@ -126,6 +137,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             header: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
             body: Duration::from_secs(30),
         }
     }

@@ -9,7 +9,8 @@
 //! A partial view never removes enforcement: a rescan that cannot read part of the tree
 //! (EMFILE, EACCES, a race with rmdir or rename, anything) keeps every previously managed
 //! cgroup it did not see, unless that cgroup positively no longer exists (its own path is
-//! gone, or now names another cgroup). See [`resolve_from`].
+//! gone, or now names another cgroup). See [`resolve_from`]. Each error kind is counted,
+//! logged and recorded (`cgroup_scan_incomplete`) once per incident ([`ScanIncidents`]).
 //!
 //! Managed means managed until released: a cgroup that is in the kernel's managed map (the
 //! pinned `SG_MANAGED`, which outlives the agent) stays managed when no policy selects it
@@ -26,13 +27,13 @@ use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::policy::{Snapshot, WorkloadId};
+use crate::{
+    audit::{Record, lifecycle},
+    policy::{Snapshot, WorkloadId},
+};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -211,8 +212,6 @@ pub struct ScanError {
 static SCAN_ERRORS: AtomicU64 = AtomicU64::new(0);
 /// Previously managed cgroups kept because a scan could not see them (a metric).
 static KEPT: AtomicU64 = AtomicU64::new(0);
-/// Error kinds already logged: each is logged once, not on every rescan.
-static LOGGED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
 /// Number of cgroup scan errors since start.
 pub fn scan_errors() -> u64 {
@@ -224,27 +223,42 @@ pub fn kept_unseen() -> u64 {
     KEPT.load(Ordering::Relaxed)
 }
 
-/// Counts scan errors and logs the first of each kind (errno) once.
-pub fn report_scan_errors(errors: &[ScanError]) {
-    if errors.is_empty() {
-        return;
-    }
-    SCAN_ERRORS.fetch_add(errors.len() as u64, Ordering::Relaxed);
-    let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
-    let logged = logged.get_or_insert_with(HashSet::new);
-    for e in errors {
-        let kind = match e.error.raw_os_error() {
-            Some(code) => format!("{}:{code}", e.action),
-            None => format!("{}:{:?}", e.action, e.error.kind()),
-        };
-        if logged.insert(kind) {
+/// The scan error kinds (operation and errno) reported in the current incident. An
+/// incident starts with a scan that could not read part of the tree and ends with the next
+/// complete scan; within it each kind is logged and recorded once (not on every rescan, a
+/// second a time), and a kind that comes back after a complete scan is reported again.
+#[derive(Debug, Default)]
+pub struct ScanIncidents {
+    reported: HashSet<(&'static str, Option<i32>, io::ErrorKind)>,
+}
+
+impl ScanIncidents {
+    /// Counts the errors of one scan (the metric), logs those of a kind new in this
+    /// incident and returns their `cgroup_scan_incomplete` records, to be written by the
+    /// caller; a scan without errors ends the incident.
+    pub fn report(&mut self, mount: &Path, errors: &[ScanError]) -> Vec<Record> {
+        if errors.is_empty() {
+            self.reported.clear();
+            return Vec::new();
+        }
+        SCAN_ERRORS.fetch_add(errors.len() as u64, Ordering::Relaxed);
+        let mut records = Vec::new();
+        for e in errors {
+            let kind = (e.action, e.error.raw_os_error(), e.error.kind());
+            if !self.reported.insert(kind) {
+                continue;
+            }
             tracing::error!(
                 path = %e.path.display(),
                 action = e.action,
                 error = %e.error,
-                "cgroup scan incomplete; managed cgroups under it keep their enforcement (logged once per error kind; see scopegate_cgroup_scan_errors_total)"
+                "cgroup scan incomplete; managed cgroups under it keep their enforcement (logged and recorded once per error kind until a scan is complete; see scopegate_cgroup_scan_errors_total)"
             );
+            let path = relative_cgroup_path(mount, &e.path)
+                .unwrap_or_else(|| e.path.display().to_string());
+            records.push(lifecycle::cgroup_scan_incomplete(&path, e.action, &e.error));
         }
+        records
     }
 }
 
@@ -454,8 +468,8 @@ fn walk(
     }
 }
 
-/// Notes of `scopegate policy check` about how a valid policy meets this host: each
-/// workload whose selector matches no cgroup here. They need a complete scan of the cgroup2
+/// Warnings of `scopegate policy check` about how a valid policy meets this host (counted
+/// by `--strict`): each workload whose selector matches no cgroup here. They need a complete scan of the cgroup2
 /// tree: without a cgroup2 mount, or when any part of the tree cannot be read, none is
 /// given. (An empty directory is a policy warning: [`crate::policy::PolicyWarning`].)
 pub fn host_warnings(snapshot: &Snapshot) -> Vec<String> {
@@ -720,8 +734,56 @@ mod scan_tests {
         );
         let billing = res.lookup(t.id("system.slice/billing.service")).unwrap();
         assert!(billing.selected);
-        report_scan_errors(&errors);
-        assert!(scan_errors() >= 2);
+        let before = scan_errors();
+        let records = ScanIncidents::default().report(m, &errors);
+        assert!(scan_errors() >= before + 2);
+        // Both are `read_dir` EMFILE: one kind, one record.
+        assert_eq!(records.len(), 1, "{records:?}");
+    }
+
+    /// Each kind of scan error (operation, errno) is recorded once per incident, with the
+    /// cgroup path, the operation and the errno; a complete scan ends the incident, and the
+    /// same error afterwards is recorded again.
+    #[test]
+    fn scan_errors_are_recorded_once_per_kind_per_incident() {
+        let t = Tree::new();
+        let m = t.dir.path();
+        let mut incidents = ScanIncidents::default();
+        let mut emfile = Faulty::default();
+        emfile.list.insert(t.path("system.slice"), libc::EMFILE);
+        let (_, errors) = t.rescan(&t.snap, &emfile);
+        let records = incidents.report(m, &errors);
+        assert_eq!(records.len(), 1, "{records:?}");
+        let r = serde_json::to_value(&records[0]).unwrap();
+        assert_eq!(r["reason"], "cgroup_scan_incomplete");
+        assert_eq!(r["decision"], "error");
+        assert_eq!(r["origin"], "agent");
+        assert_eq!(r["cgroup"], "/system.slice");
+        assert_eq!(r["trigger"], "read_dir");
+        let text = r["errors"][0].as_str().unwrap();
+        assert!(text.starts_with("/system.slice: read_dir: "), "{text}");
+        assert!(text.ends_with("(EMFILE)"), "{text}");
+        // The next rescans, still blind in the same way: nothing new to record.
+        for _ in 0..3 {
+            let (_, errors) = t.rescan(&t.snap, &emfile);
+            assert_eq!(errors.len(), 1);
+            assert!(incidents.report(m, &errors).is_empty());
+        }
+        // Another kind in the same incident is recorded once.
+        let mut both = Faulty::default();
+        both.list.insert(t.path("system.slice"), libc::EMFILE);
+        both.stat.insert(t.path("managed.slice"), libc::EACCES);
+        let (_, errors) = t.rescan(&t.snap, &both);
+        let records = incidents.report(m, &errors);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].trigger.as_deref(), Some("stat"));
+        assert!(records[0].errors.as_ref().unwrap()[0].ends_with("(EACCES)"));
+        // A complete scan ends the incident: the same EMFILE is recorded again.
+        let (_, errors) = t.rescan(&t.snap, &Faulty::default());
+        assert!(errors.is_empty());
+        assert!(incidents.report(m, &errors).is_empty());
+        let (_, errors) = t.rescan(&t.snap, &emfile);
+        assert_eq!(incidents.report(m, &errors).len(), 1);
     }
 
     #[test]

@@ -1135,3 +1135,269 @@ fn records_carry_query_names_and_suggest_lists_them() {
         "a denial is not demand: {policy_text}"
     );
 }
+
+fn timeouts(header: u64, idle: u64, body: u64) -> scopegate::state::Timeouts {
+    scopegate::state::Timeouts {
+        header: Duration::from_secs(header),
+        idle: Duration::from_secs(idle),
+        body: Duration::from_secs(body),
+    }
+}
+
+/// The audit file's records as written (outcome records apart), once there are `n`.
+fn raw_records(proxy: &Proxy, n: usize) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&proxy.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for _ in 0..300 {
+        if read().len() >= n {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    read()
+}
+
+/// Reads until EOF or error; whether the proxy closed the connection within `wait`.
+fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The idle timeout (between requests) and the header timeout (a head's first byte to its
+/// end) are separate: a keep-alive connection idle past the header timeout still serves its
+/// next request; a partial head is refused at the header timeout although the idle timeout
+/// is longer; an idle connection is closed at the idle timeout, without a record.
+#[test]
+fn the_idle_timeout_closes_keep_alive_connections_and_differs_from_the_header_timeout() {
+    let recorder = Recorder::start();
+    let up = recorder.addr;
+    let proxy = Proxy::start_timed(
+        up,
+        |secret| policy_text(up.port(), secret),
+        Resolver::new(StaticLookup::new()),
+        timeouts(1, 4, 30),
+    );
+    let mut stream = proxy.connect();
+    stream.write_all(&get("/reports/a", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut stream), 200);
+    // Idle for twice the header timeout: still open, and the next request is served.
+    thread::sleep(Duration::from_secs(2));
+    stream.write_all(&get("/reports/b", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut stream), 200);
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(20)),
+        "an idle keep-alive connection stayed open"
+    );
+    assert_eq!(recorder.seen().len(), 2);
+    let records = proxy.wait_records(2);
+    assert_eq!(
+        records.len(),
+        2,
+        "the idle close is no decision: {records:#?}"
+    );
+    // A partial head is refused at the (shorter) header timeout, recorded.
+    let mut partial = proxy.connect();
+    partial
+        .write_all(format!("GET /reports/c HTTP/1.1\r\nhost: {up}\r\nx-a: 1").as_bytes())
+        .unwrap();
+    assert!(closed_within(&mut partial, Duration::from_secs(20)));
+    let records = proxy.wait_records(3);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    assert_eq!(records[2]["reason"], "header_timeout");
+    assert_eq!(records[2]["status"], 408);
+    // A partial second head on a keep-alive connection is timed from its own first byte.
+    let mut second = proxy.connect();
+    second.write_all(&get("/reports/d", up, "")).unwrap();
+    assert_eq!(read_answer_keep(&mut second), 200);
+    second.write_all(b"GET /reports/e HTTP/1.1\r\n").unwrap();
+    assert!(closed_within(&mut second, Duration::from_secs(20)));
+    let records = proxy.wait_records(5);
+    assert_eq!(records.len(), 5, "{records:#?}");
+    assert_eq!(records[4]["reason"], "header_timeout");
+    assert_eq!(recorder.seen().len(), 3);
+}
+
+/// A streamed body (no rule reads it, so it is relayed as it arrives) that stops arriving
+/// is cut at the body timeout: the upstream request is aborted (the upstream never gets
+/// the rest), the client gets 408 `body_timeout`, and the allowed decision's outcome
+/// record says so.
+#[test]
+fn a_streamed_body_that_stalls_is_cut_at_the_body_timeout_and_recorded() {
+    let recorder = Recorder::start();
+    let up = recorder.addr;
+    let proxy = Proxy::start_timed(
+        up,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: \"127.0.0.1\"\n    port: {}\n    rules:\n      - {{id: upload, methods: [POST], path: /upload}}\n",
+                up.port()
+            )
+        },
+        Resolver::new(StaticLookup::new()),
+        timeouts(5, 30, 1),
+    );
+    let mut stream = proxy.connect();
+    stream
+        .write_all(
+            format!("POST /upload HTTP/1.1\r\nhost: {up}\r\ncontent-length: 100\r\n\r\n0123456789")
+                .as_bytes(),
+        )
+        .unwrap();
+    let answer = read_answer(&mut stream);
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert!(answer.body.contains("body_timeout"), "{answer:?}");
+    let raw = raw_records(&proxy, 2);
+    assert_eq!(raw.len(), 2, "a decision and its outcome: {raw:#?}");
+    assert_eq!(raw[0]["decision"], "allow");
+    assert_eq!(raw[0]["rule"], "upload");
+    assert_eq!(raw[1]["outcome_of"], raw[0]["seq"]);
+    assert_eq!(raw[1]["reason"], "body_timeout");
+    assert_eq!(raw[1]["status"], 408);
+    assert_eq!(raw[1]["origin"], "client");
+    // The upstream never received a complete request.
+    thread::sleep(Duration::from_millis(300));
+    assert!(recorder.seen().is_empty(), "{:?}", recorder.seen());
+}
+
+/// A TLS passthrough splice with no byte in either direction for the idle timeout is
+/// closed, and its outcome record says `idle_timeout` with the bytes that moved.
+#[test]
+fn an_idle_passthrough_splice_is_closed_at_the_idle_timeout_and_recorded() {
+    // The upstream takes the connection and stays silent.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let got = Arc::new(Mutex::new(0usize));
+    let g = got.clone();
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            *g.lock().unwrap() += n;
+        }
+    });
+    let proxy = Proxy::start_timed(
+        upstream,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: pt.test\n    port: {}\n    tls: passthrough\n    allow_internal: true\n",
+                upstream.port()
+            )
+        },
+        Resolver::new(StaticLookup::new().with("pt.test", [ip("127.0.0.1")])),
+        timeouts(5, 1, 30),
+    );
+    // A real ClientHello for pt.test, from rustls.
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let mut tls =
+        rustls::ClientConnection::new(Arc::new(config), "pt.test".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    let mut stream = proxy.connect();
+    stream.write_all(&hello).unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(20)),
+        "an idle splice stayed open"
+    );
+    let raw = raw_records(&proxy, 2);
+    assert_eq!(raw.len(), 2, "{raw:#?}");
+    assert_eq!(raw[0]["decision"], "allow");
+    assert_eq!(raw[0]["proto"], "tls");
+    assert_eq!(raw[1]["outcome_of"], raw[0]["seq"]);
+    assert_eq!(raw[1]["reason"], "idle_timeout");
+    assert_eq!(raw[1]["bytes_up"], hello.len());
+    assert_eq!(*got.lock().unwrap(), hello.len());
+}
+
+/// An intercepted HTTP/2 connection is served (a refused request gets its 403 and its
+/// record), then, with no stream open for the idle timeout, shut down by the proxy.
+#[test]
+fn an_idle_http2_connection_is_closed_at_the_idle_timeout() {
+    use http_body_util::{BodyExt as _, Empty};
+    let state = tempfile::tempdir().unwrap();
+    let ca = Arc::new(scopegate::tls::HostCa::load_or_create(state.path(), None).unwrap());
+    let leaves = scopegate::tls::LeafCache::new(
+        ca.clone(),
+        16,
+        &[
+            scopegate::tls::upstream::ALPN_H2,
+            scopegate::tls::upstream::ALPN_HTTP1,
+        ],
+    );
+    let upstream: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let proxy = Proxy::start_full(
+        upstream,
+        |_| {
+            "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: h2.test\n    port: 9\n    tls: intercept\n    allow_internal: true\n    rules:\n      - {id: read, methods: [GET], path: /allowed/**}\n".to_owned()
+        },
+        Resolver::new(StaticLookup::new().with("h2.test", [ip("127.0.0.1")])),
+        timeouts(5, 1, 30),
+        Some(leaves),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let stream = proxy.connect();
+    stream.set_nonblocking(true).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(stream).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("h2.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = http::Request::get("https://h2.test:9/forbidden")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 403);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("path_not_allowed"));
+        // No stream open from here: the proxy ends the connection (GOAWAY, then close).
+        let ended = tokio::time::timeout(Duration::from_secs(20), conn).await;
+        assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
+    });
+    let records = proxy.wait_records(1);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["reason"], "path_not_allowed");
+}

@@ -541,6 +541,12 @@ fn lifecycle_records_bracket_each_run_and_a_cut_tail_is_caught_by_the_anchor() {
     let run1 = read_jsonl(&audit);
     assert_eq!(run1[0]["reason"], "agent_started", "{:#}", run1[0]);
     assert!(run1[0]["clean"].is_null(), "a new chain: {:#}", run1[0]);
+    // The version is the binary's own (`scopegate --version` prints `scopegate X.Y.Z`).
+    let version = Command::new(bin()).arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    let version = version.strip_prefix("scopegate ").unwrap_or(&version);
+    assert!(!version.is_empty());
+    assert_eq!(run1[0]["version"], version, "{:#}", run1[0]);
     assert!(
         run1[0]["policy_hash"]
             .as_str()
@@ -550,20 +556,63 @@ fn lifecycle_records_bracket_each_run_and_a_cut_tail_is_caught_by_the_anchor() {
         .iter()
         .find(|r| r["reason"] == "policy_rejected")
         .unwrap();
-    assert!(
-        rejected["errors"].to_string().contains("bad.yaml:"),
-        "the rejection names file:line:col: {rejected:#}"
-    );
+    // Each error names `…/bad.yaml:LINE:COL: message`.
+    let errors = rejected["errors"].as_array().unwrap();
+    assert!(!errors.is_empty(), "{rejected:#}");
+    let file = policies.path().join("bad.yaml").display().to_string();
+    for e in errors {
+        let e = e.as_str().unwrap();
+        let position = e
+            .strip_prefix(&file)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|rest| rest.splitn(3, ':').collect::<Vec<_>>());
+        let ok = position.is_some_and(|p| {
+            p.len() == 3
+                && p[..2]
+                    .iter()
+                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                && p[2].starts_with(' ')
+        });
+        assert!(ok, "not {file}:line:col: message: {e:?}");
+    }
     assert_eq!(run1.last().unwrap()["reason"], "agent_stopping");
     assert!(audit.with_extension("jsonl.anchor").is_file());
     let (ok, text) = verify(&[&audit]);
     assert!(ok, "{text}");
 
-    // Run 2 knows that run 1 ended cleanly; killed, run 3 knows that run 2 did not.
+    // Run 2 knows that run 1 ended cleanly; killed with a torn last line, run 3 knows that
+    // run 2 did not, and records the cut tail at once (no traffic needed).
     let mut agent = Agent::start(config());
     wait_for(&agent, "agent_started", 2);
     agent.kill9();
+    let torn = r#"{"seq":99,"ts":"2026-12-02T00:00:00Z","decision":"al"#;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .unwrap();
+    std::io::Write::write_all(&mut file, torn.as_bytes()).unwrap();
+    drop(file);
     let agent = Agent::start(config());
+    wait_for(&agent, "agent_started", 3);
+    let recovered: Vec<_> = agent
+        .all_audit_records()
+        .into_iter()
+        .filter(|r| r["reason"] == "recovered_truncation")
+        .collect();
+    assert_eq!(
+        recovered.len(),
+        1,
+        "{:?}",
+        reasons(&agent.all_audit_records())
+    );
+    assert_eq!(
+        recovered[0]["truncated_bytes"],
+        torn.len(),
+        "{:#}",
+        recovered[0]
+    );
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(!text.contains(torn), "the torn line was cut");
     thread::sleep(Duration::from_millis(300));
     drop(agent);
     let all = read_jsonl(&audit);

@@ -275,4 +275,11 @@ fn at_the_descriptor_limit_the_control_plane_keeps_enforcing() {
             .any(|l| l.contains("Too many open files")),
         "the agent never ran out of descriptors"
     );
+    // The reserve kept every cgroup scan whole: no scan error was recorded (one would be
+    // a `cgroup_scan_incomplete` record, see workloads::ScanIncidents).
+    let scan_records: Vec<_> = read_jsonl(&agent.audit)
+        .into_iter()
+        .filter(|r| r["reason"] == "cgroup_scan_incomplete")
+        .collect();
+    assert!(scan_records.is_empty(), "{scan_records:#?}");
 }

@@ -811,19 +811,22 @@ fn the_agent_raises_its_open_file_limit_to_the_hard_limit() {
 /// A keep-alive connection opened before its cgroup was managed was never decided: when the
 /// agent starts and manages the cgroup, the connection is destroyed (SOCK_DESTROY) and
 /// recorded. A connection of an unmanaged sibling cgroup stays up.
-#[test]
-fn connections_opened_before_the_cgroup_was_managed_are_cut() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-    privileged_test("connections_opened_before_the_cgroup_was_managed_are_cut");
-    let tree = CgroupTree::new();
-    let managed = tree.child("managed");
-    let other = tree.child("other");
-    let upstream = Upstream::start("127.0.0.2");
-    let script = format!(
-        "
+/// A Python client in `cgroup` that opens a keep-alive connection to `upstream`, makes one
+/// request, says `connected`, then on a line on stdin waits up to `timeout` seconds for the
+/// connection and reports `reset`, `eof`, `data` or `alive`.
+struct HeldConnection {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl HeldConnection {
+    fn open(cgroup: &str, upstream: &Upstream, timeout: &str) -> Self {
+        use std::io::BufRead as _;
+        let script = format!(
+            "
 import socket, sys
-s = socket.create_connection(('127.0.0.2', {port}), timeout=5)
-s.sendall(b'GET /allowed/before HTTP/1.1\\r\\nHost: 127.0.0.2\\r\\n\\r\\n')
+s = socket.create_connection(('{ip}', {port}), timeout=5)
+s.sendall(b'GET /allowed/before HTTP/1.1\\r\\nHost: {ip}\\r\\n\\r\\n')
 assert s.recv(4096).startswith(b'HTTP/1.1 200')
 print('connected', flush=True)
 sys.stdin.readline()
@@ -835,9 +838,9 @@ except (ConnectionResetError, ConnectionAbortedError):
 except socket.timeout:
     print('alive', flush=True)
 ",
-        port = upstream.addr.port()
-    );
-    let spawn = |cgroup: &str, timeout: &str| {
+            ip = upstream.addr.ip(),
+            port = upstream.addr.port()
+        );
         let mut child = Command::new(bin())
             .args([
                 "exec", "--cgroup", cgroup, "--", "python3", "-c", &script, timeout,
@@ -846,14 +849,55 @@ except socket.timeout:
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "connected");
-        (child, out)
-    };
-    let (mut victim, mut victim_out) = spawn(&managed, "5");
-    let (mut bystander, mut bystander_out) = spawn(&other, "1");
+        Self { child, out }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the connection saw after the go line.
+    fn result(mut self) -> String {
+        use std::io::{BufRead as _, Write as _};
+        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let _ = self.child.wait();
+        line.trim().to_owned()
+    }
+}
+
+/// Asserts `r` is the cut record of `pid`'s connection from `cgroup` (workload
+/// `workload`) to `upstream`.
+fn assert_cut_record(
+    r: &serde_json::Value,
+    cgroup: &str,
+    workload: &str,
+    pid: u32,
+    upstream: &Upstream,
+) {
+    assert_eq!(r["decision"], "deny", "{r}");
+    assert_eq!(r["reason"], "preexisting_connection_cut", "{r}");
+    assert_eq!(r["cgroup"], cgroup, "{r}");
+    assert_eq!(r["workload"], workload, "{r}");
+    assert_eq!(r["pid"], pid, "{r}");
+    assert_eq!(r["dst"]["ip"], upstream.addr.ip().to_string(), "{r}");
+    assert_eq!(r["dst"]["port"], upstream.addr.port(), "{r}");
+}
+
+#[test]
+fn connections_opened_before_the_cgroup_was_managed_are_cut() {
+    privileged_test("connections_opened_before_the_cgroup_was_managed_are_cut");
+    let tree = CgroupTree::new();
+    let managed = tree.child("managed");
+    let other = tree.child("other");
+    let upstream = Upstream::start("127.0.0.2");
+    let victim = HeldConnection::open(&managed, &upstream, "5");
+    let bystander = HeldConnection::open(&other, &upstream, "1");
     let policies = policy_dir(&[("web.yaml", policy(&managed, &upstream))]);
     let pins = PinDir::new();
     let audit_dir = tempfile::tempdir().unwrap();
@@ -864,31 +908,91 @@ except socket.timeout:
         audit_dir.path().join("audit.jsonl"),
     ));
     let records = agent.wait_audit(1);
-    let result = |child: &mut std::process::Child,
-                  out: &mut BufReader<std::process::ChildStdout>| {
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let _ = child.wait();
-        line.trim().to_owned()
-    };
-    let victim_pid = victim.id();
-    let victim_saw = result(&mut victim, &mut victim_out);
-    let bystander_saw = result(&mut bystander, &mut bystander_out);
+    let victim_pid = victim.pid();
+    let victim_saw = victim.result();
+    let bystander_saw = bystander.result();
     assert!(
         victim_saw == "reset" || victim_saw == "eof",
         "the managed connection survived: {victim_saw}"
     );
     assert_eq!(bystander_saw, "alive", "an unmanaged connection was cut");
     assert_eq!(records.len(), 1, "{records:#?}");
-    let r = &records[0];
-    assert_eq!(r["decision"], "deny", "{r}");
-    assert_eq!(r["reason"], "preexisting_connection_cut", "{r}");
-    assert_eq!(r["cgroup"], managed, "{r}");
-    assert_eq!(r["workload"], "web", "{r}");
-    assert_eq!(r["pid"], victim_pid, "{r}");
-    assert_eq!(r["dst"]["ip"], "127.0.0.2", "{r}");
-    assert_eq!(r["dst"]["port"], upstream.addr.port(), "{r}");
+    assert_cut_record(&records[0], &managed, "web", victim_pid, &upstream);
     // Only the request from before; nothing after.
     assert_eq!(upstream.seen().len(), 2, "{:?}", upstream.seen().len());
+}
+
+/// A cgroup that becomes managed by a reload (a policy file added while the agent runs,
+/// then SIGHUP): its live keep-alive connection to an upstream its new policy forbids is
+/// cut and recorded, and it cannot connect there again.
+#[test]
+fn a_reload_that_manages_a_cgroup_cuts_its_live_connections() {
+    privileged_test("a_reload_that_manages_a_cgroup_cuts_its_live_connections");
+    let tree = CgroupTree::new();
+    let web = tree.child("web");
+    let late = tree.child("late");
+    let allowed = Upstream::start("127.0.0.2");
+    let forbidden = Upstream::start("127.0.0.3");
+    let policies = policy_dir(&[("web.yaml", policy(&web, &allowed))]);
+    let pins = PinDir::new();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(AgentConfig::new(
+        policies.path(),
+        &tree,
+        &pins,
+        audit_dir.path().join("audit.jsonl"),
+    ));
+    // `late` is not managed yet: its keep-alive connection to the forbidden upstream works.
+    let victim = HeldConnection::open(&late, &forbidden, "5");
+    let victim_pid = victim.pid();
+    assert_eq!(forbidden.seen().len(), 1);
+    // A policy for `late` that names only the allowed upstream, then a reload.
+    let text = policy(&late, &allowed).replace("workload: web", "workload: late");
+    fs::write(policies.path().join("late.yaml"), text).unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let cut = loop {
+        let cut: Vec<_> = agent
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["reason"] == "preexisting_connection_cut")
+            .collect();
+        if !cut.is_empty() || Instant::now() > deadline {
+            break cut;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(cut.len(), 1, "{:#?}", agent.all_audit_records());
+    assert_cut_record(&cut[0], &late, "late", victim_pid, &forbidden);
+    let saw = victim.result();
+    assert!(
+        saw == "reset" || saw == "eof",
+        "the connection survived: {saw}"
+    );
+    assert!(
+        agent
+            .all_audit_records()
+            .iter()
+            .any(|r| r["reason"] == "policy_reloaded"),
+        "the reload is recorded"
+    );
+    assert!(
+        !agent
+            .all_audit_records()
+            .iter()
+            .any(|r| r["reason"] == "preexisting_connection_cut_failed"),
+        "{:#?}",
+        agent.all_audit_records()
+    );
+    // Managed now: a new connect to the forbidden upstream is refused in the kernel.
+    let probe = format!(
+        "{PY_PRELUDE}\nprint(attempt(tcp(socket.AF_INET, ('127.0.0.3', {}))))",
+        forbidden.addr.port()
+    );
+    assert_eq!(python_in(&late, &probe), "EPERM");
+    assert_eq!(
+        forbidden.seen().len(),
+        1,
+        "nothing reached it after the cut"
+    );
 }

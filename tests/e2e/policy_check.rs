@@ -1,7 +1,8 @@
-//! `scopegate policy check` as CI runs it, through the built binary (no privileges
-//! needed): a file or a directory, secrets read only with `--secrets`, warnings for an
-//! empty directory and ignored entries, exit 0 / 1 / 2 (`--strict`), and the packaged
-//! unit's `ExecStartPre=` command line.
+//! `scopegate policy check` as CI runs it, through the built binary: a file or a
+//! directory, secrets read only with `--secrets`, warnings for an empty directory, ignored
+//! entries and a selector that matches no cgroup on this host (a real cgroup, so that
+//! test is privileged), exit 0 / 1 / 2 (`--strict`), and the packaged unit's
+//! `ExecStartPre=` command line.
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 use std::{
@@ -13,8 +14,13 @@ use std::{
 use scopegate_e2e::*;
 
 fn policy(secret: &str) -> String {
+    policy_selecting("systemd_unit: crm.service", secret)
+}
+
+/// The crm policy with the selector `select` (one line, e.g. `cgroup: /a/b`).
+fn policy_selecting(select: &str, secret: &str) -> String {
     format!(
-        "workload: crm\nselect:\n  systemd_unit: crm.service\negress:\n  - host: api.example.com\n    port: 443\n    tls: intercept\n    credential:\n      header: Authorization\n      format: \"Bearer {{secret}}\"\n      secret_file: {secret}\n    rules:\n      - id: read\n        methods: [GET]\n        path: /v1/**\n"
+        "workload: crm\nselect:\n  {select}\negress:\n  - host: api.example.com\n    port: 443\n    tls: intercept\n    credential:\n      header: Authorization\n      format: \"Bearer {{secret}}\"\n      secret_file: {secret}\n    rules:\n      - id: read\n        methods: [GET]\n        path: /v1/**\n"
     )
 }
 
@@ -35,10 +41,15 @@ fn check(args: &[&str], path: &Path) -> (Option<i32>, String, String) {
 
 #[test]
 fn policy_check_for_ci_file_dir_secrets_warnings_and_exit_codes() {
+    // Privileged for the real cgroup the policy selects (a selector that matches no cgroup
+    // on this host is a warning, below).
+    privileged_test("policy_check_for_ci_file_dir_secrets_warnings_and_exit_codes");
+    let tree = CgroupTree::new();
+    let crm = tree.child("crm");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("crm.yaml");
     let missing = "/nonexistent/sgobs-ci-secret";
-    fs::write(&file, policy(missing)).unwrap();
+    fs::write(&file, policy_selecting(&format!("cgroup: {crm}"), missing)).unwrap();
 
     // A directory and a file; the secret is not read without --secrets. A `tests/`
     // subdirectory holds `policy test` cases: known, no warning even under --strict.
@@ -49,6 +60,31 @@ fn policy_check_for_ci_file_dir_secrets_warnings_and_exit_codes() {
     let (code, out, err) = check(&["--strict"], &file);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.starts_with(&format!("{}: OK", file.display())), "{out}");
+    assert!(!err.contains("warning"), "{err}");
+
+    // A selector that matches no cgroup on this host is a warning naming the file and
+    // the workload: exit 0, and 2 under --strict.
+    let nobody = dir.path().join("nobody.yaml");
+    let text = policy_selecting(&format!("cgroup: {}/nobody", tree.path), missing)
+        .replace("workload: crm", "workload: nobody");
+    fs::write(&nobody, text).unwrap();
+    let (code, out, err) = check(&[], dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("OK, 2 workload(s), 1 warning(s)"), "{out}");
+    let want = format!(
+        "scopegate: warning: {}: workload nobody: its selector",
+        nobody.display()
+    );
+    assert!(err.lines().any(|l| l.starts_with(&want)), "{want}\n{err}");
+    assert!(err.contains("matches no cgroup on this host"), "{err}");
+    assert!(!err.contains("workload crm:"), "{err}");
+    let (code, out, err) = check(&["--strict"], dir.path());
+    assert_eq!(code, Some(2), "{out}{err}");
+    // Once the cgroup exists, the warning is gone.
+    tree.child("nobody");
+    let (code, out, err) = check(&["--strict"], dir.path());
+    assert_eq!(code, Some(0), "{out}{err}");
+    fs::remove_file(&nobody).unwrap();
 
     // With --secrets the missing secret is an error naming the file, line and column.
     let (code, out, _) = check(&["--secrets"], dir.path());

@@ -9,8 +9,11 @@
 //!   requests to a forbidden path of the allowed upstream, requests to a path only some
 //!   policy versions allow, and connects to a destination no policy names; plus one curl
 //!   of an allowed and one of a forbidden path. Every path is unique.
-//! * **fd pressure**: a Python workload in `slow` holding up to [`SLOW_CONNECTIONS`]
-//!   connections that drip a request head byte by byte (at most [`SLOW_SECONDS`] each run).
+//! * **fd pressure**: the agent runs under `prlimit --nofile=`[`AGENT_NOFILE`] (soft and
+//!   hard, so it cannot raise it), and a Python workload in `slow` (`max_connections:`
+//!   [`SLOW_MAX_CONNECTIONS`]) holds up to [`SLOW_CONNECTIONS`] connections that drip a
+//!   request head byte by byte (at most [`SLOW_SECONDS`] each run): the cap refuses the
+//!   excess (`connection_limit`) and the header timeout closes the rest (`header_timeout`).
 //! * **policy churn** every tick: `web.yaml` gains or loses a rule, and every third tick
 //!   `slow.yaml` is swapped (written aside, renamed over).
 //! * **kill -9** of the agent every [`KILL_EVERY`], then a restart on the same port, pins
@@ -19,7 +22,8 @@
 //! At the end it compares what the upstreams received with the audit file: a **bypass** is a
 //! forbidden request that reached an upstream, a **missing record** a request an upstream
 //! received without an allow decision record for its (unique) path. Both must be 0, and the
-//! chain must verify; the exit status says so.
+//! chain must verify; and the pressure must have happened (at least one `connection_limit`
+//! record); the exit status says so.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -53,6 +57,12 @@ const CLIENT_REQUESTS: u32 = 400;
 const CLIENT_SECONDS: u32 = 9;
 /// Slow connections the fd-pressure workload holds, at most.
 const SLOW_CONNECTIONS: u32 = 600;
+/// The `slow` workload's `max_connections`, below [`SLOW_CONNECTIONS`].
+const SLOW_MAX_CONNECTIONS: u32 = 200;
+/// The agent's open-file limit (soft and hard).
+const AGENT_NOFILE: u32 = 1024;
+/// The reasons of the fd-pressure records the report counts.
+const PRESSURE_REASONS: [&str; 3] = ["connection_limit", "descriptor_limit", "header_timeout"];
 /// Seconds per fd-pressure run, at most.
 const SLOW_SECONDS: u32 = 40;
 /// The agent's ready line.
@@ -150,7 +160,8 @@ fn web_policy(web: &str, port: u16, extra: bool) -> String {
 
 fn slow_policy(slow: &str, port: u16, version: u32) -> String {
     format!(
-        "# version {version}\nworkload: slow\nselect:\n  cgroup: {slow}\negress:\n  - host: 127.0.0.2\n    \
+        "# version {version}\nworkload: slow\nselect:\n  cgroup: {slow}\n\
+         max_connections: {SLOW_MAX_CONNECTIONS}\negress:\n  - host: 127.0.0.2\n    \
          port: {port}\n    rules:\n      - id: slow\n        methods: [GET]\n        path: /slow/**\n"
     )
 }
@@ -175,8 +186,12 @@ struct AgentSetup {
 
 impl AgentSetup {
     fn start(&self, n: u32) -> Result<Proc> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("run")
+        // prlimit sets the limit on itself, then execs the agent (same PID, for kill -9).
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={AGENT_NOFILE}:{AGENT_NOFILE}"))
+            .arg("--")
+            .arg(&self.bin)
+            .arg("run")
             .arg("--policies")
             .arg(&self.policies)
             .arg("--proxy-port")
@@ -435,7 +450,10 @@ pub fn soak(ctx: &Ctx, args: &SoakArgs) -> Result<bool> {
     totals.extend(curls);
     let report = analyse(&bin, &agent_setup.audit, &up_seen, &bad_seen)?;
     print_report(args, started.elapsed(), &totals, &report, kills, churns);
-    Ok(report.bypasses == 0 && report.missing.is_empty() && report.verified)
+    Ok(report.bypasses == 0
+        && report.missing.is_empty()
+        && report.verified
+        && report.pressure("connection_limit") > 0)
 }
 
 /// What the audit file and the upstreams say.
@@ -447,6 +465,17 @@ struct Report {
     outcomes: u64,
     verified: bool,
     verify_text: String,
+}
+
+impl Report {
+    /// Decision records with the fd-pressure reason `reason`.
+    fn pressure(&self, reason: &str) -> u64 {
+        self.decisions
+            .iter()
+            .filter(|(key, _)| key.rsplit(' ').next() == Some(reason))
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 fn analyse(bin: &Path, audit: &Path, up_seen: &Seen, bad_seen: &Seen) -> Result<Report> {
@@ -530,6 +559,15 @@ fn print_report(
         println!("    {k}: {n}");
     }
     println!("  outcome records: {}", report.outcomes);
+    println!(
+        "  fd pressure (agent nofile {AGENT_NOFILE}, slow max_connections {SLOW_MAX_CONNECTIONS}, {SLOW_CONNECTIONS} slow connections):"
+    );
+    for reason in PRESSURE_REASONS {
+        println!("    {reason} records: {}", report.pressure(reason));
+    }
+    if report.pressure("connection_limit") == 0 {
+        println!("    FAILED: the cap never refused a connection (no pressure happened)");
+    }
     println!(
         "  audit verify: {}",
         if report.verified { "ok" } else { "FAILED" }

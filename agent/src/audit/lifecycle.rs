@@ -12,6 +12,8 @@
 //! | `cgroup_released` | `allow` | `policy` | `cgroup`, `cgroup_id`, `uid`/`pid` of `scopegate release` (when known), `trigger` | when the agent applies a `scopegate release`, before the cgroup leaves the kernel's managed map |
 //! | `enforcement_restored` | `error` | `agent` | `errors` (what was missing), `trigger: health check` | when the health check (`control::health`) found a program detached or a pin gone while the agent ran, and re-attached and re-pinned it |
 //! | `enforcement_lost` | `error` | `agent` | `errors` (what was missing, then why it could not be restored), `trigger: health check` | when that restoration failed (once per incident; retried every check) |
+//! | `cgroup_scan_incomplete` | `error` | `agent` | `cgroup` (the directory that could not be read), `trigger` (the operation: `stat`, `read_dir`), `errors` (path, operation, error and errno name) | when a cgroup scan could not read part of the tree (the managed cgroups there keep their enforcement, see `workloads`): once per operation and errno per incident, an incident ending with the next complete scan |
+//! | `preexisting_connection_cut_failed` | `error` | `agent` | `errors`; with `pid`, `uid`, `cgroup`, `dst` when one socket could not be destroyed | when cutting the connections of a newly managed cgroup failed: the socket dump (then no socket fields), or one socket's destroy |
 //! | `clock_step` | `error` | `agent` | `clock_step_us` | by the writer, when the wall clock moved more than [`CLOCK_STEP_THRESHOLD`] away from the monotonic clock since the record before |
 //!
 //! `clean` on `agent_started` is `true` when the previous run's last lifecycle record is
@@ -48,6 +50,10 @@ pub const ENFORCEMENT_RESTORED: &str = "enforcement_restored";
 pub const ENFORCEMENT_LOST: &str = "enforcement_lost";
 /// Reason of the record of a wall-clock step.
 pub const CLOCK_STEP: &str = "clock_step";
+/// Reason of the record of a cgroup scan that could not read part of the tree.
+pub const CGROUP_SCAN_INCOMPLETE: &str = "cgroup_scan_incomplete";
+/// Reason of the record of a failed cut of pre-existing connections.
+pub const CUT_FAILED: &str = "preexisting_connection_cut_failed";
 
 /// A wall-clock move beyond the monotonic clock larger than this is a `clock_step`.
 pub const CLOCK_STEP_THRESHOLD: Duration = Duration::from_secs(2);
@@ -180,6 +186,35 @@ pub fn enforcement_lost<E: fmt::Display>(problems: &[E], error: &str) -> Record 
     errors.push(format!("not restored: {error}"));
     r.errors = Some(clip_errors(&errors));
     r
+}
+
+/// The `cgroup_scan_incomplete` record: `action` on the cgroup directory `path` failed.
+pub fn cgroup_scan_incomplete(path: &str, action: &'static str, error: &io::Error) -> Record {
+    let mut r = audit_record(CGROUP_SCAN_INCOMPLETE, Decision::Error, Fault::Agent);
+    r.cgroup = Some(path.to_owned());
+    r.trigger = Some(action.into());
+    r.errors = Some(clip_errors(&[format!(
+        "{path}: {action}: {error}{}",
+        errno_name(error)
+    )]));
+    r
+}
+
+/// The `preexisting_connection_cut_failed` record of `error` (the caller adds what is
+/// known of the socket).
+pub fn cut_failed(error: &dyn fmt::Display) -> Record {
+    let mut r = audit_record(CUT_FAILED, Decision::Error, Fault::Agent);
+    r.proto = "tcp";
+    r.errors = Some(clip_errors(&[error]));
+    r
+}
+
+/// ` (EMFILE)` for an OS error, else nothing.
+pub fn errno_name(error: &io::Error) -> String {
+    error
+        .raw_os_error()
+        .map(|code| format!(" ({:?})", nix::errno::Errno::from_raw(code)))
+        .unwrap_or_default()
 }
 
 /// The `clock_step` record, stamped with the stepped wall clock.

@@ -508,6 +508,39 @@ pub fn check(
     out: &mut dyn io::Write,
     err: &mut dyn io::Write,
 ) -> (Verdict, Option<Snapshot>) {
+    let no_host = |_: &Snapshot| Vec::new();
+    let options = CheckOptions {
+        secrets,
+        strict,
+        expiring_within_days,
+        host: &no_host,
+    };
+    check_with(path, &options, out, err)
+}
+
+/// What `check` checks besides the files.
+pub struct CheckOptions<'a> {
+    /// Read the secret files.
+    pub secrets: bool,
+    /// Warnings fail (exit 2).
+    pub strict: bool,
+    /// Warn about grants expiring within this many days.
+    pub expiring_within_days: u32,
+    /// Warnings about how a valid snapshot meets this host (the binary passes
+    /// `workloads::host_warnings`: a selector that matches no cgroup); counted like the
+    /// others, so `--strict` fails on them.
+    pub host: &'a dyn Fn(&Snapshot) -> Vec<String>,
+}
+
+/// [`check`] with the host's warnings too.
+pub fn check_with(
+    path: &std::path::Path,
+    options: &CheckOptions<'_>,
+    out: &mut dyn io::Write,
+    err: &mut dyn io::Write,
+) -> (Verdict, Option<Snapshot>) {
+    let (secrets, strict) = (options.secrets, options.strict);
+    let expiring_within_days = options.expiring_within_days;
     let checked = Snapshot::check(path, super::LoadOptions { secrets });
     // Reporting is best effort: a closed pipe does not change the verdict.
     for warning in &checked.warnings {
@@ -523,7 +556,11 @@ pub fn check(
             for grant in &expiring {
                 let _ = writeln!(err, "scopegate: warning: {grant}");
             }
-            let warnings = checked.warnings.len() + expiring.len();
+            let host = (options.host)(&snapshot);
+            for warning in &host {
+                let _ = writeln!(err, "scopegate: warning: {warning}");
+            }
+            let warnings = checked.warnings.len() + expiring.len() + host.len();
             let warned = match warnings {
                 0 => String::new(),
                 n => format!(", {n} warning(s)"),

@@ -51,6 +51,32 @@ impl Proxy {
         text: impl FnOnce(&Path) -> String,
         resolver: Resolver,
     ) -> Self {
+        let timeouts = Timeouts {
+            header: Duration::from_secs(3),
+            idle: Duration::from_secs(3),
+            body: Duration::from_secs(2),
+        };
+        Self::start_timed(upstream, text, resolver, timeouts)
+    }
+
+    /// Like [`Proxy::start_with`], with the client timeouts `timeouts`.
+    pub fn start_timed(
+        upstream: SocketAddr,
+        text: impl FnOnce(&Path) -> String,
+        resolver: Resolver,
+        timeouts: Timeouts,
+    ) -> Self {
+        Self::start_full(upstream, text, resolver, timeouts, None)
+    }
+
+    /// Like [`Proxy::start_timed`], intercepting TLS with leaves from `leaves`.
+    pub fn start_full(
+        upstream: SocketAddr,
+        text: impl FnOnce(&Path) -> String,
+        resolver: Resolver,
+        timeouts: Timeouts,
+        leaves: Option<scopegate::tls::LeafCache>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
@@ -96,13 +122,10 @@ impl Proxy {
             resolver,
             limiter: RateLimiter::new(),
             detect_timeout: Duration::from_secs(5),
-            leaves: None,
+            leaves,
             secrets: Secrets::default(),
             framing: framing::Limits::default(),
-            timeouts: Timeouts {
-                header: Duration::from_secs(3),
-                body: Duration::from_secs(2),
-            },
+            timeouts,
             connections: ConnectionCounts::default(),
             dns: scopegate::dns::DnsProxy::default(),
         });
