@@ -38,6 +38,44 @@ fn items_policy(managed: &str, upstream: &Upstream, secret: &Path) -> String {
     )
 }
 
+/// [`items_policy`] enforced: `DELETE /items/1` gets a 403, `POST /items` reaches the
+/// upstream (the only request it sees) with the injected `Bearer s3cret`.
+fn delete_refused_post_forwarded_with_credential(managed: &str, upstream: &Upstream) {
+    let out = curl_in(
+        managed,
+        &["-X", "DELETE", "-w", STATUS, &upstream.url("/items/1")],
+    );
+    let (status, body) = status_and_body(&out);
+    assert_eq!(
+        status,
+        403,
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = curl_in(
+        managed,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "x",
+            "-w",
+            STATUS,
+            &upstream.url("/items"),
+        ],
+    );
+    assert_eq!(status_and_body(&out).0, 200, "{out:?}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].method, "POST");
+    assert!(
+        seen[0]
+            .headers
+            .contains(&("authorization".into(), "Bearer s3cret".into())),
+        "{seen:?}"
+    );
+}
+
 /// Reads datagrams from the notify socket until one holds `READY=1`; returns every
 /// message received, in order.
 fn wait_for_ready(socket: &UnixDatagram, agent: &Agent) -> Vec<String> {
@@ -110,39 +148,7 @@ fn ready_is_notified_only_once_managed_connects_are_enforced() {
 
     // At the moment READY=1 arrives, a forbidden request of the managed cgroup is
     // decided: refused with a 403 and a record, and it never reaches the upstream.
-    let out = curl_in(
-        &managed,
-        &["-X", "DELETE", "-w", STATUS, &upstream.url("/items/1")],
-    );
-    let (status, body) = status_and_body(&out);
-    assert_eq!(
-        status,
-        403,
-        "{body} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = curl_in(
-        &managed,
-        &[
-            "-X",
-            "POST",
-            "-d",
-            "x",
-            "-w",
-            STATUS,
-            &upstream.url("/items"),
-        ],
-    );
-    assert_eq!(status_and_body(&out).0, 200, "{out:?}");
-    let seen = upstream.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(seen[0].method, "POST");
-    assert!(
-        seen[0]
-            .headers
-            .contains(&("authorization".into(), "Bearer s3cret".into())),
-        "{seen:?}"
-    );
+    delete_refused_post_forwarded_with_credential(&managed, &upstream);
     let records = agent.wait_audit(2);
     let deny = records
         .iter()
@@ -589,32 +595,7 @@ fn the_shipped_unit_sandbox_runs_an_enforcing_agent() {
 
     // Enforced in the proxy: the forbidden DELETE is refused and recorded, the POST
     // forwarded with the credential the sandboxed agent read.
-    let out = curl_in(
-        &managed,
-        &["-X", "DELETE", "-w", STATUS, &upstream.url("/items/1")],
-    );
-    assert_eq!(status_and_body(&out).0, 403, "{out:?}");
-    let out = curl_in(
-        &managed,
-        &[
-            "-X",
-            "POST",
-            "-d",
-            "x",
-            "-w",
-            STATUS,
-            &upstream.url("/items"),
-        ],
-    );
-    assert_eq!(status_and_body(&out).0, 200, "{out:?}");
-    let seen = upstream.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert!(
-        seen[0]
-            .headers
-            .contains(&("authorization".into(), "Bearer s3cret".into())),
-        "{seen:?}"
-    );
+    delete_refused_post_forwarded_with_credential(&managed, &upstream);
     // Enforced in the kernel: a port no destination names is refused at connect.
     let sink = TcpSink::start_avoiding("127.0.0.3", &[upstream.addr.port(), agent.port]);
     let probe = python_in(
