@@ -397,6 +397,15 @@ fn authority(parts: &http::request::Parts, default_port: u16) -> Result<Authorit
             format!("Host {:?} names no host", named.as_str()),
         ));
     }
+    if let Some(label) = host.split('.').find(|l| !policy::valid_idna_label(l)) {
+        return Err(Refused::client(
+            "invalid_host",
+            format!(
+                "Host {:?}: the label {label:?} is not valid IDNA punycode",
+                named.as_str()
+            ),
+        ));
+    }
     // `Authority::port_u16` accepts an empty port (`host:`); treat it as absent, as
     // browsers and servers do.
     Ok(Authority {
@@ -681,7 +690,7 @@ mod tests {
         let a = authority(&p, 80).unwrap();
         assert_eq!(a.host, "::1");
         assert_eq!(a.header_value(80).unwrap(), "[::1]:8080");
-        for bad in ["a..", "user@host", "."] {
+        for bad in ["a..", "user@host", ".", "xn--a.test", "api.XN--0.test:80"] {
             let p = parts(http::Version::HTTP_11, "/x", &[("host", bad)]);
             assert!(authority(&p, 80).is_err(), "{bad}");
         }

@@ -65,7 +65,12 @@ struct Recorder {
 
 impl Recorder {
     fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0")
+    }
+
+    /// The recorder on `addr` (e.g. a fixed port 80 on an address no other test uses).
+    fn start_on(addr: &str) -> Self {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
@@ -229,13 +234,16 @@ impl Proxy {
             })
             .flatten();
         let host = headers.get("host").unwrap().to_str().unwrap();
-        let (host, port) = host.rsplit_once(':').unwrap();
+        // No port: the scheme's default (plain HTTP here).
+        let (host, port) = host
+            .rsplit_once(':')
+            .map_or((host, 80), |(h, p)| (h, p.parse().unwrap()));
         let request = policy::Request {
             workload: WorkloadId(0),
             uid: 1000,
             method: received.method(),
             host,
-            port: port.parse().unwrap(),
+            port,
             path: &path,
             headers: &headers,
             body: json.as_ref(),
@@ -937,6 +945,141 @@ fn a_mixed_answer_set_binds_only_the_allowed_address() {
         "destination_address_mismatch",
         None,
     );
+}
+
+/// The Host values of a request as the upstream received it.
+fn received_hosts(received: &Received) -> Vec<String> {
+    received
+        .headers()
+        .get_all("host")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Each `host` is sent on a connection to the upstream; the upstream must receive exactly
+/// one Host, `want`, and the record names the canonical host.
+fn assert_forwarded_host(recorder: &Recorder, proxy: &Proxy, hosts: &[String], want: &str) {
+    for host in hosts {
+        let before = recorder.seen().len();
+        let raw = format!("GET /x HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        let answer = exchange(proxy, raw.as_bytes());
+        assert_eq!(answer.status, 200, "{host}: {answer:?}");
+        let seen = recorder.seen();
+        assert_eq!(seen.len(), before + 1, "{host}");
+        assert_eq!(
+            received_hosts(&seen[before]),
+            [want],
+            "{host}: {}",
+            seen[before].head
+        );
+        assert_eq!(proxy.redecide(&seen[before]), Ok("r0".to_owned()), "{host}");
+    }
+    let records = proxy.wait_records(hosts.len());
+    assert_eq!(records.len(), hosts.len(), "{records:#?}");
+    for r in &records {
+        assert_eq!(r["decision"], "allow", "{r}");
+        assert_eq!(r["dst"]["host"], "api.allowed.test", "{r}");
+    }
+}
+
+#[test]
+fn the_upstream_receives_the_canonical_host() {
+    let (recorder, proxy) = names_setup(
+        &[("api.allowed.test", "    allow_internal: true\n")],
+        &[("api.allowed.test", &["127.0.0.1"])],
+    );
+    let port = proxy.upstream.port();
+    // Mixed case, a leading zero in the port, one trailing dot: lowercase, no dot, the
+    // port as a number.
+    let hosts = [
+        format!("API.Allowed.TEST:0{port}"),
+        format!("api.allowed.test.:{port}"),
+        format!("Api.ALLOWED.test.:00{port}"),
+    ];
+    assert_forwarded_host(
+        &recorder,
+        &proxy,
+        &hosts,
+        &format!("api.allowed.test:{port}"),
+    );
+}
+
+#[test]
+fn the_default_port_is_dropped_from_the_forwarded_host() {
+    // Port 80 on an address no other test uses.
+    let recorder = Recorder::start_on("127.0.80.13:80");
+    let proxy = Proxy::start_with(
+        recorder.addr,
+        |_| names_policy(80, &[("api.allowed.test", "    allow_internal: true\n")]),
+        Resolver::new(StaticLookup::new().with("api.allowed.test", [ip("127.0.80.13")])),
+    );
+    let hosts = [
+        "API.Allowed.TEST:0080".to_owned(),
+        "api.allowed.test.".to_owned(),
+        "Api.Allowed.Test.:80".to_owned(),
+    ];
+    assert_forwarded_host(&recorder, &proxy, &hosts, "api.allowed.test");
+}
+
+#[test]
+fn the_binding_is_checked_before_the_rules() {
+    let recorder = Recorder::start();
+    let port = recorder.addr.port();
+    let proxy = Proxy::start_with(
+        recorder.addr,
+        |_| {
+            format!(
+                "workload: app\nselect:\n  cgroup: /test/app\negress:\n  - host: api.allowed.test\n    port: {port}\n    allow_internal: true\n    rules:\n      - id: read\n        methods: [GET]\n        path: /allowed/**\n"
+            )
+        },
+        Resolver::new(StaticLookup::new().with("api.allowed.test", [ip("127.0.0.1")])),
+    );
+    let request = |method: &str, path: &str| {
+        format!("{method} {path} HTTP/1.1\r\nhost: api.allowed.test:{port}\r\n\r\n").into_bytes()
+    };
+    let cases = [
+        (request("DELETE", "/allowed/x"), "method_not_allowed"),
+        (request("GET", "/other"), "path_not_allowed"),
+    ];
+    for (raw, rule_reason) in &cases {
+        // On the name's address, the rules refuse it ...
+        assert_refused_to(
+            &recorder,
+            &proxy,
+            proxy.upstream,
+            raw,
+            403,
+            rule_reason,
+            None,
+        );
+        // ... on an address that is not among the name's answers, the binding does, first.
+        let answer = assert_refused_to(
+            &recorder,
+            &proxy,
+            at(&proxy, "127.0.0.2"),
+            raw,
+            403,
+            "destination_address_mismatch",
+            None,
+        );
+        assert!(!answer.body.contains(rule_reason), "{answer:?}");
+        let record = proxy.records().pop().unwrap();
+        assert_eq!(record["dst"]["ip"], "127.0.0.2", "{record}");
+        assert!(record["rule"].is_null(), "{record}");
+    }
+    // The request the rules allow is forwarded on the name's address only.
+    assert_eq!(exchange(&proxy, &request("GET", "/allowed/x")).status, 200);
+    assert_refused_to(
+        &recorder,
+        &proxy,
+        at(&proxy, "127.0.0.2"),
+        &request("GET", "/allowed/x"),
+        403,
+        "destination_address_mismatch",
+        None,
+    );
+    assert_eq!(recorder.seen().len(), 1);
 }
 
 #[test]

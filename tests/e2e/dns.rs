@@ -9,6 +9,13 @@
 //! NAT64 forms) are never connected to, even though the hook would rewrite the connect:
 //! `policy explain`, which resolves with the agent's resolver code against the same test
 //! server, shows how the agent classifies and binds them. The upstreams are on loopback.
+//!
+//! The test DNS server listens on the host's loopback (127.0.53.x, one address per test),
+//! which the test rule allows, rather than in a network namespace of the test's
+//! own: the agent that resolves through it must run in the host's network namespace,
+//! because its hooks are attached to the host's cgroup tree and its proxy serves
+//! connections redirected there; a server inside another namespace is unreachable from
+//! it. Loopback keeps every query on this machine, and no test asks a real resolver.
 #![allow(clippy::unwrap_used, missing_docs, reason = "tests")]
 
 use std::{process::Command, time::Duration};
@@ -65,12 +72,25 @@ impl Fixture {
 
     /// GET http://NAME:PORT/allowed/x from the managed cgroup, connecting to `addr`.
     fn get(&self, name: &str, port: u16, addr: &str) -> (u16, String) {
+        self.request(name, port, addr, "/allowed/x", &[])
+    }
+
+    /// curl http://NAME:PORT/PATH from the managed cgroup with `args` (a method, a Host
+    /// header), connecting to `addr` (always a loopback address: the network rule).
+    fn request(
+        &self,
+        name: &str,
+        port: u16,
+        addr: &str,
+        path: &str,
+        args: &[&str],
+    ) -> (u16, String) {
         let connect_to = format!("{name}:{port}:{addr}:{port}");
-        let url = format!("http://{name}:{port}/allowed/x");
-        let out = curl_in(
-            &self.managed,
-            &["--connect-to", &connect_to, "-w", STATUS, &url],
-        );
+        let url = format!("http://{name}:{port}{path}");
+        let mut all = vec!["--connect-to", &connect_to, "-w", STATUS];
+        all.extend_from_slice(args);
+        all.push(&url);
+        let out = curl_in(&self.managed, &all);
         status_and_body(&out)
     }
 
@@ -113,6 +133,15 @@ fn explain_in(
     (out.status.code(), text)
 }
 
+/// An address as reports show it: the standard text form, a v4-mapped AAAA answer as the
+/// IPv4 address it maps (the agent's resolver canonicalises it).
+fn shown(addr: &str) -> String {
+    addr.parse::<std::net::IpAddr>()
+        .unwrap()
+        .to_canonical()
+        .to_string()
+}
+
 /// A destination entry for `name:port` with an optional `allow_internal` value.
 fn dest(name: &str, port: u16, allow_internal: Option<&str>) -> String {
     let allow = allow_internal.map_or(String::new(), |a| format!("    allow_internal: {a}\n"));
@@ -149,6 +178,30 @@ fn dns_internal_answers_are_denied_for_a_name_destination() {
             "64:ff9b::a00:7",
             "private, IPv4 10.0.0.7 in NAT64 64:ff9b::/96",
         ),
+        ("multicast.dns.test", "224.0.0.7", "multicast"),
+        ("unspecified.dns.test", "0.0.0.0", "unspecified"),
+        ("broadcast.dns.test", "255.255.255.255", "broadcast"),
+        ("bench.dns.test", "198.18.0.7", "benchmarking"),
+        ("reserved.dns.test", "240.0.0.7", "reserved"),
+        ("ll6.dns.test", "fe80::7", "link-local"),
+        (
+            "compat.dns.test",
+            "::a00:7",
+            "private, IPv4 10.0.0.7 in IPv4-compatible ::/96",
+        ),
+        (
+            "sixtofour.dns.test",
+            "2002:a00:7::",
+            "private, IPv4 10.0.0.7 in 6to4 2002::/16",
+        ),
+        // Teredo: the client address is the last 32 bits, inverted (10.0.0.7).
+        (
+            "teredo.dns.test",
+            "2001:0:4136:e378:8000:63bf:f5ff:fff8",
+            "private, IPv4 10.0.0.7 in Teredo 2001::/32",
+        ),
+        // An AAAA answer in v4-mapped form is the IPv4 address it maps.
+        ("mapped-private.dns.test", "::ffff:10.0.0.7", "private"),
     ];
     let mut egress = String::new();
     for (name, answer, _) in connected.iter().chain(&explained) {
@@ -196,7 +249,8 @@ fn dns_internal_answers_are_denied_for_a_name_destination() {
         );
         assert!(
             text.contains(&format!(
-                "  {answer} ({detail}): internal, denied (destination_internal_address)"
+                "  {} ({detail}): internal, denied (destination_internal_address)",
+                shown(answer)
             )),
             "{name}: {text}"
         );
@@ -214,7 +268,10 @@ fn dns_internal_answers_are_denied_for_a_name_destination() {
         let (code, text) = explain_in(open_dir.path(), &dns, name, port);
         assert_eq!(code, Some(0), "{name}: {text}");
         assert!(
-            text.contains(&format!("  {answer} ({detail}): allowed (allow_internal)")),
+            text.contains(&format!(
+                "  {} ({detail}): allowed (allow_internal)",
+                shown(answer)
+            )),
             "{name}: {text}"
         );
     }
@@ -406,4 +463,188 @@ fn dns_numeric_looking_names_are_refused_by_policy_check() {
             .and_then(|c| c.parse::<u32>().ok());
         assert!(col.is_some_and(|c| c > 0), "{host}: no column in {stdout}");
     }
+}
+
+#[test]
+fn dns_internal_answers_bind_no_loopback_connection() {
+    privileged_test("dns_internal_answers_bind_no_loopback_connection");
+    let dns = DnsServer::start("127.0.53.15");
+    let upstream = Upstream::start("127.0.0.61");
+    let port = upstream.addr.port();
+    // The names answer only internal addresses (never connected to: the network rule);
+    // curl connects to the loopback upstream instead, which is none of the answers.
+    let only = [
+        ("private-only.dns.test", "10.0.0.7", "private"),
+        (
+            "metadata-only.dns.test",
+            "169.254.169.254",
+            "link-local, cloud metadata service",
+        ),
+        ("mapped-only.dns.test", "::ffff:10.0.0.7", "private"),
+    ];
+    // Mixed: the same internal answer and the loopback upstream, which alone is allowed.
+    let mixed = [
+        ("private-mixed.dns.test", "10.0.0.7", "private"),
+        (
+            "metadata-mixed.dns.test",
+            "169.254.169.254",
+            "link-local, cloud metadata service",
+        ),
+        ("mapped-mixed.dns.test", "::ffff:10.0.0.7", "private"),
+    ];
+    let mut egress = String::new();
+    for (name, answer, _) in &only {
+        dns.set(name, &[Answer::addr(answer, 60)]);
+        egress.push_str(&dest(name, port, None));
+    }
+    for (name, answer, _) in &mixed {
+        dns.set(
+            name,
+            &[Answer::addr(answer, 60), Answer::addr("127.0.0.61", 60)],
+        );
+        egress.push_str(&dest(name, port, Some("[127.0.0.61/32]")));
+    }
+    let f = Fixture::new(&dns, &egress, (5, 300), false);
+    for (i, (name, answer, _)) in only.iter().enumerate() {
+        let (status, body) = f.get(name, port, "127.0.0.61");
+        assert_eq!(status, 403, "{name} -> {answer}: {body}");
+        assert!(body.contains("destination_address_mismatch"), "{body}");
+        let r = &f.records(i + 1)[i];
+        assert_eq!(r["decision"], "deny", "{r}");
+        assert_eq!(r["reason"], "destination_address_mismatch", "{r}");
+        assert_eq!(r["dst"]["host"], *name, "{r}");
+        assert_eq!(r["dst"]["ip"], "127.0.0.61", "{r}");
+        assert_eq!(r["dst"]["class"], "loopback", "{r}");
+    }
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    for (i, (name, answer, _)) in mixed.iter().enumerate() {
+        let (status, body) = f.get(name, port, "127.0.0.61");
+        assert_eq!(status, 200, "{name} -> {answer} + 127.0.0.61: {body}");
+        let n = only.len() + i + 1;
+        let r = &f.records(n)[n - 1];
+        assert_eq!(r["decision"], "allow", "{r}");
+        assert_eq!(r["dst"]["ip"], "127.0.0.61", "{r}");
+        assert_eq!(r["dst"]["class"], "loopback", "{r}");
+    }
+    assert_eq!(upstream.seen().len(), mixed.len());
+    // The internal answer of each name, as the agent's resolver code binds it.
+    for (name, answer, detail) in only.iter().chain(&mixed) {
+        let (_, text) = f.explain(&dns, name, port);
+        assert!(
+            text.contains(&format!(
+                "  {} ({detail}): internal, denied (destination_internal_address)",
+                shown(answer)
+            )),
+            "{name}: {text}"
+        );
+    }
+    let asked: Vec<String> = dns.queries().into_iter().map(|q| q.qname).collect();
+    for (name, ..) in only.iter().chain(&mixed) {
+        assert!(asked.contains(&format!("{name}.")), "{name}: {asked:?}");
+    }
+}
+
+#[test]
+fn dns_the_upstream_receives_the_canonical_host() {
+    privileged_test("dns_the_upstream_receives_the_canonical_host");
+    let dns = DnsServer::start("127.0.53.16");
+    let upstream = Upstream::start("127.0.0.62");
+    // The scheme's default port, on an address no other test uses.
+    let default = Upstream::start_on("127.0.80.12", 80);
+    let port = upstream.addr.port();
+    let name = "api.allowed.test";
+    dns.set(
+        name,
+        &[
+            Answer::addr("127.0.0.62", 60),
+            Answer::addr("127.0.80.12", 60),
+        ],
+    );
+    let egress = format!(
+        "{}{}",
+        dest(name, port, Some("true")),
+        // Rule ids are unique per workload.
+        dest(name, 80, Some("true")).replace("id: read-", "id: read80-")
+    );
+    let f = Fixture::new(&dns, &egress, (5, 300), false);
+    let cases = [
+        (
+            port,
+            "127.0.0.62",
+            format!("API.Allowed.TEST:0{port}"),
+            format!("{name}:{port}"),
+        ),
+        (
+            port,
+            "127.0.0.62",
+            format!("{name}.:{port}"),
+            format!("{name}:{port}"),
+        ),
+        (
+            80,
+            "127.0.80.12",
+            "Api.Allowed.Test:0080".to_owned(),
+            name.to_owned(),
+        ),
+        (80, "127.0.80.12", format!("{name}."), name.to_owned()),
+    ];
+    for (i, (to_port, addr, host, want)) in cases.iter().enumerate() {
+        let header = format!("Host: {host}");
+        let (status, body) = f.request(name, *to_port, addr, "/allowed/x", &["-H", &header]);
+        assert_eq!(status, 200, "{host}: {body}");
+        let target = if *to_port == 80 { &default } else { &upstream };
+        let seen = target.seen();
+        let last = seen.last().unwrap();
+        let hosts: Vec<&str> = last
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "host")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(hosts, [want.as_str()], "{host}: {last:?}");
+        let r = &f.records(i + 1)[i];
+        assert_eq!(r["decision"], "allow", "{r}");
+        assert_eq!(r["dst"]["host"], name, "{r}");
+        assert_eq!(r["dst"]["port"], *to_port, "{r}");
+    }
+    assert_eq!((upstream.seen().len(), default.seen().len()), (2, 2));
+}
+
+#[test]
+fn dns_binding_is_checked_before_the_rules() {
+    privileged_test("dns_binding_is_checked_before_the_rules");
+    let dns = DnsServer::start("127.0.53.17");
+    let answered = Upstream::start("127.0.0.63");
+    let port = answered.addr.port();
+    // Not among the name's answers; listening so that a forward would show.
+    let other = Upstream::start_on("127.0.0.64", port);
+    let name = "bind.dns.test";
+    dns.set(name, &[Answer::addr("127.0.0.63", 60)]);
+    let f = Fixture::new(&dns, &dest(name, port, Some("true")), (5, 300), false);
+    // (method, path, the rules' reason): only GET /allowed/** is allowed.
+    let cases = [
+        ("DELETE", "/allowed/x", "method_not_allowed"),
+        ("GET", "/other", "path_not_allowed"),
+    ];
+    let mut n = 0;
+    for (method, path, rule_reason) in cases {
+        // On the name's address the rules refuse it; on another address the binding does,
+        // before any rule is read.
+        for (addr, reason) in [
+            ("127.0.0.63", rule_reason),
+            ("127.0.0.64", "destination_address_mismatch"),
+        ] {
+            let (status, body) = f.request(name, port, addr, path, &["-X", method]);
+            assert_eq!(status, 403, "{method} {path} to {addr}: {body}");
+            assert!(body.contains(reason), "{method} {path} to {addr}: {body}");
+            n += 1;
+            let r = &f.records(n)[n - 1];
+            assert_eq!(r["decision"], "deny", "{r}");
+            assert_eq!(r["reason"], reason, "{r}");
+            assert_eq!(r["method"], method, "{r}");
+            assert_eq!(r["dst"]["ip"], addr, "{r}");
+        }
+    }
+    assert!(answered.seen().is_empty(), "{:?}", answered.seen());
+    assert!(other.seen().is_empty(), "{:?}", other.seen());
 }

@@ -173,7 +173,13 @@ print("unconnected", r.id == q.id, "%s:%d" % src, [a.to_text() for rr in r.answe
         ],
         "{out}"
     );
-    // The answer binds the name: a request to the answered address goes through.
+    // The answer binds the name: a request to the answered address goes through. The zone
+    // moves the name away first, so the request can pass only through the answer the
+    // proxy learned (the agent's own resolver would now get 127.0.54.250), and the agent
+    // asks nothing more.
+    f.server.set(NAME, &[Answer::addr("127.0.54.250", 60)]);
+    let asked = f.queries_for(NAME);
+    assert_eq!(asked, 3, "{:?}", f.server.queries());
     let port = f.upstream.addr.port();
     let url = format!("http://{NAME}:{port}/hello");
     let resolve = format!("{NAME}:{port}:127.0.54.11");
@@ -181,6 +187,7 @@ print("unconnected", r.id == q.id, "%s:%d" % src, [a.to_text() for rr in r.answe
     let (code, body) = status_and_body(&out);
     assert_eq!(code, 200, "{body} {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(f.upstream.seen().len(), 1);
+    assert_eq!(f.queries_for(NAME), asked, "{:?}", f.server.queries());
     // One record per query, with the answer.
     let records = f.wait_dns_records(3);
     assert_eq!(records.len(), 3, "{records:#?}");

@@ -248,6 +248,18 @@ pub struct Agent {
     _admin_dir: tempfile::TempDir,
 }
 
+/// The nameserver of the resolv.conf an agent gets when its test names none: a loopback
+/// address nothing listens on (no test binds 127.0.53.254), so a name the agent resolves
+/// (not in `/etc/hosts`, not `localhost`) fails fast instead of asking the machine's real
+/// resolver, and the DNS proxy's `dns: system` questions go nowhere.
+pub const NO_RESOLVER: &str = "127.0.53.254";
+
+/// Whether `args` name a resolv.conf (`--resolv-conf PATH` or `--resolv-conf=PATH`).
+fn names_resolv_conf(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "--resolv-conf" || a.starts_with("--resolv-conf="))
+}
+
 /// What to start an agent with.
 #[derive(Clone)]
 pub struct AgentConfig<'a> {
@@ -265,7 +277,8 @@ pub struct AgentConfig<'a> {
     pub port: Option<u16>,
     /// DNS proxy port (default: a free one).
     pub dns_port: Option<u16>,
-    /// More arguments for `scopegate run`.
+    /// More arguments for `scopegate run`. Without a `--resolv-conf` among them the agent
+    /// gets [`NO_RESOLVER`]'s resolv.conf: a test never reaches a real resolver.
     pub extra: Vec<String>,
     /// State directory (default: a fresh temporary one).
     pub state_dir: Option<PathBuf>,
@@ -338,6 +351,12 @@ impl Agent {
             .admin_socket
             .clone()
             .unwrap_or_else(|| admin_dir.path().join("admin.sock"));
+        let mut resolv_conf = Vec::new();
+        if !names_resolv_conf(&cfg.extra) {
+            let path = admin_dir.path().join("resolv.conf");
+            fs::write(&path, format!("nameserver {NO_RESOLVER}\n")).expect("write resolv.conf");
+            resolv_conf = vec!["--resolv-conf".to_owned(), path.display().to_string()];
+        }
         let mut cmd = match cfg.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -373,6 +392,7 @@ impl Agent {
             .arg(&state_dir)
             .arg("--admin-socket")
             .arg(&admin_socket)
+            .args(&resolv_conf)
             .args(&cfg.extra)
             .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -582,7 +602,13 @@ pub struct Upstream {
 impl Upstream {
     /// Starts an upstream on `ip` (port chosen by the kernel).
     pub fn start(ip: &str) -> Self {
-        let listener = TcpListener::bind((ip, 0)).expect("bind upstream");
+        Self::start_on(ip, 0)
+    }
+
+    /// Starts an upstream on `ip:port` (e.g. port 80 on an address no other test uses).
+    pub fn start_on(ip: &str, port: u16) -> Self {
+        let listener = TcpListener::bind((ip, port))
+            .unwrap_or_else(|e| panic!("bind upstream {ip}:{port}: {e}"));
         let addr = listener.local_addr().expect("addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let seen = Arc::new(Mutex::new(Vec::new()));

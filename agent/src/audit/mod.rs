@@ -899,4 +899,4 @@ fn observe(record: &Record) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -474,7 +474,8 @@ fn read_new(
 
 /// One value per decision: each outcome record (`outcome_of`) is folded into the decision
 /// record it completes, which then carries the outcome's `status`, `bytes_up`,
-/// `bytes_down` and `latency_us` (where the outcome has them) and the whole outcome record
+/// `bytes_down`, `latency_us` and `dns` (a DNS query's answer: rcode and addresses) where
+/// the outcome has them, and the whole outcome record
 /// under `"outcome"`. An outcome whose decision is not among `records` (rotated away, or
 /// cut), whose `request_id` differs from its decision's, or that comes second for the same
 /// decision is kept as a value of its own, so a count of the result shows it. For tools and
@@ -497,7 +498,7 @@ pub fn fold_outcomes(records: Vec<serde_json::Value>) -> Vec<serde_json::Value> 
             out.push(record);
             continue;
         };
-        for key in ["status", "bytes_up", "bytes_down", "latency_us"] {
+        for key in ["status", "bytes_up", "bytes_down", "latency_us", "dns"] {
             if let Some(v) = record.get(key).filter(|v| !v.is_null()) {
                 decision.insert(key.into(), v.clone());
             }

@@ -139,9 +139,9 @@ impl io::Write for SharedBuf {
     }
 }
 
-/// Fault injection for the file sink.
+/// Fault injection for the file sink (also used by the DNS proxy's tests).
 #[derive(Clone, Default)]
-struct Faults {
+pub(crate) struct Faults {
     /// 0: writes work; 1: fail (ENOSPC) without writing; 2: write half, then fail.
     write: Arc<AtomicU8>,
     /// fsync fails (EIO).
@@ -149,7 +149,7 @@ struct Faults {
 }
 
 impl Faults {
-    fn set_write(&self, mode: u8) {
+    pub(crate) fn set_write(&self, mode: u8) {
         self.write.store(mode, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -157,7 +157,7 @@ impl Faults {
         self.sync.store(fail, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn opener(&self) -> SinkOpener {
+    pub(crate) fn opener(&self) -> SinkOpener {
         let faults = self.clone();
         Box::new(move |path| {
             Ok(Box::new(FlakyFile {

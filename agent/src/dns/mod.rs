@@ -10,13 +10,20 @@
 //! - refused (name or type not allowed, unknown caller, not a plain query): REFUSED, with
 //!   the query's id and question;
 //! - malformed: dropped (UDP) or the connection closed (TCP), recorded as `dns_malformed`;
-//! - allowed: a fresh query with only the decided question (no client EDNS options, no
-//!   extra records) goes to the workload's resolvers ([`upstream`]) from a socket carrying
-//!   the agent's mark; the answer goes back with the client's id, its A/AAAA addresses are
-//!   recorded and taught to the destination binding ([`Resolver::learn`]).
+//! - allowed: **record before forward**: the decision record (qname, qtype, transport,
+//!   `allow`, or `would_deny` in audit mode) is written and acknowledged by every sink
+//!   ([`AuditGuard::record_decision`], the same mechanism as HTTP) before a fresh query
+//!   with only the decided question (no client EDNS options, no extra records) goes to
+//!   the workload's resolvers ([`upstream::exchange`] takes the [`Recorded`](crate::audit::Recorded)
+//!   proof) from a socket carrying the agent's mark; the answer goes back with the
+//!   client's id, its rcode and A/AAAA addresses in the linked outcome record
+//!   (`outcome_of`), and the addresses are taught to the destination binding
+//!   ([`Resolver::learn`]).
 //!
-//! The record is written (and awaited) before the answer is returned; the question is
-//! forwarded only while the audit sink is healthy (else SERVFAIL, recorded).
+//! Every record is written (and awaited) before the answer is returned. When the sink
+//! cannot write (unhealthy before the decision, or failing while the decision record is
+//! written), the answer is SERVFAIL, recorded `audit_unavailable`, and nothing is
+//! forwarded.
 //!
 //! The caller of a UDP query is the kernel-attested cgroup of the sending socket, found
 //! through sock_diag ([`UdpCallers`]); a query whose sender cannot be identified is
@@ -256,8 +263,9 @@ fn error_response(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
 }
 
 /// Answers one query message from `caller`: the bytes to send back (None: drop the
-/// datagram, or close the TCP connection). Exactly one audit record, written before this
-/// returns.
+/// datagram, or close the TCP connection). Exactly one decision record (a forwarded query
+/// also has its linked outcome record), written before this returns; the decision record
+/// of a forwarded query before the question leaves.
 pub async fn answer(
     env: &dyn DnsEnv,
     caller: Option<&Caller>,
@@ -325,6 +333,9 @@ pub async fn answer(
     };
     // Nothing leaves that cannot be recorded.
     if !env.auditor().healthy() {
+        if let Some(dns) = guard.record_mut().dns.as_mut() {
+            dns.rcode = Some("SERVFAIL".into());
+        }
         guard.finish_unavailable();
         return error_response(&query, ResponseCode::ServFail);
     }
@@ -348,17 +359,34 @@ pub async fn answer(
         }
         None => CLASSIC_UDP,
     };
+    // Record before forward: the decision (name, type, transport, allow) is in every sink
+    // before the question leaves; the answer is its linked outcome record, written before
+    // the answer is returned.
+    let (decision, reason, fault) = match would_deny {
+        Some(reason) => (Decision::WouldDeny, Some(reason), Some(Fault::Policy)),
+        None => (Decision::Allow, None, None),
+    };
+    let (recorded, mut outcome) = match guard.record_decision(decision, reason, fault).await {
+        Ok(recorded) => recorded,
+        Err(mut outcome) => {
+            if let Some(dns) = outcome.record_mut().dns.as_mut() {
+                dns.rcode = Some("SERVFAIL".into());
+            }
+            outcome.finish_unavailable();
+            return error_response(&query, ResponseCode::ServFail);
+        }
+    };
     let tcp = transport == Transport::Tcp;
-    let reply = upstream::exchange(&outbound, &upstream, tcp, env.dns().timeout).await;
+    let reply = upstream::exchange(&recorded, &outbound, &upstream, tcp, env.dns().timeout).await;
     let mut response = match reply {
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(error = %e, qname, "DNS upstream failed");
             let servfail = error_response(&query, ResponseCode::ServFail);
-            if let Some(dns) = guard.record_mut().dns.as_mut() {
+            if let Some(dns) = outcome.record_mut().dns.as_mut() {
                 dns.rcode = Some("SERVFAIL".into());
             }
-            let written = guard.finish_written(
+            let written = outcome.finish_written(
                 Decision::Error,
                 None,
                 Some("dns_upstream_failed"),
@@ -380,7 +408,7 @@ pub async fn answer(
         ttl = ttl.min(r.ttl);
     }
     let rcode = rcode_name(response.metadata.response_code);
-    if let Some(dns) = guard.record_mut().dns.as_mut() {
+    if let Some(dns) = outcome.record_mut().dns.as_mut() {
         dns.rcode = Some(rcode);
         dns.answers = addrs.iter().map(ToString::to_string).collect();
     }
@@ -393,11 +421,7 @@ pub async fn answer(
         // Too big for the client's datagram: truncated, so it asks again over TCP.
         bytes = response.truncate().to_vec().ok()?;
     }
-    let (decision, reason, fault) = match would_deny {
-        Some(reason) => (Decision::WouldDeny, Some(reason), Some(Fault::Policy)),
-        None => (Decision::Allow, None, None),
-    };
-    let written = guard.finish_written(decision, None, reason, fault);
+    let written = outcome.finish_written(decision, None, reason, fault);
     written.wait().await.ok().map(|()| bytes)
 }
 

@@ -55,14 +55,25 @@ impl DnsEnv for Env {
 }
 
 impl Env {
+    /// One value per decision (outcome records folded into their decision).
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r["proto"] == "dns")
-            .collect()
+        crate::audit::query::fold_outcomes(self.raw_records())
     }
+
+    /// The `proto: dns` lines of the audit file, as written.
+    fn raw_records(&self) -> Vec<serde_json::Value> {
+        dns_lines(&self.audit)
+    }
+}
+
+/// The `proto: dns` lines of the audit file `path` (none when it does not exist yet).
+fn dns_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["proto"] == "dns")
+        .collect()
 }
 
 /// The in-process upstream: `api.test` A 192.0.2.7; `big.test`: truncated over UDP, 40 A
@@ -72,6 +83,10 @@ struct FakeResolver {
     udp: Arc<AtomicUsize>,
     tcp: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Message>>>,
+    /// The audit file to look at when a question arrives (set by the test).
+    watch: Arc<Mutex<Option<std::path::PathBuf>>>,
+    /// Per question, the `proto: dns` records that file held when the question arrived.
+    at_arrival: Arc<Mutex<Vec<Vec<serde_json::Value>>>>,
 }
 
 fn respond(query: &Message, tcp: bool) -> Vec<u8> {
@@ -113,13 +128,19 @@ impl FakeResolver {
         let addr = udp_socket.local_addr().unwrap();
         let (udp, tcp) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let watch: Arc<Mutex<Option<std::path::PathBuf>>> = Arc::new(Mutex::new(None));
+        let at_arrival = Arc::new(Mutex::new(Vec::new()));
         {
             let (udp, seen) = (udp.clone(), seen.clone());
+            let (watch, at_arrival) = (watch.clone(), at_arrival.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65535];
                 loop {
                     let (n, peer) = udp_socket.recv_from(&mut buf).await.unwrap();
                     let query = Message::from_vec(&buf[..n]).unwrap();
+                    if let Some(path) = watch.lock().unwrap().as_deref() {
+                        at_arrival.lock().unwrap().push(dns_lines(path));
+                    }
                     udp.fetch_add(1, Ordering::SeqCst);
                     let out = respond(&query, false);
                     seen.lock().unwrap().push(query);
@@ -151,6 +172,8 @@ impl FakeResolver {
             udp,
             tcp,
             seen,
+            watch,
+            at_arrival,
         }
     }
 
@@ -163,6 +186,11 @@ impl FakeResolver {
 }
 
 fn env(upstream: SocketAddr, dns: &str) -> Env {
+    env_with(upstream, dns, crate::audit::sink::default_opener())
+}
+
+/// [`env`] with the audit file opened by `opener` (fault injection).
+fn env_with(upstream: SocketAddr, dns: &str, opener: crate::audit::SinkOpener) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("p");
     std::fs::create_dir(&policies).unwrap();
@@ -185,12 +213,13 @@ fn env(upstream: SocketAddr, dns: &str) -> Env {
         },
     );
     let audit = dir.path().join("audit.jsonl");
-    let (auditor, _writer) = Auditor::start(&Sinks {
+    let sinks = Sinks {
         file: Some(audit.clone()),
         stdout: false,
         ..Sinks::default()
-    })
-    .unwrap();
+    };
+    let (auditor, _writer) =
+        Auditor::start_with(&sinks, opener, Box::new(std::io::sink())).unwrap();
     Env {
         enforcement: ArcSwap::from_pointee(Enforcement {
             policy: snapshot,
@@ -420,9 +449,100 @@ async fn an_unreachable_resolver_is_servfail_and_recorded() {
     )
     .await;
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
-    let last = env.records().pop().unwrap();
-    assert_eq!(last["reason"], "dns_upstream_failed");
-    assert_eq!(last["dns"]["rcode"], "SERVFAIL");
+    // The decision to ask was recorded before asking; the failure is its outcome.
+    let raw = env.raw_records();
+    assert_eq!(raw.len(), 2, "{raw:#?}");
+    assert_eq!(raw[0]["decision"], "allow");
+    assert!(raw[0]["dns"]["rcode"].is_null(), "{}", raw[0]);
+    assert_eq!(raw[1]["outcome_of"], raw[0]["seq"]);
+    assert_eq!(raw[1]["decision"], "error");
+    assert_eq!(raw[1]["reason"], "dns_upstream_failed");
+    assert_eq!(raw[1]["origin"], "upstream");
+    assert_eq!(raw[1]["dns"]["rcode"], "SERVFAIL");
+    let records = env.records();
+    assert_eq!(records.len(), 1, "one decision: {records:#?}");
+    assert_eq!(records[0]["outcome"]["reason"], "dns_upstream_failed");
+}
+
+#[tokio::test]
+async fn the_decision_is_recorded_before_the_question_goes_upstream() {
+    let upstream = FakeResolver::start().await;
+    let env = env(upstream.addr, "dns: system\n");
+    *upstream.watch.lock().unwrap() = Some(env.audit.clone());
+    let r = ask(
+        &env,
+        &query("api.test.", RecordType::A, None),
+        Transport::Udp,
+    )
+    .await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(upstream.counts(), (1, 0));
+    // When the question reached the resolver, its decision was already in the sink: the
+    // name, the type, the transport and `allow`, with no answer yet.
+    let at_arrival = upstream.at_arrival.lock().unwrap().clone();
+    assert_eq!(at_arrival.len(), 1);
+    let held = &at_arrival[0];
+    assert_eq!(held.len(), 1, "{held:#?}");
+    assert_eq!(held[0]["decision"], "allow");
+    assert!(held[0]["outcome_of"].is_null(), "{}", held[0]);
+    assert_eq!(
+        held[0]["dns"],
+        serde_json::json!({"qname": "api.test", "qtype": "A", "transport": "udp",
+            "rcode": null, "answers": []})
+    );
+    // The answer is the linked outcome record, written before the answer was returned.
+    let raw = env.raw_records();
+    assert_eq!(raw.len(), 2, "{raw:#?}");
+    assert_eq!(raw[1]["outcome_of"], held[0]["seq"]);
+    assert_eq!(raw[1]["request_id"], held[0]["request_id"]);
+    assert_eq!(raw[1]["decision"], "allow");
+    assert_eq!(raw[1]["dns"]["rcode"], "NOERROR");
+    assert_eq!(raw[1]["dns"]["answers"], serde_json::json!(["192.0.2.7"]));
+}
+
+#[tokio::test]
+async fn a_sink_that_cannot_write_is_servfail_and_nothing_is_forwarded() {
+    let upstream = FakeResolver::start().await;
+    let faults = crate::audit::tests::Faults::default();
+    let env = env_with(upstream.addr, "dns: system\n", faults.opener());
+    // The sink fails while the decision record is written (the writer still looks
+    // healthy), then while it is known to fail.
+    faults.set_write(1);
+    for (i, name) in ["api.test.", "API.test."].iter().enumerate() {
+        let q = query(name, RecordType::A, None);
+        let r = ask(&env, &q, Transport::Udp).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail, "{i}");
+        assert_eq!(r.metadata.id, q.metadata.id);
+        assert!(r.answers.is_empty());
+    }
+    assert_eq!(upstream.counts(), (0, 0), "the resolver was never asked");
+    assert!(
+        !env.resolver
+            .has_address("api.test", IpAddr::from([192, 0, 2, 7]))
+            .await
+            .unwrap_or(false)
+    );
+    // Once the sink writes again, the backlog shows why: nothing was forwarded.
+    faults.set_write(0);
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = env.records();
+        if records.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        let unavailable = if r["outcome"].is_null() {
+            r
+        } else {
+            &r["outcome"]
+        };
+        assert_eq!(unavailable["reason"], "audit_unavailable", "{r}");
+        assert_eq!(unavailable["dns"]["rcode"], "SERVFAIL", "{r}");
+        assert_eq!(r["dns"]["qname"], "api.test", "{r}");
+    }
 }
 
 #[tokio::test]

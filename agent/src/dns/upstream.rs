@@ -15,7 +15,7 @@ use tokio::{
     net::UdpSocket,
 };
 
-use crate::state::AGENT_MARK;
+use crate::{audit::Recorded, state::AGENT_MARK};
 
 /// The port resolvers listen on.
 pub const DNS_PORT: u16 = 53;
@@ -53,7 +53,12 @@ pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
 }
 
 /// Asks `servers` in order; the first well-formed answer to exactly this question wins.
+///
+/// **Record before forward:** it takes the [`Recorded`] proof that the decision to ask is
+/// in every audit sink ([`AuditGuard::record_decision`](crate::audit::AuditGuard::record_decision)),
+/// so no question leaves the agent unrecorded.
 pub async fn exchange(
+    _recorded: &Recorded,
     query: &Message,
     servers: &[SocketAddr],
     tcp: bool,

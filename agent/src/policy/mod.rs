@@ -177,6 +177,7 @@ pub mod expiry;
 pub mod explain;
 mod matchers;
 mod model;
+pub(crate) use model::valid_idna_label;
 mod offline;
 pub(crate) mod position;
 mod rate;

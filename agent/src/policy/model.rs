@@ -1730,6 +1730,12 @@ pub(crate) fn parse_host(s: &str) -> Result<Host, &'static str> {
         if label.starts_with('-') || label.ends_with('-') {
             return Err("a DNS label does not start or end with '-'");
         }
+        if !valid_idna_label(label) {
+            return Err(
+                "an `xn--` label is IDNA punycode, and this one does not decode to a valid \
+                 internationalised label (or is not its canonical encoding)",
+            );
+        }
     }
     if name.rsplit('.').next().is_some_and(is_numeric_label) {
         return Err(
@@ -1739,6 +1745,20 @@ pub(crate) fn parse_host(s: &str) -> Result<Host, &'static str> {
         );
     }
     Ok(Host::Name(name))
+}
+
+/// Whether a lowercase ASCII DNS label is acceptable as IDNA: a label that does not start
+/// with `xn--` is (it is plain LDH); an `xn--` label must decode as punycode to a valid
+/// UTS 46 label that encodes back to exactly this label (the idna crate), so that the
+/// name a policy, a Host and a resolver see is one name.
+pub(crate) fn valid_idna_label(label: &str) -> bool {
+    if !label.starts_with("xn--") {
+        return true;
+    }
+    let (unicode, checked) = idna::domain_to_unicode(label);
+    checked.is_ok()
+        && !unicode.is_ascii()
+        && idna::domain_to_ascii(&unicode).is_ok_and(|ascii| ascii == label)
 }
 
 /// Whether a DNS label reads as a number to inet_aton: all decimal (or octal) digits, or
@@ -1850,6 +1870,11 @@ mod tests {
             ("-a.example", "start or end with '-'"),
             ("a-.example", "start or end with '-'"),
             ("xn--.example", "start or end with '-'"),
+            // `xn--` labels that are not valid punycode, or decode to no valid label.
+            ("xn--a.example", "IDNA punycode"),
+            ("xn--zzzzzzzzzzzzzzzzzzzz.example", "IDNA punycode"),
+            ("api.xn--99999999", "IDNA punycode"),
+            ("xn--0.example", "IDNA punycode"),
             (long_label.as_str(), "63"),
             (long_name.as_str(), "253"),
             ("a..b", "empty labels"),
