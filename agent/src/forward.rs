@@ -66,13 +66,16 @@ pub enum ForwardError {
     },
 }
 
+/// The pooled client of one TLS server name.
+type TlsClient = Client<Budgeted<TlsConnector>, Body>;
+
 /// The upstream HTTP clients (pooled): one for plain HTTP, one per TLS server name.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<Budgeted<MarkedConnector>, Body>,
     mark: u32,
     tls: Option<UpstreamTls>,
-    tls_clients: Arc<Mutex<HashMap<String, Client<Budgeted<TlsConnector>, Body>>>>,
+    tls_clients: Arc<Mutex<HashMap<String, TlsClient>>>,
     sockets: UpstreamSockets,
 }
 
