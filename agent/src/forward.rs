@@ -66,25 +66,34 @@ pub enum ForwardError {
     },
 }
 
+/// The pooled client of one TLS server name.
+type TlsClient = Client<Budgeted<TlsConnector>, Body>;
+
 /// The upstream HTTP clients (pooled): one for plain HTTP, one per TLS server name.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<MarkedConnector, Body>,
+    client: Client<Budgeted<MarkedConnector>, Body>,
     mark: u32,
     tls: Option<UpstreamTls>,
-    tls_clients: Arc<Mutex<HashMap<String, Client<TlsConnector, Body>>>>,
+    tls_clients: Arc<Mutex<HashMap<String, TlsClient>>>,
+    sockets: UpstreamSockets,
 }
 
 impl Upstream {
     /// A client whose sockets carry `mark` (0: no mark), verifying upstream TLS with
-    /// `tls` (None: no trust roots could be loaded; TLS upstreams then fail with 502).
-    pub fn new(mark: u32, tls: Option<UpstreamTls>) -> Self {
-        let client = builder().build(MarkedConnector { mark });
+    /// `tls` (None: no trust roots could be loaded; TLS upstreams then fail with 502),
+    /// holding at most what `sockets` allows open at once (pooled idle ones included).
+    pub fn new(mark: u32, tls: Option<UpstreamTls>, sockets: UpstreamSockets) -> Self {
+        let client = builder().build(Budgeted {
+            inner: MarkedConnector { mark },
+            sockets: sockets.clone(),
+        });
         Self {
             client,
             mark,
             tls,
             tls_clients: Arc::default(),
+            sockets,
         }
     }
 
@@ -119,10 +128,13 @@ impl Upstream {
                     clients
                         .entry(name.to_owned())
                         .or_insert_with(|| {
-                            builder().build(TlsConnector {
-                                mark: self.mark,
-                                name: name.into(),
-                                tls,
+                            builder().build(Budgeted {
+                                inner: TlsConnector {
+                                    mark: self.mark,
+                                    name: name.into(),
+                                    tls,
+                                },
+                                sockets: self.sockets.clone(),
                             })
                         })
                         .clone()
@@ -145,22 +157,172 @@ fn builder() -> hyper_util::client::legacy::Builder {
     builder
 }
 
-/// Whether an upstream failure was a certificate that did not verify.
-pub fn bad_certificate(error: &ForwardError) -> Option<String> {
+/// The first error of type `E` in `error`'s chain, also inside an `io::Error`.
+fn find_cause<E: std::error::Error + 'static>(error: &ForwardError) -> Option<&E> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if let Some(UpstreamTlsError::BadCertificate { host, reason }) = e.downcast_ref() {
-            return Some(format!("{host}: {reason}"));
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(UpstreamTlsError::BadCertificate { host, reason }) =
-                io.get_ref().and_then(|inner| inner.downcast_ref())
+        if let Some(found) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<E>())
         {
-            return Some(format!("{host}: {reason}"));
+            return Some(found);
         }
         source = e.source();
     }
     None
+}
+
+/// Whether an upstream failure was a certificate that did not verify.
+pub fn bad_certificate(error: &ForwardError) -> Option<String> {
+    match find_cause::<UpstreamTlsError>(error)? {
+        UpstreamTlsError::BadCertificate { host, reason } => Some(format!("{host}: {reason}")),
+        _ => None,
+    }
+}
+
+/// Whether an upstream failure was the upstream socket budget, all in use (nothing was
+/// dialled).
+pub fn sockets_exhausted(error: &ForwardError) -> Option<&SocketsExhausted> {
+    find_cause::<SocketsExhausted>(error)
+}
+
+/// How many upstream sockets the proxy may hold open at once, pooled idle ones included:
+/// with the downstream connections' own budget
+/// ([`ConnectionCounts`](crate::state::ConnectionCounts)), what keeps the descriptors of
+/// the control plane free (see [`descriptor_budget`](crate::state::descriptor_budget)),
+/// however many upstream connections one downstream connection fans out to (HTTP/2
+/// streams, keep-alive connections left idle in the pool).
+#[derive(Clone, Debug)]
+pub struct UpstreamSockets {
+    permits: Arc<tokio::sync::Semaphore>,
+    budget: usize,
+}
+
+impl UpstreamSockets {
+    /// At most `budget` upstream sockets at once.
+    pub fn with_budget(budget: usize) -> Self {
+        let budget = budget.min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(budget)),
+            budget,
+        }
+    }
+
+    /// No limit beyond the semaphore's own (for tests and embedding).
+    pub fn unlimited() -> Self {
+        Self::with_budget(tokio::sync::Semaphore::MAX_PERMITS)
+    }
+
+    /// Upstream sockets open now.
+    pub fn in_use(&self) -> usize {
+        self.budget - self.permits.available_permits()
+    }
+}
+
+/// Every upstream socket of the budget is open: the request is refused, not dialled.
+#[derive(Debug, thiserror::Error)]
+#[error("all {budget} upstream sockets of the descriptor budget are in use")]
+pub struct SocketsExhausted {
+    /// The budget.
+    pub budget: usize,
+}
+
+/// A connector that dials only with a permit of the [`UpstreamSockets`] budget; the
+/// connection holds the permit until it is closed (also while idle in the pool).
+#[derive(Clone, Debug)]
+pub struct Budgeted<C> {
+    inner: C,
+    sockets: UpstreamSockets,
+}
+
+impl<C> tower_service::Service<Uri> for Budgeted<C>
+where
+    C: tower_service::Service<Uri, Error = std::io::Error>,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+{
+    type Response = Permitted<C::Response>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let Ok(permit) = Arc::clone(&self.sockets.permits).try_acquire_owned() else {
+            let budget = self.sockets.budget;
+            return Box::pin(
+                async move { Err(std::io::Error::other(SocketsExhausted { budget })) },
+            );
+        };
+        let connect = self.inner.call(uri);
+        Box::pin(async move {
+            Ok(Permitted {
+                inner: connect.await?,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+/// An upstream connection holding its [`UpstreamSockets`] permit.
+#[derive(Debug)]
+pub struct Permitted<T> {
+    inner: T,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for Permitted<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Permitted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Permitted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Connects like [`MarkedConnector`], then speaks verified TLS with a fixed server name.
@@ -397,6 +559,69 @@ impl tower_service::Service<Uri> for MarkedConnector {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+
+    /// An HTTP/1.1 origin on 127.0.0.1:0 that answers every request 200 and keeps the
+    /// connection open.
+    async fn origin() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            bytes::Bytes,
+                        >::new(
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn pooled_idle_upstream_sockets_count_against_the_budget() {
+        let (a, b) = (origin().await, origin().await);
+        let sockets = UpstreamSockets::with_budget(1);
+        let client: Client<_, http_body_util::Empty<bytes::Bytes>> = builder().build(Budgeted {
+            inner: MarkedConnector { mark: 0 },
+            sockets: sockets.clone(),
+        });
+        let get = |addr: SocketAddr| {
+            Request::get(format!("http://{addr}/"))
+                .body(http_body_util::Empty::new())
+                .unwrap()
+        };
+        let response = client.request(get(a)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        drop(response);
+        // The connection to `a` is idle in the pool now, and still holds the one permit.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(sockets.in_use(), 1);
+        // Another upstream is refused without dialling, and the error says why.
+        let error = client.request(get(b)).await.unwrap_err();
+        let error = ForwardError::Upstream {
+            addr: b,
+            source: error,
+        };
+        assert_eq!(
+            sockets_exhausted(&error).map(|e| e.budget),
+            Some(1),
+            "{error}"
+        );
+        assert!(bad_certificate(&error).is_none());
+        // The pooled connection to `a` is reused within the budget.
+        assert_eq!(client.request(get(a)).await.unwrap().status(), 200);
+        // Once the pool lets its connections go, the permit is free again.
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(sockets.in_use(), 0);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

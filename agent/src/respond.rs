@@ -81,6 +81,13 @@ pub async fn upstream_failed(
 ) -> Response<Body> {
     tracing::warn!(error = %error, "upstream request failed");
     let refused = match forward::bad_certificate(error) {
+        // Every upstream socket of the descriptor budget is open: nothing was dialled.
+        None if forward::sockets_exhausted(error).is_some() => Refused::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "descriptor_limit",
+            error.to_string(),
+            Fault::Agent,
+        ),
         // The client's body stopped arriving: the upstream request was aborted.
         None if crate::outbound::is_body_stalled(error) => Refused::status(
             StatusCode::REQUEST_TIMEOUT,

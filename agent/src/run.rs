@@ -310,13 +310,22 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
         },
     };
+    // Proxied connections stay below the fd limit by the control plane's reserve: at most
+    // `budget` client connections and `budget` upstream sockets (pooled idle ones and HTTP/2
+    // fan-out included). What is open by now (maps, programs, links, listeners, the audit
+    // file) is not available to them either.
+    let budget = crate::state::descriptor_budget(nofile.saturating_sub(open_descriptors()));
     // 7. the snapshot: published (one swap), then the maps synced again and the
     //    connections that newly managed cgroups opened before they were managed cut.
     let shared = Arc::new(Shared {
         enforcement: ArcSwap::from_pointee(Enforcement::empty()),
         origins: kernel.clone(),
         auditor: auditor.clone(),
-        upstream: Upstream::new(AGENT_MARK, upstream_tls),
+        upstream: Upstream::new(
+            AGENT_MARK,
+            upstream_tls,
+            crate::forward::UpstreamSockets::with_budget(budget),
+        ),
         resolver: Resolver::with_bounds(
             crate::resolve::DnsLookup::from_resolv_conf(
                 &opts.resolv_conf,
@@ -331,12 +340,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         secrets: crate::secrets::Secrets::default(),
         framing: crate::framing::Limits::default(),
         timeouts: opts.timeouts,
-        // Proxied connections stay below the fd limit by the control plane's reserve.
-        // What is open by now (maps, programs, links, listeners, the audit file) is not
-        // available to proxied connections either.
-        connections: crate::state::ConnectionCounts::with_budget(crate::state::descriptor_budget(
-            nofile.saturating_sub(open_descriptors()),
-        )),
+        connections: crate::state::ConnectionCounts::with_budget(budget),
         dns: dns_proxy,
     });
     let control = Control {

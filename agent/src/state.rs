@@ -147,8 +147,10 @@ impl Default for Timeouts {
 /// the audit writer and its rotation, bpf maps): proxied connections never use them.
 pub const FD_RESERVE: u64 = 128;
 
-/// How many proxied connections fit in `nofile` descriptors with [`FD_RESERVE`] kept free
-/// (each one holds the client's socket and, while forwarding, an upstream socket).
+/// How many proxied connections fit in `nofile` descriptors with [`FD_RESERVE`] kept free:
+/// at most this many client connections, and at most this many upstream sockets
+/// ([`UpstreamSockets`](crate::forward::UpstreamSockets), pooled idle ones and HTTP/2
+/// fan-out included).
 pub fn descriptor_budget(nofile: u64) -> usize {
     usize::try_from(nofile.saturating_sub(FD_RESERVE) / 2)
         .unwrap_or(usize::MAX)

@@ -118,7 +118,7 @@ impl Proxy {
             }),
             origins: origins.clone(),
             auditor,
-            upstream: Upstream::new(0, None),
+            upstream: Upstream::new(0, None, scopegate::forward::UpstreamSockets::unlimited()),
             resolver,
             limiter: RateLimiter::new(),
             detect_timeout: Duration::from_secs(5),
