@@ -200,6 +200,9 @@ impl Drop for PinDir {
                 .arg(&self.0)
                 .stdout(Stdio::null())
                 .status();
+            // A directory a test made for an agent that never pinned anything (uninstall
+            // then says "no scopegate pins"): removed if empty.
+            let _ = fs::remove_dir(&self.0);
         }
     }
 }
