@@ -237,7 +237,7 @@ fn parse_outcomes(text: &str) -> Vec<(String, Outcome)> {
 /// connection, until `stop` exists (at most 10 s and 250 rounds).
 const LOOP: &str = r#"
 import http.client, os, sys, time
-host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port, stop, started = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 start = time.monotonic()
 for _ in range(250):
     if os.path.exists(stop) or time.monotonic() - start > 10:
@@ -250,6 +250,8 @@ for _ in range(250):
             c.close()
         except Exception as e:
             print(method, type(e).__name__, flush=True)
+    if not os.path.exists(started):
+        open(started, "w").close()
     time.sleep(0.02)
 "#;
 
@@ -276,22 +278,34 @@ fn a_workload_looping_through_an_agent_restart_is_never_unenforced() {
 
     // The workload starts looping while no agent runs.
     let stop = dir.path().join("stop");
+    let started = dir.path().join("started");
     let client = {
         let managed = managed.clone();
         let ip = upstream.addr.ip().to_string();
         let port = upstream.addr.port().to_string();
         let stop = stop.display().to_string();
+        let started = started.display().to_string();
         thread::spawn(move || {
             let out = Command::new(bin())
                 .args(["exec", "--cgroup", &managed, "--", "python3", "-c", LOOP])
-                .args([&ip, &port, &stop])
+                .args([&ip, &port, &stop, &started])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{out:?}");
             String::from_utf8_lossy(&out.stdout).to_string()
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    // Its first round (a DELETE and a POST) is done before the second agent starts, so
+    // the loop's first outcomes are those of no agent at all (under load, python's start
+    // can take longer than the agent's).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !started.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the loop did not start within 10 s"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 
     // The second agent starts under the loop (on another proxy port).
